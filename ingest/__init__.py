@@ -1,0 +1,1 @@
+"""The HTTP intake: authenticate, validate, normalize, publish, answer 202."""

@@ -1,0 +1,1 @@
+"""Postgres state shared by intake and workers; the only code that writes SQL."""

@@ -1,0 +1,53 @@
+"""Opening the database: one engine per process, migrations, and the "schema is current" gate."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+class SchemaBehind(RuntimeError):
+    """The database is older than this code; run `etrm-sync migrate` first."""
+
+
+def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+    )
+
+
+def alembic_config(url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+async def migrate(url: str) -> None:
+    # Alembic's env runs its own event loop; give it a thread of its own.
+    await asyncio.to_thread(command.upgrade, alembic_config(url), "head")
+
+
+async def ensure_schema_current(engine: AsyncEngine) -> None:
+    url = engine.url.render_as_string(hide_password=False)
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+    def current(sync_conn: Connection) -> str | None:
+        return MigrationContext.configure(sync_conn).get_current_revision()
+
+    async with engine.connect() as conn:
+        revision = await conn.run_sync(current)
+    if revision != head:
+        raise SchemaBehind(
+            f"database schema is at {revision or 'nothing'}, this code needs {head}: "
+            "run `etrm-sync migrate`"
+        )

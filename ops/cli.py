@@ -1,0 +1,186 @@
+"""`etrm-sync`: the one command line for running, operating and measuring etrm-sync."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from runtime.settings import SettingsError, get_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Settlement sync from trading desks to the ETRM engine.")
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def dev(
+    demo: Annotated[bool, typer.Option(help="Run the demo once the stack is up")] = False,
+    once: Annotated[bool, typer.Option(help="Stop after start-up (and the demo)")] = False,
+) -> None:
+    """Everything on this machine: broker, database, simulator, intake, worker."""
+    from ops.devstack import run_dev
+    from runtime.logging import configure_logging
+
+    configure_logging("dev", "WARNING")
+    raise typer.Exit(asyncio.run(run_dev(demo=demo, once=once)))
+
+
+@app.command()
+def demo() -> None:
+    """Submit sample batches to a running `etrm-sync dev` stack and show what became of them."""
+    from ops.demo import run_demo
+    from ops.devstack import read_dev_env
+
+    env = {**read_dev_env(), **{k: v for k, v in os.environ.items() if k.startswith("ETRM_")}}
+    if "ETRM_DEV_JWT_PRIVATE_KEY" not in env:
+        _fail("no running dev stack found (.etrm-dev/env); start `etrm-sync dev` first")
+    raise typer.Exit(asyncio.run(run_demo(env)))
+
+
+@app.command()
+def intake() -> None:
+    """Serve the HTTP intake (ETRM_INTAKE_HOST:ETRM_INTAKE_PORT)."""
+    import uvicorn
+
+    from ingest.app import create_app
+    from runtime.bootstrap import INTAKE_REQUIRED
+    from runtime.logging import configure_logging
+
+    try:
+        settings = get_settings()
+        settings.require(*INTAKE_REQUIRED)
+    except SettingsError as exc:
+        _fail(str(exc))
+    configure_logging("intake")
+    tls: dict[str, object] = {}
+    if settings.tls_cert and settings.tls_key:
+        import ssl
+
+        tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+        if settings.tls_client_ca:
+            tls.update(ssl_ca_certs=settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    uvicorn.run(create_app(), host=settings.intake_host, port=settings.intake_port,
+                log_level="warning", access_log=False, **tls)  # type: ignore[arg-type]
+
+
+@app.command()
+def worker() -> None:
+    """Consume both lanes and deliver to the ETRM upstream."""
+    from runtime.bootstrap import WORKER_REQUIRED
+    from runtime.logging import configure_logging
+    from workers.app import run_worker
+
+    try:
+        settings = get_settings()
+        settings.require(*WORKER_REQUIRED)
+    except SettingsError as exc:
+        _fail(str(exc))
+    configure_logging("worker")
+    asyncio.run(run_worker(settings))
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema to the newest revision (alembic upgrade head)."""
+    from ledger.db import migrate as run_migrations
+
+    try:
+        settings = get_settings()
+        settings.require("database_url")
+    except SettingsError as exc:
+        _fail(str(exc))
+    assert settings.database_url is not None
+    asyncio.run(run_migrations(settings.database_url))
+    Console().print("database schema is current")
+
+
+@app.command("mock-etrm")
+def mock_etrm(
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8090,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    latency_ms: Annotated[float, typer.Option(help="Added latency per POST")] = 0.0,
+    error_rate: Annotated[float, typer.Option(help="Share of POSTs answered 503")] = 0.0,
+    outage: Annotated[bool, typer.Option(help="Answer every POST 503")] = False,
+    fail_first_attempts: Annotated[int, typer.Option(help="503 for the first N POSTs of "
+                                                     "every Idempotency-Key")] = 0,
+    reject_contracts: Annotated[str, typer.Option(help="Contract globs answered 422 "
+                                                  "(comma separated)")] = "",
+    down_contracts: Annotated[str, typer.Option(help="Contract globs always answered "
+                                                "503")] = "",
+    drift_contracts: Annotated[str, typer.Option(help="Contract globs whose reconciled "
+                                                 "position drifts")] = "",
+    drift_fraction: Annotated[str, typer.Option()] = "0.02",
+    token_ttl_s: Annotated[int, typer.Option()] = 300,
+) -> None:
+    """The ETRM simulator (token endpoint, Idempotency-Key dedup, faults, drift)."""
+    import uvicorn
+
+    from ops.simulator import SimConfig, create_simulator
+
+    settings = get_settings()
+
+    def globs(raw: str) -> list[str]:
+        return [g.strip() for g in raw.split(",") if g.strip()]
+
+    config = SimConfig(
+        client_id=settings.upstream_client_id or "etrm-sync",
+        client_secret=settings.secret("upstream_client_secret")
+        if settings.upstream_client_secret else "dev-client-secret",
+        signing_secret=settings.secret("upstream_signing_secret")
+        if settings.upstream_signing_secret else "",
+        latency_ms=latency_ms, error_rate=error_rate, outage=outage,
+        fail_first_attempts=fail_first_attempts, reject_contracts=globs(reject_contracts),
+        down_contracts=globs(down_contracts), drift_contracts=globs(drift_contracts),
+        drift_fraction=drift_fraction, token_ttl_s=token_ttl_s,
+    )
+    uvicorn.run(create_simulator(config), host=host, port=port, log_level="warning",
+                access_log=False)
+
+
+@app.command()
+def token(
+    desk: Annotated[str, typer.Option(help="The desk claim")] = "power-east",
+    sub: Annotated[str, typer.Option(help="Trader or operator id")] = "trader-1",
+    scope: Annotated[str, typer.Option(help="Space-separated scopes")] =
+        "settlements:write settlements:read",
+    contracts: Annotated[str | None, typer.Option(help="Comma-separated contract patterns")]
+        = None,
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds")] = 3600,
+) -> None:
+    """Mint a development token signed with the dev stack's key."""
+    from ops.devkeys import mint_token
+    from ops.devstack import read_dev_env
+
+    env = {**read_dev_env(), **{k: v for k, v in os.environ.items() if k.startswith("ETRM_")}}
+    key = env.get("ETRM_DEV_JWT_PRIVATE_KEY")
+    if not key or not Path(key).exists():
+        _fail("no development signing key (ETRM_DEV_JWT_PRIVATE_KEY); start `etrm-sync dev`")
+    assert key is not None
+    print(mint_token(
+        Path(key), issuer=env["ETRM_JWT_ISSUER"], audience=env["ETRM_JWT_AUDIENCE"],
+        subject=sub, desk=desk, scopes=scope.split(),
+        contracts=[c.strip() for c in contracts.split(",")] if contracts else None, ttl_s=ttl,
+    ))
+
+
+def main() -> None:
+    try:
+        app()
+    except SettingsError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""`etrm-sync mock-etrm`: an ETRM engine simulator speaking the upstream side of CONTRACT §4.
+
+It issues OAuth2 client-credentials tokens, checks the bearer token and the X-Signature, keeps
+Idempotency-Key dedup (a duplicate POST answers 200 with the first transaction and is counted
+apart from effects), and can be told to be slow, flaky, down, to reject some contracts, to fail
+the first N attempts of every key, or to report a drifted reconciled position. `/_sim/*` lets
+tests and the demo read what it received and change its behaviour while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import fnmatch
+import hashlib
+import hmac
+import json
+import random
+import secrets
+import time
+import uuid
+from urllib.parse import parse_qs
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+
+@dataclass
+class SimConfig:
+    client_id: str = "etrm-sync"
+    client_secret: str = "dev-client-secret"  # noqa: S105 - overridden by the caller
+    signing_secret: str = ""
+    token_ttl_s: int = 300
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    outage: bool = False
+    outage_status: int = 503
+    retry_after_s: int | None = None
+    fail_first_attempts: int = 0
+    reject_contracts: list[str] = field(default_factory=list)
+    down_contracts: list[str] = field(default_factory=list)
+    drift_contracts: list[str] = field(default_factory=list)
+    drift_fraction: str = "0.02"
+    token_outage: bool = False
+    seed: int | None = None
+
+
+@dataclass
+class Effect:
+    order: int
+    idempotency_key: str
+    transaction_id: str
+    contract_id: str
+    revision: int
+    position_mwh: str
+    settlement_run_id: str
+    received_at: float
+
+
+class SimState:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.tokens: dict[str, float] = {}
+        self.effects: list[Effect] = []
+        self.by_key: dict[str, Effect] = {}
+        self.attempts_by_key: dict[str, int] = {}
+        self.posts = 0
+        self.duplicate_posts = 0
+        self.rejected_posts = 0
+        self.failed_posts = 0
+        self.unauthorized_posts = 0
+        self.tokens_issued = 0
+        self.rng = random.Random(config.seed)  # noqa: S311 - simulated faults, not crypto
+
+    def reset(self) -> None:
+        self.__init__(self.config)  # type: ignore[misc]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "posts": self.posts,
+            "effects": len(self.effects),
+            "duplicate_posts": self.duplicate_posts,
+            "rejected_posts": self.rejected_posts,
+            "failed_posts": self.failed_posts,
+            "unauthorized_posts": self.unauthorized_posts,
+            "tokens_issued": self.tokens_issued,
+        }
+
+
+def _matches(contract: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(contract, p) for p in patterns)
+
+
+def create_simulator(config: SimConfig | None = None) -> FastAPI:
+    state = SimState(config or SimConfig())
+    app = FastAPI(title="ETRM simulator", docs_url=None, redoc_url=None)
+    app.state.sim = state
+
+    @app.post("/oauth/token")
+    async def token(request: Request) -> JSONResponse:
+        cfg = state.config
+        if cfg.token_outage:
+            return JSONResponse({"error": "temporarily_unavailable"}, status_code=503)
+        auth = request.headers.get("authorization", "")
+        expected = base64.b64encode(f"{cfg.client_id}:{cfg.client_secret}".encode()).decode()
+        form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
+        if not hmac.compare_digest(auth, f"Basic {expected}"):
+            return JSONResponse({"error": "invalid_client"}, status_code=401)
+        if form.get("grant_type") != "client_credentials":
+            return JSONResponse({"error": "unsupported_grant_type"}, status_code=400)
+        value = secrets.token_urlsafe(24)
+        state.tokens[value] = time.time() + cfg.token_ttl_s
+        state.tokens_issued += 1
+        return JSONResponse(
+            {"access_token": value, "token_type": "Bearer", "expires_in": cfg.token_ttl_s}
+        )
+
+    @app.post("/api/v1/settlements/sync")
+    async def sync(request: Request) -> JSONResponse:
+        cfg = state.config
+        state.posts += 1
+        body = await request.body()
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if state.tokens.get(bearer, 0) < time.time():
+            state.unauthorized_posts += 1
+            return JSONResponse({"error": "invalid or expired token"}, status_code=401)
+        if cfg.signing_secret and not _signature_ok(
+            cfg.signing_secret, body, request.headers.get("x-signature", "")
+        ):
+            state.rejected_posts += 1
+            return JSONResponse({"error": "bad X-Signature"}, status_code=400)
+        key = request.headers.get("idempotency-key")
+        if not key:
+            state.rejected_posts += 1
+            return JSONResponse({"error": "Idempotency-Key required"}, status_code=400)
+        if cfg.latency_ms:
+            await asyncio.sleep(cfg.latency_ms / 1000)
+        try:
+            record = json.loads(body, parse_float=Decimal)
+            contract = str(record["contract_id"])
+        except (ValueError, KeyError, TypeError):
+            state.rejected_posts += 1
+            return JSONResponse({"error": "not a settlement record"}, status_code=400)
+        known = state.by_key.get(key)
+        if known is not None:
+            state.duplicate_posts += 1
+            return JSONResponse({"transaction_id": known.transaction_id}, status_code=200)
+        state.attempts_by_key[key] = attempt = state.attempts_by_key.get(key, 0) + 1
+        retry_headers = (
+            {"Retry-After": str(cfg.retry_after_s)} if cfg.retry_after_s is not None else {}
+        )
+        if cfg.outage or _matches(contract, cfg.down_contracts):
+            state.failed_posts += 1
+            return JSONResponse({"error": "maintenance window"}, status_code=cfg.outage_status,
+                                headers=retry_headers)
+        if attempt <= cfg.fail_first_attempts or (
+            cfg.error_rate and state.rng.random() < cfg.error_rate
+        ):
+            state.failed_posts += 1
+            return JSONResponse({"error": "temporarily unavailable"}, status_code=503,
+                                headers=retry_headers)
+        if _matches(contract, cfg.reject_contracts):
+            state.rejected_posts += 1
+            return JSONResponse(
+                {"error": f"contract {contract} is not booked in the ETRM engine"},
+                status_code=422,
+            )
+        position = Decimal(str(record.get("position_mwh", "0")))
+        reconciled = position
+        if _matches(contract, cfg.drift_contracts):
+            reconciled = position * (1 + Decimal(cfg.drift_fraction))
+        effect = Effect(
+            order=len(state.effects),
+            idempotency_key=key,
+            transaction_id=f"TX-{uuid.uuid4().hex[:16].upper()}",
+            contract_id=contract,
+            revision=int(record.get("revision", 1)),
+            position_mwh=str(position),
+            settlement_run_id=str(record.get("settlement_run_id", "")),
+            received_at=time.time(),
+        )
+        state.effects.append(effect)
+        state.by_key[key] = effect
+        return JSONResponse(
+            {"transaction_id": effect.transaction_id,
+             "reconciled_position_mwh": f"{reconciled.quantize(Decimal('0.001'))}"},
+            status_code=201,
+        )
+
+    @app.get("/_sim/received")
+    async def received() -> dict[str, Any]:
+        return {**state.summary(), "log": [asdict(e) for e in state.effects]}
+
+    @app.get("/_sim/config")
+    async def get_config() -> dict[str, Any]:
+        public = asdict(state.config)
+        public.pop("client_secret")
+        public.pop("signing_secret")
+        return public
+
+    @app.patch("/_sim/config")
+    async def patch_config(request: Request) -> dict[str, Any]:
+        changes = await request.json()
+        for name, value in changes.items():
+            if name in ("client_secret", "signing_secret") or not hasattr(state.config, name):
+                return JSONResponse({"error": f"unknown setting {name}"},  # type: ignore[return-value]
+                                    status_code=400)
+            setattr(state.config, name, value)
+        return await get_config()
+
+    @app.post("/_sim/reset")
+    async def reset() -> dict[str, Any]:
+        state.reset()
+        return state.summary()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def _signature_ok(secret: str, body: bytes, header: str) -> bool:
+    fields = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
+    timestamp = fields.get("t", "")
+    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > 300:
+        return False
+    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return hmac.compare_digest(expected.hexdigest(), fields.get("v1", ""))

@@ -1,0 +1,1 @@
+"""Settings, logging and the one place that builds real adapters."""

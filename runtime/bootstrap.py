@@ -1,0 +1,84 @@
+"""The one place that builds real adapters from settings: database engine, Kafka producer,
+JWKS verifier, upstream client. Everything else receives them ready-made."""
+
+from __future__ import annotations
+
+import httpx
+
+from ingest.app import IntakeServices
+from ingest.auth import JwksKeys, TokenVerifier
+from ingest.publisher import SettlementPublisher
+from ledger.db import ensure_schema_current, make_engine
+from runtime.kafka import all_topics, ensure_topics
+from runtime.settings import Settings, get_settings
+from workers.upstream import TokenProvider, UpstreamClient
+
+INTAKE_REQUIRED = (
+    "database_url", "jwks_url", "jwt_issuer", "jwt_audience", "message_signing_keys",
+)
+WORKER_REQUIRED = (
+    "database_url", "upstream_url", "upstream_token_url", "upstream_client_id",
+    "upstream_client_secret", "upstream_signing_secret", "message_signing_keys",
+)
+
+
+async def intake_services(settings: Settings | None = None) -> IntakeServices:
+    settings = settings or get_settings()
+    settings.require(*INTAKE_REQUIRED)
+    assert settings.database_url and settings.jwks_url
+    assert settings.jwt_issuer and settings.jwt_audience
+    engine = make_engine(settings.database_url, settings.database_pool_size)
+    await ensure_schema_current(engine)
+    try:
+        await ensure_topics(settings.kafka_bootstrap_servers, all_topics(settings),
+                            settings.kafka_partitions)
+    except Exception:  # noqa: S110 - the broker may come later; /readyz reports it meanwhile
+        pass
+    publisher = SettlementPublisher(settings)
+    await publisher.start()
+    verifier = TokenVerifier(
+        JwksKeys(settings.jwks_url),
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        leeway_s=settings.jwt_leeway_s,
+    )
+    return IntakeServices(settings, engine, publisher, verifier)
+
+
+async def close_intake(svc: IntakeServices) -> None:
+    await svc.publisher.stop()
+    await svc.engine.dispose()
+
+
+def upstream_http(settings: Settings) -> httpx.AsyncClient:
+    limits = httpx.Limits(
+        max_connections=settings.worker_concurrency + 4,
+        max_keepalive_connections=settings.worker_concurrency + 4,
+    )
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.upstream_timeout_s),
+        limits=limits,
+        follow_redirects=False,
+    )
+
+
+def upstream_client(settings: Settings, http: httpx.AsyncClient) -> UpstreamClient:
+    settings.require(*WORKER_REQUIRED)
+    assert settings.upstream_url and settings.upstream_token_url
+    assert settings.upstream_client_id
+    tokens = TokenProvider(
+        http,
+        settings.upstream_token_url,
+        settings.upstream_client_id,
+        settings.secret("upstream_client_secret"),
+    )
+    return UpstreamClient(
+        http,
+        tokens,
+        base_url=settings.upstream_url,
+        signing_secret=settings.secret("upstream_signing_secret"),
+        max_attempts=settings.upstream_max_attempts,
+        budget_s=settings.upstream_retry_budget_s,
+        backoff_base_s=settings.upstream_backoff_base_s,
+        backoff_cap_s=settings.upstream_backoff_cap_s,
+    )

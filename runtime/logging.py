@@ -1,0 +1,47 @@
+"""Structured JSON logs, one event per line, for people and for the SIEM.
+
+Record payloads and secrets are never passed to a logger; the redaction processor is a second
+line of defence for field names that look like secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_SECRET_WORDS = ("secret", "password", "token", "authorization", "key", "signature")
+
+
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for name in list(event):
+        lowered = name.lower()
+        if any(word in lowered for word in _SECRET_WORDS) and name not in (
+            "idempotency_key_present",
+            "kid",
+        ):
+            event[name] = "[redacted]"
+    return event
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+    for noisy in ("aiokafka", "faststream", "uvicorn.access", "httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=service)

@@ -1,0 +1,1 @@
+"""Record contracts and pure normalization (CONTRACT §2). No I/O."""

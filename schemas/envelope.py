@@ -1,0 +1,163 @@
+"""What travels on Kafka: canonical value bytes, the message id, the lane and the signed headers.
+
+The message id is a pure function of the desk, the settlement identity, the revision and the
+content (CONTRACT §2), so the same record submitted twice is the same message, and a replay keeps
+the id that the ledger and the upstream's Idempotency-Key already know.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from schemas.normalize import NormalizationError, normalize
+from schemas.records import SOURCE_MODELS, CanonicalRecord, Market
+
+SCHEMA_VERSION = "1"
+# Headers covered by the signature, in this order; replay headers are added by operators later
+# and are covered too when present.
+SIGNED_HEADERS = ("message_id", "desk", "trader", "trace_id", "schema_version")
+OPTIONAL_SIGNED_HEADERS = ("batch_id", "replay_of", "replay_count")
+
+
+def canonical_json(obj: Any) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+
+def identity_hash(desk: str, record: Mapping[str, Any]) -> str:
+    """The settlement identity within a desk's book (CONTRACT §2), revision excluded."""
+    identity = [
+        desk,
+        record["settlement_run_id"],
+        record["contract_id"],
+        record["market"],
+        record["delivery_point"],
+        record["delivery_start"],
+        record["delivery_end"],
+    ]
+    return hashlib.sha256(b"etrm-identity/v1\0" + canonical_json(identity)).hexdigest()[:32]
+
+
+def message_id_for(desk: str, value: bytes) -> str:
+    """Identity + revision + content are all inside the canonical value bytes."""
+    digest = hashlib.sha256(b"etrm-message/v1\0" + desk.encode() + b"\0" + value).hexdigest()
+    return digest[:32]
+
+
+def lane_for(market: str) -> str:
+    """Real-time pricing takes the priority lane; everything else the standard lane."""
+    return "priority" if market == Market.ISO_REAL_TIME.value else "standard"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One accepted record, serialized once, ready for Kafka and the ledger."""
+
+    message_id: str
+    identity: str
+    contract_id: str
+    market: str
+    revision: int
+    position_mwh: str
+    value: bytes
+
+    @property
+    def lane(self) -> str:
+        return lane_for(self.market)
+
+
+def envelope_for(desk: str, record: CanonicalRecord) -> Envelope:
+    wire = record.to_wire()
+    value = canonical_json(wire)
+    return Envelope(
+        message_id=message_id_for(desk, value),
+        identity=identity_hash(desk, wire),
+        contract_id=record.contract_id,
+        market=wire["market"],
+        revision=record.revision,
+        position_mwh=wire["position_mwh"],
+        value=value,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One schema violation: which record, which field path, what is wrong."""
+
+    index: int | None
+    loc: tuple[str | int, ...]
+    message: str
+
+    @property
+    def pointer(self) -> str:
+        return ".".join(str(p) for p in self.loc)
+
+
+def validate_record(raw: Any, index: int | None) -> CanonicalRecord | list[FieldError]:
+    """Choose the source model by `kind`, validate, and normalize into the canonical record."""
+    if not isinstance(raw, dict):
+        return [FieldError(index, (), "a record must be a JSON object")]
+    kind = raw.get("kind")
+    model = SOURCE_MODELS.get(kind) if isinstance(kind, str | None) else None
+    if model is None:
+        allowed = ", ".join(sorted(k for k in SOURCE_MODELS if k))
+        return [FieldError(index, ("kind",), f"unknown kind; expected one of: {allowed}")]
+    try:
+        source = model.model_validate(raw)
+        return normalize(source)
+    except ValidationError as exc:
+        return [
+            FieldError(index, tuple(e["loc"]), e["msg"].removeprefix("Value error, "))
+            for e in exc.errors()
+        ]
+    except NormalizationError as exc:
+        return [FieldError(index, exc.loc, exc.message)]
+
+
+# -- Kafka message signing (HMAC over the value and the identity headers) ---------------------
+
+
+def _signing_input(value: bytes, headers: Mapping[str, str]) -> bytes:
+    parts = [value]
+    for name in (*SIGNED_HEADERS, *OPTIONAL_SIGNED_HEADERS):
+        if name in headers:
+            parts.append(f"{name}={headers[name]}".encode())
+    return b"\n".join(hashlib.sha256(p).digest() for p in parts)
+
+
+def sign_message(value: bytes, headers: Mapping[str, str], kid: str, secret: bytes) -> str:
+    mac = hmac.new(secret, _signing_input(value, headers), hashlib.sha256).hexdigest()
+    return f"kid={kid},v1={mac}"
+
+
+def verify_message(
+    value: bytes, headers: Mapping[str, str], keys: Mapping[str, bytes]
+) -> str | None:
+    """None when the signature verifies, else the reason it does not."""
+    signature = headers.get("signature")
+    if not signature:
+        return "signature header missing"
+    fields = dict(part.split("=", 1) for part in signature.split(",") if "=" in part)
+    secret = keys.get(fields.get("kid", ""))
+    if secret is None:
+        return "unknown signing key id"
+    if any(h not in headers for h in SIGNED_HEADERS):
+        return "identity headers missing"
+    expected = hmac.new(secret, _signing_input(value, headers), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, fields.get("v1", "")):
+        return "signature does not verify"
+    return None
+
+
+def kafka_headers(headers: Mapping[str, str]) -> list[tuple[str, bytes]]:
+    return [(k, v.encode()) for k, v in headers.items()]
+
+
+def header_map(raw: Iterable[tuple[str, bytes]] | Sequence[tuple[str, bytes]]) -> dict[str, str]:
+    return {k: v.decode("utf-8", "replace") for k, v in raw}

@@ -1,0 +1,1 @@
+"""Workers: consume the settlement lanes, deduplicate against the ledger, forward upstream."""

@@ -1,0 +1,167 @@
+"""The worker process: a FastStream Kafka broker with one batch subscriber on both lanes, a
+publisher to the reconciliation topic, and a small HTTP port for /healthz and /metrics.
+
+Acknowledgement is manual: a polled batch is committed only after every message in it reached a
+final state (delivered, held, superseded or dead-lettered — the dead letter acknowledged by the
+broker). On an infrastructure error the batch is rewound (nack) and read again; the ledger and
+the upstream's Idempotency-Key make the second pass free of second effects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+import structlog
+import uvicorn
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ledger.db import ensure_schema_current, make_engine
+from runtime.bootstrap import WORKER_REQUIRED, upstream_client, upstream_http
+from runtime.kafka import all_topics, ensure_topics
+from runtime.settings import Settings
+from workers import metrics
+from workers.delivery import Forwarder
+from workers.upstream import UpstreamClient
+
+log = structlog.get_logger("etrm.worker")
+INFRA_RETRY_DELAY_S = 1.0
+
+
+def build_broker(settings: Settings) -> KafkaBroker:
+    return KafkaBroker(
+        settings.kafka_bootstrap_servers,
+        acks="all",
+        enable_idempotence=settings.kafka_enable_idempotence,
+        request_timeout_ms=max(1000, int(settings.kafka_publish_timeout_s * 1000)),
+        logger=None,
+    )
+
+
+def max_poll_interval_ms(settings: Settings) -> int:
+    # A batch holds its poll until every message is final, retries included; the group must
+    # not evict a worker that is honestly waiting out the retry budget.
+    budget = settings.upstream_retry_budget_s + settings.upstream_timeout_s * 2 + 60
+    return int(budget * 1000)
+
+
+def wire_subscriber(broker: KafkaBroker, settings: Settings, forwarder: Forwarder) -> None:
+    subscriber = broker.subscriber(
+        *settings.topics,
+        batch=True,
+        group_id=settings.kafka_group_id,
+        ack_policy=AckPolicy.MANUAL,
+        auto_offset_reset="earliest",
+        max_records=settings.worker_max_records,
+        batch_timeout_ms=100,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+        max_poll_interval_ms=max_poll_interval_ms(settings),
+        title="on_settlements",
+        description="Settlement records from the priority and standard lanes",
+    )
+
+    @subscriber
+    async def on_settlements(_: list[bytes], message: KafkaMessage) -> None:
+        records: Any = message.raw_message
+        try:
+            await forwarder.process(records)
+        except Exception as exc:
+            log.error("batch_failed_will_reread", error=type(exc).__name__, records=len(records))
+            await asyncio.sleep(INFRA_RETRY_DELAY_S)
+            with contextlib.suppress(Exception):
+                await message.nack()
+            return
+        try:
+            await message.ack()
+            metrics.BATCHES.inc()
+        except Exception as exc:  # e.g. a rebalance took the partitions away meanwhile
+            log.warning("commit_failed", error=type(exc).__name__)
+
+
+def health_app(upstream: UpstreamClient) -> Starlette:
+    async def healthz(_: Request) -> JSONResponse:
+        return JSONResponse(
+            {"status": "ok", "upstream_token_valid": upstream.tokens.valid},
+        )
+
+    async def prometheus(_: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[Route("/healthz", healthz), Route("/metrics", prometheus)])
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    settings.require(*WORKER_REQUIRED)
+    assert settings.database_url is not None
+    engine = make_engine(settings.database_url, settings.database_pool_size)
+    await ensure_schema_current(engine)
+    await ensure_topics(
+        settings.kafka_bootstrap_servers, all_topics(settings), settings.kafka_partitions
+    )
+    http = upstream_http(settings)
+    upstream = upstream_client(settings, http)
+    broker = build_broker(settings)
+    to_reconciliation = broker.publisher(
+        settings.topic_reconciliation,
+        title="to_reconciliation",
+        description="Dead letters: the original record and headers plus error.* and source.*",
+    )
+
+    async def publish_dead_letter(
+        key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> None:
+        await to_reconciliation.publish(
+            value, key=key, headers={k: v.decode() for k, v in headers}
+        )
+
+    forwarder = Forwarder(
+        engine=engine,
+        upstream=upstream,
+        publish_dead_letter=publish_dead_letter,
+        signing_keys=dict(settings.signing_keys()),
+        concurrency=settings.worker_concurrency,
+        drift_threshold=settings.drift_threshold,
+    )
+    wire_subscriber(broker, settings, forwarder)
+    forwarder.writer.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            health_app(upstream),
+            host=settings.worker_metrics_host,
+            port=settings.worker_metrics_port,
+            log_level="warning",
+            lifespan="off",
+        )
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    http_task = asyncio.create_task(server.serve())
+    await broker.start()
+    log.info("worker_started", topics=list(settings.topics), group=settings.kafka_group_id,
+             concurrency=settings.worker_concurrency)
+    try:
+        await stop.wait()
+    finally:
+        log.info("worker_stopping")
+        await broker.stop()
+        await forwarder.writer.stop()
+        with contextlib.suppress(Exception):
+            await forwarder.writer.flush()
+        server.should_exit = True
+        await http_task
+        await http.aclose()
+        await engine.dispose()
