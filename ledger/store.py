@@ -452,7 +452,10 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-async def write_outcomes(engine: AsyncEngine, outcomes: Sequence[Outcome]) -> None:
+async def write_outcomes(engine: AsyncEngine, pending: Sequence[Outcome]) -> None:
+    # One row per message: an UPDATE ... FROM with two source rows for one target applies an
+    # arbitrary one, so a retry's progress note must never compete with the final state.
+    outcomes = list({o.message_id: o for o in pending}.values())
     if not outcomes:
         return
     async with engine.begin() as conn:

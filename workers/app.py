@@ -134,10 +134,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     )
     wire_subscriber(broker, settings, forwarder)
     forwarder.writer.start()
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+    if stop is None:  # run as a process: stop on SIGINT/SIGTERM
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     server = uvicorn.Server(
         uvicorn.Config(

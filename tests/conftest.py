@@ -1,0 +1,254 @@
+"""Test harness: real Tansu and real PostgreSQL for the session, started the same way as
+`etrm-sync dev` does (ops.stack); per test a fresh pipeline — its own topics, consumer group,
+ETRM simulator, intake and worker — so tests never see each other's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from ingest.app import create_app
+from ledger.db import migrate
+from ops.devkeys import generate_signing_key, mint_token
+from ops.simulator import SimConfig, SimState, create_simulator
+from ops.stack import Broker, Database, free_port
+from runtime.bootstrap import intake_services
+from runtime.kafka import all_topics, ensure_topics
+from runtime.settings import Settings, load_settings
+from workers.app import run_worker
+
+ISSUER = "https://idp.test.etrm-sync"
+AUDIENCE = "etrm-sync-test"
+FINAL = {"delivered", "held", "dead_lettered", "superseded", "released", "rejected"}
+
+
+@dataclass
+class Infra:
+    broker: Broker
+    database_url: str
+    keys_dir: Path
+    private_key: Path
+    jwks: Path
+
+
+@pytest.fixture(scope="session")
+def infra() -> Iterator[Infra]:
+    root = Path(tempfile.mkdtemp(prefix="etrm-test-"))
+    broker = Broker(free_port(), root / "tansu.log").start()
+    database = None
+    url = os.environ.get("ETRM_TEST_DATABASE_URL")
+    if not url:
+        database = Database(root / "pg", free_port()).start()
+        url = database.url
+    asyncio.run(migrate(url))
+    private_key, jwks = generate_signing_key(root / "keys")
+    try:
+        yield Infra(broker, url, root / "keys", private_key, jwks)
+    finally:
+        broker.stop()
+        if database:
+            database.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def make_settings(infra: Infra, **overrides: Any) -> Settings:
+    tag = uuid.uuid4().hex[:10]
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": infra.broker.bootstrap,
+        "kafka_enable_idempotence": False,
+        "kafka_group_id": f"workers-{tag}",
+        "kafka_session_timeout_ms": 2000,
+        "kafka_heartbeat_interval_ms": 500,
+        "kafka_publish_timeout_s": 3.0,
+        "topic_priority": f"t{tag}.priority",
+        "topic_standard": f"t{tag}.standard",
+        "topic_reconciliation": f"t{tag}.reconciliation",
+        "database_url": infra.database_url,
+        "database_pool_size": 5,
+        "worker_metrics_port": free_port(),
+        "worker_concurrency": 16,
+        "upstream_client_id": "etrm-sync-test",
+        "upstream_client_secret": secrets.token_urlsafe(16),
+        "upstream_signing_secret": secrets.token_urlsafe(16),
+        "upstream_timeout_s": 2.0,
+        "upstream_max_attempts": 4,
+        "upstream_retry_budget_s": 10.0,
+        "upstream_backoff_base_s": 0.05,
+        "upstream_backoff_cap_s": 0.2,
+        "jwks_url": str(infra.jwks),
+        "jwt_issuer": ISSUER,
+        "jwt_audience": AUDIENCE,
+        "message_signing_keys": f"k1={secrets.token_urlsafe(24)}",
+        "encryption_keys": f"e1={base64.b64encode(secrets.token_bytes(32)).decode()}",
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+class Server:
+    """A uvicorn server in this event loop, on a free loopback port."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                           lifespan="on")
+        )
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> Server:
+        self.task = asyncio.create_task(self.server.serve())
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start")
+            await asyncio.sleep(0.02)
+        return self
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task:
+            await self.task
+
+
+@dataclass
+class Pipeline:
+    infra: Infra
+    settings: Settings
+    sim: SimState
+    sim_server: Server
+    intake: Server
+    worker_stop: asyncio.Event | None = None
+    worker_task: asyncio.Task[None] | None = None
+    clients: list[httpx.AsyncClient] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The settings as ETRM_ variables, for a worker run as a separate process."""
+        env: dict[str, str] = {}
+        for name, value in self.settings.model_dump().items():
+            if value is None:
+                continue
+            if hasattr(value, "get_secret_value"):
+                value = value.get_secret_value()
+            env[f"ETRM_{name.upper()}"] = str(value).lower() if isinstance(value, bool) \
+                else str(value)
+        return env
+
+    def token(self, desk: str = "power-east", scopes: str = "settlements:write settlements:read",
+              **kwargs: Any) -> str:
+        return mint_token(self.infra.private_key, issuer=ISSUER, audience=AUDIENCE,
+                          subject=kwargs.pop("subject", "trader-1"), desk=desk,
+                          scopes=scopes.split(), **kwargs)
+
+    def client(self, token: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {token or self.token(**kwargs)}"}
+        client = httpx.AsyncClient(base_url=self.intake.url, headers=headers, timeout=30.0)
+        self.clients.append(client)
+        return client
+
+    async def start_worker(self) -> None:
+        self.worker_stop = asyncio.Event()
+        self.worker_task = asyncio.create_task(run_worker(self.settings, self.worker_stop))
+
+    async def stop_worker(self) -> None:
+        if self.worker_stop and self.worker_task:
+            self.worker_stop.set()
+            await asyncio.wait_for(self.worker_task, 30)
+            self.worker_task = None
+
+    async def wait_final(self, client: httpx.AsyncClient, batch_id: str,
+                         timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            batch = (await client.get(f"/v1/batches/{batch_id}")).json()
+            if all(m["state"] in FINAL for m in batch["messages"]):
+                return batch
+            if time.monotonic() > deadline:
+                raise AssertionError(f"batch not final after {timeout}s: {batch['counts']}")
+            if self.worker_task and self.worker_task.done():
+                self.worker_task.result()
+            await asyncio.sleep(0.2)
+
+
+async def submit_batch(client: httpx.AsyncClient, run: str, records: list[dict[str, Any]],
+                       key: str | None = None) -> httpx.Response:
+    return await client.post(
+        "/v1/settlements/batches",
+        json={"records": records},
+        headers={"X-Settlement-Run-ID": run, "Idempotency-Key": key or uuid.uuid4().hex},
+    )
+
+
+PipelineFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def pipeline_factory(infra: Infra) -> AsyncIterator[PipelineFactory]:
+    made: list[Pipeline] = []
+
+    async def build(*, worker: bool = True, sim: dict[str, Any] | None = None,
+                    **overrides: Any) -> Pipeline:
+        settings = make_settings(infra, **overrides)
+        await ensure_topics(settings.kafka_bootstrap_servers, all_topics(settings),
+                            settings.kafka_partitions)
+        sim_config = SimConfig(
+            client_id=settings.upstream_client_id or "",
+            client_secret=settings.secret("upstream_client_secret"),
+            signing_secret=settings.secret("upstream_signing_secret"),
+            **(sim or {}),
+        )
+        sim_app = create_simulator(sim_config)
+        sim_server = await Server(sim_app).start()
+        settings = settings.model_copy(update={
+            "upstream_url": sim_server.url,
+            "upstream_token_url": f"{sim_server.url}/oauth/token",
+        })
+
+        async def services() -> Any:
+            return await intake_services(settings)
+
+        intake = await Server(create_app(services)).start()
+        pipe = Pipeline(infra, settings, sim_app.state.sim, sim_server, intake)
+        made.append(pipe)
+        if worker:
+            await pipe.start_worker()
+        return pipe
+
+    yield build
+    for pipe in made:
+        for client in pipe.clients:
+            await client.aclose()
+        with contextlib.suppress(Exception):
+            await pipe.stop_worker()
+        await pipe.intake.stop()
+        await pipe.sim_server.stop()
+
+
+@pytest.fixture
+async def pipeline(pipeline_factory: PipelineFactory) -> Pipeline:
+    pipe: Pipeline = await pipeline_factory()
+    return pipe
