@@ -1,0 +1,111 @@
+"""Process and broker failures: nothing accepted is lost or sent twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import pytest
+from sqlalchemy import text
+
+from ledger.db import make_engine
+from ops import samples
+from runtime.kafka import all_topics, ensure_topics
+from tests.conftest import Pipeline, PipelineFactory, submit_batch
+
+pytestmark = pytest.mark.integration
+
+
+def spawn_worker(pipe: Pipeline) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "worker"],
+        env={**os.environ, **pipe.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def test_worker_killed_mid_run_delivers_everything_once_in_order(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    pipe: Pipeline = await pipeline_factory(worker=False, sim={"latency_ms": 15},
+                                            worker_concurrency=16)
+    client = pipe.client()
+    run = samples.run_id()
+    records = samples.mixed_batch(run, 2000, contracts=100, prefix="KILL")
+    response = await submit_batch(client, run, records)
+    assert response.status_code == 202, response.text
+    submitted = response.json()["messages"]
+    order = {m["message_id"]: m["index"] for m in submitted}
+
+    worker = spawn_worker(pipe)
+    try:
+        deadline = time.monotonic() + 60
+        while len(pipe.sim.effects) < 400:
+            assert time.monotonic() < deadline, "worker never got going"
+            assert worker.poll() is None, "worker exited on its own"
+            await asyncio.sleep(0.05)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+        killed_at = len(pipe.sim.effects)
+        assert killed_at < 2000, "the run finished before the kill; make it slower"
+        worker = spawn_worker(pipe)
+        batch = await pipe.wait_final(client, response.json()["batch_id"], timeout=180)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+
+    assert batch["counts"] == {"delivered": 2000}
+    keys = [e.idempotency_key for e in pipe.sim.effects]
+    assert len(keys) == 2000 and len(set(keys)) == 2000, "a record took effect twice"
+    per_contract: dict[str, list[int]] = defaultdict(list)
+    for effect in pipe.sim.effects:
+        per_contract[effect.contract_id].append(order[effect.idempotency_key])
+    for contract, indices in per_contract.items():
+        assert indices == sorted(indices), f"{contract} delivered out of order"
+
+
+async def test_broker_down_answers_503_and_same_key_succeeds_later(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    pipe: Pipeline = await pipeline_factory(worker=False)
+    client = pipe.client()
+    run = samples.run_id()
+    records = [samples.otc_confirmation(run, "OTC-BROKER-01")]
+    pipe.infra.broker.stop()
+    try:
+        refused = await submit_batch(client, run, records, key="outage-key")
+        assert refused.status_code == 503
+        assert refused.headers["content-type"] == "application/problem+json"
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        engine = make_engine(pipe.settings.database_url or "")
+        async with engine.connect() as conn:
+            batches = await conn.scalar(
+                text("SELECT count(*) FROM batches WHERE idempotency_key = 'outage-key'"))
+            keys = await conn.scalar(
+                text("SELECT count(*) FROM idempotency_keys WHERE key = 'outage-key'"))
+        await engine.dispose()
+        assert (batches, keys) == (0, 0), "a refused request was recorded as accepted"
+    finally:
+        pipe.infra.broker.start()
+        await ensure_topics(pipe.settings.kafka_bootstrap_servers, all_topics(pipe.settings),
+                            pipe.settings.kafka_partitions)
+
+    deadline = time.monotonic() + 60
+    while True:
+        accepted = await submit_batch(client, run, records, key="outage-key")
+        if accepted.status_code == 202 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert accepted.status_code == 202, accepted.text
+    await pipe.start_worker()
+    batch = await pipe.wait_final(client, accepted.json()["batch_id"])
+    assert batch["counts"] == {"delivered": 1}
+    await asyncio.sleep(1.0)
+    assert len(pipe.sim.effects) == 1
