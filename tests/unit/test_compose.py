@@ -1,0 +1,62 @@
+"""No Docker engine runs here, so the compose file is checked against the code instead: every
+command exists, every ETRM_ variable is a real setting, every required setting is set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer.main
+import yaml
+
+from ops.cli import app
+from runtime.bootstrap import INTAKE_REQUIRED, WORKER_REQUIRED
+from runtime.settings import Settings
+
+COMPOSE = Path(__file__).resolve().parents[2] / "compose" / "docker-compose.yml"
+REQUIRED = {"intake": INTAKE_REQUIRED, "worker": WORKER_REQUIRED, "migrate": ("database_url",)}
+
+
+def services() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return loaded["services"]
+
+
+def test_every_command_exists() -> None:
+    cli: Any = typer.main.get_command(app)
+    ours = {n: s for n, s in services().items() if "build" in s}
+    assert set(ours) == {"migrate", "mock-etrm", "intake", "worker"}
+    for name, service in ours.items():
+        command = service["command"]
+        assert command[0] == "etrm-sync", name
+        sub = cli.commands.get(command[1])
+        assert sub is not None, f"{name}: no such command {command[1]}"
+        options = {o for p in sub.params for o in getattr(p, "opts", [])}
+        for arg in command[2:]:
+            if arg.startswith("--"):
+                assert arg in options, f"{name}: {command[1]} has no option {arg}"
+
+
+def test_every_etrm_variable_is_a_setting_and_required_ones_are_set() -> None:
+    fields = set(Settings.model_fields)
+    for name, service in services().items():
+        env = service.get("environment", {})
+        for variable in env:
+            if variable.startswith("ETRM_"):
+                assert variable[5:].lower() in fields, f"{name}: {variable} is not a setting"
+        command = service.get("command", [])
+        role = command[1] if len(command) > 1 else None
+        for required in REQUIRED.get(role or "", ()):
+            assert f"ETRM_{required.upper()}" in env, f"{name} lacks ETRM_{required.upper()}"
+
+
+def test_startup_is_gated_on_health() -> None:
+    svc = services()
+    for name in ("intake", "worker"):
+        depends = svc[name]["depends_on"]
+        assert depends["kafka"]["condition"] == "service_healthy"
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+    for name in ("kafka", "postgres", "intake", "worker", "mock-etrm"):
+        assert "healthcheck" in svc[name], name
+    assert svc["kafka"]["image"].startswith("apache/kafka:")
+    assert svc["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"

@@ -1,0 +1,256 @@
+"""Every schema rule of CONTRACT §2, one bad case each; normalization of each source kind."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from ops import samples
+from schemas.envelope import envelope_for, lane_for, validate_record
+from schemas.records import CanonicalRecord
+
+RUN = "RUN0000000000001"
+
+
+def ok(raw: dict[str, Any]) -> CanonicalRecord:
+    result = validate_record(raw, 0)
+    assert isinstance(result, CanonicalRecord), result
+    return result
+
+
+def errors(raw: Any) -> list[tuple[str, str]]:
+    result = validate_record(raw, 0)
+    assert isinstance(result, list), f"accepted: {result}"
+    return [(e.pointer, e.message) for e in result]
+
+
+def fields(raw: Any) -> set[str]:
+    return {pointer for pointer, _ in errors(raw)}
+
+
+CANONICAL = samples.canonical(RUN, "RT-UNIT-0001")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"settlement_run_id": "run0000000000001"}, "settlement_run_id"),
+        ({"settlement_run_id": "RUN00000000000012"}, "settlement_run_id"),
+        ({"contract_id": "SHORT"}, "contract_id"),
+        ({"contract_id": "X" * 33}, "contract_id"),
+        ({"contract_id": "BAD/CONTRACT"}, "contract_id"),
+        ({"market": "futures"}, "market"),
+        ({"delivery_point": ""}, "delivery_point"),
+        ({"delivery_point": "P" * 65}, "delivery_point"),
+        ({"delivery_point": "NODE\n1"}, "delivery_point"),
+        ({"delivery_start": "2026-02-30T00:00:00Z"}, "delivery_start"),
+        ({"delivery_start": "2026-11-27 14:00:00"}, "delivery_start"),
+        ({"delivery_end": "2026-11-27T25:00:00Z"}, "delivery_end"),
+        ({"delivery_end": "2026-11-27T13:00:00Z"}, "delivery_start"),  # end before start
+        ({"position_mwh": "100000.001"}, "position_mwh"),
+        ({"position_mwh": "-100001"}, "position_mwh"),
+        ({"position_mwh": "1.0005"}, "position_mwh"),
+        ({"position_mwh": "NaN"}, "position_mwh"),
+        ({"position_mwh": "Infinity"}, "position_mwh"),
+        ({"position_mwh": True}, "position_mwh"),
+        ({"position_mwh": 1.5}, "position_mwh"),  # a binary float never gets in
+        ({"settlement_price": "12.12345"}, "settlement_price"),
+        ({"settlement_price": "-10000.01"}, "settlement_price"),
+        ({"currency": "usd"}, "currency"),
+        ({"revision": 0}, "revision"),
+        ({"revision": "2"}, "revision"),
+        ({"timestamp_utc": "yesterday"}, "timestamp_utc"),
+        ({"nickname": "unknown fields are refused"}, "nickname"),
+    ],
+)
+def test_canonical_rules(change: dict[str, Any], field: str) -> None:
+    assert field in fields(CANONICAL | change)
+
+
+def test_negative_prices_only_in_iso_markets() -> None:
+    assert ok(CANONICAL | {"settlement_price": "-9999.5"}).settlement_price == Decimal("-9999.5")
+    otc_canonical = CANONICAL | {"market": "otc_bilateral", "settlement_price": "-1"}
+    assert "settlement_price" in fields(otc_canonical)
+    assert "settlement_price" in fields(CANONICAL | {"market": "physical_nomination",
+                                                     "settlement_price": "0"})
+    assert "fixed_price" in fields(samples.otc_confirmation(RUN, "OTC-UNIT-001", price="-5"))
+
+
+def test_decimal_number_and_string_are_the_same_record() -> None:
+    from decimal import Decimal as D
+
+    as_string = ok(CANONICAL | {"position_mwh": "125.5"})
+    as_number = ok(CANONICAL | {"position_mwh": D("125.50")})
+    assert as_string.to_wire()["position_mwh"] == "125.500"
+    assert envelope_for("d", as_string).message_id == envelope_for("d", as_number).message_id
+
+
+def test_wire_format_has_full_scale_strings() -> None:
+    wire = ok(CANONICAL | {"position_mwh": 7, "settlement_price": "-12.7"}).to_wire()
+    assert wire["position_mwh"] == "7.000"
+    assert wire["settlement_price"] == "-12.7000"
+    assert wire["currency"] == "USD"
+    assert wire["revision"] == 1
+    assert wire["source"] == {"kind": "canonical"}
+
+
+def test_unknown_kind_and_non_object() -> None:
+    assert fields(CANONICAL | {"kind": "weather_derivative"}) == {"kind"}
+    assert errors(["not", "an", "object"])
+
+
+# -- ISO day-ahead awards ---------------------------------------------------------------------
+
+
+def test_iso_award_normalization_pjm() -> None:
+    rec = ok(samples.iso_award(RUN, "PJM-DA-00001", hour_ending=17, awarded="150",
+                               price="-4.25"))
+    assert rec.market.value == "iso_day_ahead"
+    assert rec.delivery_point == "PJM-RTO-ZONE-PSEG"
+    # 2026-11-27 is EST (UTC-5): HE17 = 16:00 local = 21:00Z
+    assert (rec.delivery_start, rec.delivery_end) == ("2026-11-27T21:00:00Z",
+                                                      "2026-11-27T22:00:00Z")
+    assert rec.position_mwh == Decimal(150)
+    assert rec.settlement_price == Decimal("-4.25")
+    assert rec.source["iso"] == "PJM" and rec.source["hour_ending"] == 17
+
+
+@pytest.mark.parametrize(
+    ("iso", "day", "hours"),
+    [("PJM", "2026-03-08", 23), ("PJM", "2026-11-01", 25), ("ERCOT", "2026-03-08", 23),
+     ("CAISO", "2026-11-01", 25), ("MISO", "2026-03-08", 24), ("MISO", "2026-11-01", 24),
+     ("NYISO", "2026-07-01", 24)],
+)
+def test_iso_market_day_length(iso: str, day: str, hours: int) -> None:
+    last = samples.iso_award(RUN, "ISO-DST-0001", iso=iso, hour_ending=hours) | {
+        "operating_day": day}
+    ok(last)
+    beyond = last | {"hour_ending": hours + 1}
+    if hours + 1 <= 25:
+        assert fields(beyond) == {"hour_ending"}
+
+
+def test_fall_back_hours_are_distinct_instants() -> None:
+    base = samples.iso_award(RUN, "PJM-DST-0001") | {"operating_day": "2026-11-01"}
+    he2 = ok(base | {"hour_ending": 2})
+    he3 = ok(base | {"hour_ending": 3})
+    assert he2.delivery_start == "2026-11-01T05:00:00Z"  # 01:00 EST, the repeated hour
+    assert he3.delivery_start == "2026-11-01T06:00:00Z"
+
+
+def test_miso_is_eastern_standard_time_all_year() -> None:
+    rec = ok(samples.iso_award(RUN, "MISO-DA-0001", iso="MISO", hour_ending=1) | {
+        "operating_day": "2026-07-01"})
+    assert rec.delivery_start == "2026-07-01T05:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"iso": "AESO"}, "iso"), ({"hour_ending": 0}, "hour_ending"),
+     ({"operating_day": "2026-13-01"}, "operating_day"), ({"awarded_mw": "1e6"}, "awarded_mw"),
+     ({"clearing_price": "-10001"}, "clearing_price"), ({"node": ""}, "node")],
+)
+def test_iso_award_rules(change: dict[str, Any], field: str) -> None:
+    assert field in fields(samples.iso_award(RUN, "PJM-DA-00002") | change)
+
+
+# -- OTC confirmations ----------------------------------------------------------------------
+
+
+def test_otc_normalization_buy_and_sell() -> None:
+    buy = ok(samples.otc_confirmation(RUN, "OTC-TRADE-01", side="buy", volume="400.5"))
+    sell = ok(samples.otc_confirmation(RUN, "OTC-TRADE-02", side="sell", volume="400.5"))
+    assert buy.contract_id == "OTC-TRADE-01" and buy.market.value == "otc_bilateral"
+    assert buy.position_mwh == Decimal("400.5") and sell.position_mwh == Decimal("-400.5")
+    assert buy.source == {"kind": "otc_confirmation", "trade_id": "OTC-TRADE-01",
+                          "counterparty": "Northwind Energy LLC", "side": "buy"}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"side": "hold"}, "side"), ({"volume_mwh": "0"}, "volume_mwh"),
+     ({"volume_mwh": "-5"}, "volume_mwh"), ({"trade_id": "T1"}, "trade_id"),
+     ({"counterparty": ""}, "counterparty")],
+)
+def test_otc_rules(change: dict[str, Any], field: str) -> None:
+    assert field in fields(samples.otc_confirmation(RUN, "OTC-TRADE-03") | change)
+
+
+# -- physical nominations -------------------------------------------------------------------
+
+
+def test_gas_nomination_mmbtu_and_naesb_gas_day() -> None:
+    rec = ok(samples.gas_nomination(RUN, "GAS-NOM-0001", quantity="10000", price="3.15"))
+    # 09:00 Central (CST, UTC-6) on 2026-11-28 to 09:00 the next day
+    assert (rec.delivery_start, rec.delivery_end) == ("2026-11-28T15:00:00Z",
+                                                      "2026-11-29T15:00:00Z")
+    assert rec.position_mwh == Decimal("2930.711")  # 2930.7107 half-even
+    assert rec.settlement_price == Decimal("10.7482")  # 3.15 / 0.29307107
+
+
+def test_gas_day_in_summer_is_cdt() -> None:
+    rec = ok(samples.gas_nomination(RUN, "GAS-NOM-0002") | {"flow_date": "2026-07-15"})
+    assert rec.delivery_start == "2026-07-15T14:00:00Z"
+
+
+def test_half_even_rounding_of_mmbtu() -> None:
+    # 0.5 MMBtu = 0.146535535 MWh -> 0.147 ; exercise the tie rule through the price
+    rec = ok(samples.gas_nomination(RUN, "GAS-NOM-0003", quantity="0.5", price="1"))
+    assert rec.position_mwh == Decimal("0.147")
+
+
+def test_power_nomination_is_a_utc_day() -> None:
+    rec = ok(samples.gas_nomination(RUN, "PWR-NOM-0001", unit="MWh", quantity="240",
+                                    price="45.5") | {"commodity": "power"})
+    assert (rec.delivery_start, rec.delivery_end) == ("2026-11-28T00:00:00Z",
+                                                      "2026-11-29T00:00:00Z")
+    assert rec.position_mwh == Decimal(240) and rec.settlement_price == Decimal("45.5")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"commodity": "oil"}, "commodity"), ({"unit": "therm"}, "unit"),
+     ({"quantity": "0"}, "quantity"), ({"price": "0"}, "price"),
+     ({"flow_date": "2026-02-29"}, "flow_date"), ({"quantity": "400000"}, "quantity")],
+)
+def test_nomination_rules(change: dict[str, Any], field: str) -> None:
+    assert field in fields(samples.gas_nomination(RUN, "GAS-NOM-0004") | change)
+
+
+# -- identity, message id, lanes -------------------------------------------------------------
+
+
+def test_message_id_is_stable_and_content_sensitive() -> None:
+    record = samples.otc_confirmation(RUN, "OTC-IDENT-01")
+    first = envelope_for("power-east", ok(record))
+    assert first.message_id == envelope_for("power-east", ok(dict(record))).message_id
+    changed = envelope_for("power-east", ok(record | {"volume_mwh": "401"}))
+    revised = envelope_for("power-east", ok(record | {"revision": 2}))
+    other_desk = envelope_for("gas-west", ok(record))
+    assert len({first.message_id, changed.message_id, revised.message_id,
+                other_desk.message_id}) == 4
+    assert first.identity == changed.identity == revised.identity
+    assert other_desk.identity != first.identity
+
+
+def test_message_id_known_value() -> None:
+    """Pinned: a change of the derivation would re-send everything already delivered."""
+    record = {
+        "kind": "otc_confirmation", "settlement_run_id": RUN, "trade_id": "OTC-IDENT-01",
+        "counterparty": "Northwind Energy LLC", "side": "sell",
+        "delivery_point": "ERCOT-HB-NORTH", "delivery_start": "2026-12-01T06:00:00Z",
+        "delivery_end": "2026-12-02T06:00:00Z", "volume_mwh": "400", "fixed_price": "55.25",
+        "revision": 1, "timestamp_utc": "2026-11-27T18:45:00Z",
+    }
+    assert envelope_for("power-east", ok(record)).message_id == PINNED_ID
+
+
+PINNED_ID = "e2a95f1b84b8b9eeaf6adb0ed3bd8601"
+
+
+def test_lanes() -> None:
+    assert lane_for("iso_real_time") == "priority"
+    for market in ("iso_day_ahead", "otc_bilateral", "physical_nomination"):
+        assert lane_for(market) == "standard"
