@@ -89,18 +89,27 @@ PrincipalDep = Annotated[Principal, Depends(principal)]
 
 def require(principal: Principal, scope: str) -> None:
     if scope not in principal.scopes:
-        raise Problem(403, "insufficient_scope", f"this route needs the {scope} scope",
-                      required_scope=scope)
+        raise Problem(
+            403, "insufficient_scope", f"this route needs the {scope} scope", required_scope=scope
+        )
 
 
 def _run_id_header(request: Request) -> str:
     run_id = request.headers.get("x-settlement-run-id")
     if run_id is None:
-        raise Problem(400, "missing_header", "X-Settlement-Run-ID header is required",
-                      header="X-Settlement-Run-ID")
+        raise Problem(
+            400,
+            "missing_header",
+            "X-Settlement-Run-ID header is required",
+            header="X-Settlement-Run-ID",
+        )
     if len(run_id) != 16 or not set(run_id) <= _RUN_ID_CHARS:
-        raise Problem(400, "malformed_header", "X-Settlement-Run-ID must match ^[A-Z0-9]{16}$",
-                      header="X-Settlement-Run-ID")
+        raise Problem(
+            400,
+            "malformed_header",
+            "X-Settlement-Run-ID must match ^[A-Z0-9]{16}$",
+            header="X-Settlement-Run-ID",
+        )
     return run_id
 
 
@@ -108,12 +117,20 @@ def _idempotency_header(request: Request, *, required: bool) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is None:
         if required:
-            raise Problem(400, "missing_header", "Idempotency-Key header is required on batches",
-                          header="Idempotency-Key")
+            raise Problem(
+                400,
+                "missing_header",
+                "Idempotency-Key header is required on batches",
+                header="Idempotency-Key",
+            )
         return None
     if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
-        raise Problem(400, "malformed_header", "Idempotency-Key must be 1..255 printable chars",
-                      header="Idempotency-Key")
+        raise Problem(
+            400,
+            "malformed_header",
+            "Idempotency-Key must be 1..255 printable chars",
+            header="Idempotency-Key",
+        )
     return key
 
 
@@ -176,14 +193,18 @@ async def _accept(
     for index, record in enumerate(records):
         if record.settlement_run_id != run_id:
             raise Problem(
-                400, "run_id_mismatch",
+                400,
+                "run_id_mismatch",
                 "X-Settlement-Run-ID does not match the record's settlement_run_id",
                 index=index if batch else None,
             )
         if not who.may_touch_contract(record.contract_id):
-            raise Problem(403, "contract_not_allowed",
-                          f"this token may not submit contract {record.contract_id}",
-                          index=index if batch else None)
+            raise Problem(
+                403,
+                "contract_not_allowed",
+                f"this token may not submit contract {record.contract_id}",
+                index=index if batch else None,
+            )
     envelopes = [envelope_for(who.desk, record) for record in records]
     _reject_internal_conflicts(envelopes, batch=batch)
     key = key or envelopes[0].message_id
@@ -215,7 +236,8 @@ async def _accept(
         if conflicts:
             message, other = conflicts[0]
             raise Problem(
-                409, "revision_conflict",
+                409,
+                "revision_conflict",
                 "a record with the same identity and revision but other content exists; "
                 "send a higher revision",
                 index=message.index if batch else None,
@@ -228,10 +250,13 @@ async def _accept(
     except PublishFailed:
         PUBLISH_FAILURES.inc()
         await store.release_idempotency_key(svc.engine, who.desk, key, request_hash)
-        raise Problem(503, "broker_unavailable",
-                      "the broker did not acknowledge the records; nothing was accepted, "
-                      "retry with the same Idempotency-Key",
-                      headers={"Retry-After": "1"}) from None
+        raise Problem(
+            503,
+            "broker_unavailable",
+            "the broker did not acknowledge the records; nothing was accepted, "
+            "retry with the same Idempotency-Key",
+            headers={"Retry-After": "1"},
+        ) from None
     except BaseException:
         await store.release_idempotency_key(svc.engine, who.desk, key, request_hash)
         raise
@@ -258,13 +283,23 @@ async def _accept(
         # so, and may retry with the same key once the lease ends (same message ids: no
         # second effect).
         log.exception("acceptance_not_recorded", trace_id=trace_id)
-        raise Problem(503, "ledger_unavailable",
-                      "the records could not be recorded as accepted; retry with the same "
-                      "Idempotency-Key", headers={"Retry-After": "30"}) from None
+        raise Problem(
+            503,
+            "ledger_unavailable",
+            "the records could not be recorded as accepted; retry with the same Idempotency-Key",
+            headers={"Retry-After": "30"},
+        ) from None
     for envelope in envelopes:
         ACCEPTED.labels(who.desk, envelope.lane).inc()
-    log.info("accepted", desk=who.desk, trader=who.subject, route=route, records=len(envelopes),
-             batch_id=batch_id, trace_id=trace_id)
+    log.info(
+        "accepted",
+        desk=who.desk,
+        trader=who.subject,
+        route=route,
+        records=len(envelopes),
+        batch_id=batch_id,
+        trace_id=trace_id,
+    )
     return batch_id, status_url, envelopes
 
 
@@ -273,26 +308,32 @@ def _reject_internal_conflicts(envelopes: Sequence[Envelope], *, batch: bool) ->
     for index, envelope in enumerate(envelopes):
         slot = (envelope.identity, envelope.revision)
         if seen.setdefault(slot, envelope.message_id) != envelope.message_id:
-            raise Problem(409, "revision_conflict",
-                          "two records in this request share identity and revision with "
-                          "different content; send a higher revision",
-                          index=index if batch else None)
+            raise Problem(
+                409,
+                "revision_conflict",
+                "two records in this request share identity and revision with "
+                "different content; send a higher revision",
+                index=index if batch else None,
+            )
 
 
 def _key_in_use(existing: store.ExistingKey, request_hash: str) -> Problem:
     if existing.state == "in_flight":
-        return Problem(409, "request_in_flight",
-                       "a request with this Idempotency-Key is still being processed")
+        return Problem(
+            409, "request_in_flight", "a request with this Idempotency-Key is still being processed"
+        )
     if existing.request_hash != request_hash:
-        return Problem(422, "idempotency_key_reused",
-                       "this Idempotency-Key was used with a different body")
+        return Problem(
+            422, "idempotency_key_reused", "this Idempotency-Key was used with a different body"
+        )
     extra: dict[str, Any] = {"status_url": existing.status_url}
     if existing.resource_kind == "batch":
         extra["batch_id"] = existing.resource_id
     else:
         extra["message_id"] = existing.resource_id
     return Problem(
-        409, "duplicate_request",
+        409,
+        "duplicate_request",
         "this Idempotency-Key was already used with the same body",
         headers={"Location": existing.status_url or ""},
         **extra,
@@ -329,8 +370,7 @@ def create_app(build: Any = None) -> FastAPI:
         try:
             response: Response = await call_next(request)
         except Exception:
-            log.exception("unhandled_error", trace_id=request.state.trace_id,
-                          path=request.url.path)
+            log.exception("unhandled_error", trace_id=request.state.trace_id, path=request.url.path)
             response = problem_response(
                 Problem(500, "internal_error", "unexpected error; quote the trace id"),
                 request.state.trace_id,
@@ -346,10 +386,15 @@ def create_app(build: Any = None) -> FastAPI:
     async def on_problem(request: Request, exc: Problem) -> JSONResponse:
         who = getattr(request.state, "principal", None)
         if exc.status in (401, 403):
-            log.warning("access_denied", status=exc.status, code=exc.code,
-                        reason=exc.extra.get("reason"), desk=getattr(who, "desk", None),
-                        client=request.client.host if request.client else None,
-                        path=request.url.path)
+            log.warning(
+                "access_denied",
+                status=exc.status,
+                code=exc.code,
+                reason=exc.extra.get("reason"),
+                desk=getattr(who, "desk", None),
+                client=request.client.host if request.client else None,
+                path=request.url.path,
+            )
         return problem_response(exc, getattr(request.state, "trace_id", None))
 
     @app.exception_handler(RequestValidationError)
@@ -405,20 +450,31 @@ def create_app(build: Any = None) -> FastAPI:
         key = _idempotency_header(request, required=True)
         body = await read_json(request, svc.settings.max_body_bytes)
         if not isinstance(body, dict) or "records" not in body:
-            raise Problem(422, "schema_violation", "body must be an object with `records`",
-                          errors=[{"index": None, "field": "records",
-                                   "message": "field required"}])
+            raise Problem(
+                422,
+                "schema_violation",
+                "body must be an object with `records`",
+                errors=[{"index": None, "field": "records", "message": "field required"}],
+            )
         extra = sorted(set(body) - {"records"})
         if extra:
-            raise Problem(422, "schema_violation", f"unknown field(s): {', '.join(extra)}",
-                          errors=[{"index": None, "field": f, "message": "extra fields not "
-                                   "permitted"} for f in extra])
+            raise Problem(
+                422,
+                "schema_violation",
+                f"unknown field(s): {', '.join(extra)}",
+                errors=[
+                    {"index": None, "field": f, "message": "extra fields not permitted"}
+                    for f in extra
+                ],
+            )
         records = body["records"]
         if not isinstance(records, list) or not 1 <= len(records) <= MAX_BATCH:
-            raise Problem(422, "schema_violation",
-                          f"records must be a list of 1..{MAX_BATCH} records",
-                          errors=[{"index": None, "field": "records",
-                                   "message": f"1..{MAX_BATCH} records"}])
+            raise Problem(
+                422,
+                "schema_violation",
+                f"records must be a list of 1..{MAX_BATCH} records",
+                errors=[{"index": None, "field": "records", "message": f"1..{MAX_BATCH} records"}],
+            )
         batch_id, status_url, envelopes = await _accept(
             request, svc, who, route="batch", raw_records=records, key=key, run_id=run_id
         )

@@ -106,7 +106,7 @@ class JwksKeys:
                 data: dict[str, Any] = response.json()
                 return data
         path = Path(self._source)
-        self._file_mtime = path.stat().st_mtime
+        self._file_mtime = (await asyncio.to_thread(path.stat)).st_mtime
         text = await asyncio.to_thread(path.read_text)
         loaded: dict[str, Any] = json.loads(text)
         return loaded
@@ -123,9 +123,7 @@ class JwksKeys:
             except Exception as exc:
                 log.warning("jwks_refresh_failed", error=type(exc).__name__)
                 return
-            self._keys = {
-                str(k.key_id or f"#{i}"): k for i, k in enumerate(keyset.keys)
-            }
+            self._keys = {str(k.key_id or f"#{i}"): k for i, k in enumerate(keyset.keys)}
             self._loaded_at = now
             log.info("jwks_loaded", keys=len(self._keys))
 

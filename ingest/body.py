@@ -42,7 +42,9 @@ def parse_json(raw: bytes) -> Any:
         )
     except _SchemaViolation as exc:
         raise Problem(
-            422, "schema_violation", str(exc),
+            422,
+            "schema_violation",
+            str(exc),
             errors=[{"index": None, "field": "", "message": str(exc)}],
         ) from None
     except (ValueError, RecursionError) as exc:

@@ -93,7 +93,10 @@ class SettlementPublisher:
                         value=envelope.value,
                         key=envelope.contract_id.encode(),
                         headers=self.headers_for(
-                            envelope, desk=desk, trader=trader, trace_id=trace_id,
+                            envelope,
+                            desk=desk,
+                            trader=trader,
+                            trace_id=trace_id,
                             batch_id=batch_id,
                         ),
                     )
@@ -103,6 +106,10 @@ class SettlementPublisher:
         try:
             await asyncio.wait_for(send_all(), self._timeout)
         except Exception as exc:
-            log.warning("publish_failed", error=type(exc).__name__, records=len(envelopes),
-                        trace_id=trace_id)
+            log.warning(
+                "publish_failed",
+                error=type(exc).__name__,
+                records=len(envelopes),
+                trace_id=trace_id,
+            )
             raise PublishFailed(type(exc).__name__) from None

@@ -13,8 +13,11 @@ from rich.console import Console
 
 from runtime.settings import SettingsError, get_settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Settlement sync from trading desks to the ETRM engine.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Settlement sync from trading desks to the ETRM engine.",
+)
 err = Console(stderr=True)
 
 
@@ -51,6 +54,8 @@ def demo() -> None:
 @app.command()
 def intake() -> None:
     """Serve the HTTP intake (ETRM_INTAKE_HOST:ETRM_INTAKE_PORT)."""
+    import ssl
+
     import uvicorn
 
     from ingest.app import create_app
@@ -63,15 +68,18 @@ def intake() -> None:
     except SettingsError as exc:
         _fail(str(exc))
     configure_logging("intake")
-    tls: dict[str, object] = {}
-    if settings.tls_cert and settings.tls_key:
-        import ssl
-
-        tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
-        if settings.tls_client_ca:
-            tls.update(ssl_ca_certs=settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
-    uvicorn.run(create_app(), host=settings.intake_host, port=settings.intake_port,
-                log_level="warning", access_log=False, **tls)  # type: ignore[arg-type]
+    client_ca = settings.tls_client_ca if settings.tls_cert else None
+    uvicorn.run(
+        create_app(),
+        host=settings.intake_host,
+        port=settings.intake_port,
+        log_level="warning",
+        access_log=False,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
+        ssl_ca_certs=client_ca,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca else ssl.CERT_NONE,
+    )
 
 
 @app.command()
@@ -112,14 +120,16 @@ def mock_etrm(
     latency_ms: Annotated[float, typer.Option(help="Added latency per POST")] = 0.0,
     error_rate: Annotated[float, typer.Option(help="Share of POSTs answered 503")] = 0.0,
     outage: Annotated[bool, typer.Option(help="Answer every POST 503")] = False,
-    fail_first_attempts: Annotated[int, typer.Option(help="503 for the first N POSTs of "
-                                                     "every Idempotency-Key")] = 0,
-    reject_contracts: Annotated[str, typer.Option(help="Contract globs answered 422 "
-                                                  "(comma separated)")] = "",
-    down_contracts: Annotated[str, typer.Option(help="Contract globs always answered "
-                                                "503")] = "",
-    drift_contracts: Annotated[str, typer.Option(help="Contract globs whose reconciled "
-                                                 "position drifts")] = "",
+    fail_first_attempts: Annotated[
+        int, typer.Option(help="503 for the first N POSTs of every Idempotency-Key")
+    ] = 0,
+    reject_contracts: Annotated[
+        str, typer.Option(help="Contract globs answered 422 (comma separated)")
+    ] = "",
+    down_contracts: Annotated[str, typer.Option(help="Contract globs always answered 503")] = "",
+    drift_contracts: Annotated[
+        str, typer.Option(help="Contract globs whose reconciled position drifts")
+    ] = "",
     drift_fraction: Annotated[str, typer.Option()] = "0.02",
     token_ttl_s: Annotated[int, typer.Option()] = 300,
 ) -> None:
@@ -136,26 +146,34 @@ def mock_etrm(
     config = SimConfig(
         client_id=settings.upstream_client_id or "etrm-sync",
         client_secret=settings.secret("upstream_client_secret")
-        if settings.upstream_client_secret else "dev-client-secret",
+        if settings.upstream_client_secret
+        else "dev-client-secret",
         signing_secret=settings.secret("upstream_signing_secret")
-        if settings.upstream_signing_secret else "",
-        latency_ms=latency_ms, error_rate=error_rate, outage=outage,
-        fail_first_attempts=fail_first_attempts, reject_contracts=globs(reject_contracts),
-        down_contracts=globs(down_contracts), drift_contracts=globs(drift_contracts),
-        drift_fraction=drift_fraction, token_ttl_s=token_ttl_s,
+        if settings.upstream_signing_secret
+        else "",
+        latency_ms=latency_ms,
+        error_rate=error_rate,
+        outage=outage,
+        fail_first_attempts=fail_first_attempts,
+        reject_contracts=globs(reject_contracts),
+        down_contracts=globs(down_contracts),
+        drift_contracts=globs(drift_contracts),
+        drift_fraction=drift_fraction,
+        token_ttl_s=token_ttl_s,
     )
-    uvicorn.run(create_simulator(config), host=host, port=port, log_level="warning",
-                access_log=False)
+    uvicorn.run(
+        create_simulator(config), host=host, port=port, log_level="warning", access_log=False
+    )
 
 
 @app.command()
 def token(
     desk: Annotated[str, typer.Option(help="The desk claim")] = "power-east",
     sub: Annotated[str, typer.Option(help="Trader or operator id")] = "trader-1",
-    scope: Annotated[str, typer.Option(help="Space-separated scopes")] =
-        "settlements:write settlements:read",
-    contracts: Annotated[str | None, typer.Option(help="Comma-separated contract patterns")]
-        = None,
+    scope: Annotated[
+        str, typer.Option(help="Space-separated scopes")
+    ] = "settlements:write settlements:read",
+    contracts: Annotated[str | None, typer.Option(help="Comma-separated contract patterns")] = None,
     ttl: Annotated[int, typer.Option(help="Lifetime in seconds")] = 3600,
 ) -> None:
     """Mint a development token signed with the dev stack's key."""
@@ -167,11 +185,18 @@ def token(
     if not key or not Path(key).exists():
         _fail("no development signing key (ETRM_DEV_JWT_PRIVATE_KEY); start `etrm-sync dev`")
     assert key is not None
-    print(mint_token(
-        Path(key), issuer=env["ETRM_JWT_ISSUER"], audience=env["ETRM_JWT_AUDIENCE"],
-        subject=sub, desk=desk, scopes=scope.split(),
-        contracts=[c.strip() for c in contracts.split(",")] if contracts else None, ttl_s=ttl,
-    ))
+    print(
+        mint_token(
+            Path(key),
+            issuer=env["ETRM_JWT_ISSUER"],
+            audience=env["ETRM_JWT_AUDIENCE"],
+            subject=sub,
+            desk=desk,
+            scopes=scope.split(),
+            contracts=[c.strip() for c in contracts.split(",")] if contracts else None,
+            ttl_s=ttl,
+        )
+    )
 
 
 def main() -> None:

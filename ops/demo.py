@@ -20,8 +20,9 @@ from ops.devkeys import mint_token
 FINAL = {"delivered", "held", "dead_lettered", "superseded", "released", "rejected"}
 
 
-async def _submit(http: httpx.AsyncClient, run: str, records: list[dict[str, Any]],
-                  key: str) -> httpx.Response:
+async def _submit(
+    http: httpx.AsyncClient, run: str, records: list[dict[str, Any]], key: str
+) -> httpx.Response:
     return await http.post(
         "/v1/settlements/batches",
         json={"records": records},
@@ -29,8 +30,9 @@ async def _submit(http: httpx.AsyncClient, run: str, records: list[dict[str, Any
     )
 
 
-async def _wait_final(http: httpx.AsyncClient, batch_ids: list[str], timeout: float
-                      ) -> dict[str, dict[str, Any]]:
+async def _wait_final(
+    http: httpx.AsyncClient, batch_ids: list[str], timeout: float
+) -> dict[str, dict[str, Any]]:
     deadline = time.monotonic() + timeout
     batches: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
@@ -47,8 +49,11 @@ async def run_demo(env: dict[str, str], console: Console | None = None) -> int:
     if not console.is_terminal:
         console.width = max(console.width, 150)
     token = mint_token(
-        Path(env["ETRM_DEV_JWT_PRIVATE_KEY"]), issuer=env["ETRM_JWT_ISSUER"],
-        audience=env["ETRM_JWT_AUDIENCE"], subject="demo-trader", desk="power-east",
+        Path(env["ETRM_DEV_JWT_PRIVATE_KEY"]),
+        issuer=env["ETRM_JWT_ISSUER"],
+        audience=env["ETRM_JWT_AUDIENCE"],
+        subject="demo-trader",
+        desk="power-east",
         scopes=["settlements:write", "settlements:read"],
     )
     base = f"http://{env['ETRM_INTAKE_HOST']}:{env['ETRM_INTAKE_PORT']}"
@@ -56,20 +61,27 @@ async def run_demo(env: dict[str, str], console: Console | None = None) -> int:
     tag = uuid.uuid4().hex[:6].upper()
     labelled: list[tuple[str, dict[str, Any]]] = [
         ("ISO day-ahead award (PJM)", samples.iso_award(run, f"PJM-DA-{tag}")),
-        ("ISO day-ahead award (ERCOT, negative price)",
-         samples.iso_award(run, f"ERC-DA-{tag}", iso="ERCOT", price="-8.5000")),
+        (
+            "ISO day-ahead award (ERCOT, negative price)",
+            samples.iso_award(run, f"ERC-DA-{tag}", iso="ERCOT", price="-8.5000"),
+        ),
         ("ISO real-time price (priority lane)", samples.canonical(run, f"RT-{tag}-01")),
         ("OTC bilateral confirmation", samples.otc_confirmation(run, f"OTC-{tag}-77")),
         ("Gas nomination in MMBtu", samples.gas_nomination(run, f"GAS-{tag}-HH")),
-        ("Upstream rejects (contract not booked)",
-         samples.otc_confirmation(run, f"REJECT-{tag}", side="buy")),
+        (
+            "Upstream rejects (contract not booked)",
+            samples.otc_confirmation(run, f"REJECT-{tag}", side="buy"),
+        ),
         ("Reconciled position drifts 2 %", samples.iso_award(run, f"DRIFT-{tag}")),
-        ("Upstream in maintenance past the budget",
-         samples.gas_nomination(run, f"OUTAGE-{tag}", unit="MWh", quantity="240")),
+        (
+            "Upstream in maintenance past the budget",
+            samples.gas_nomination(run, f"OUTAGE-{tag}", unit="MWh", quantity="240"),
+        ),
     ]
     records = [r for _, r in labelled]
-    async with httpx.AsyncClient(base_url=base, timeout=30.0,
-                                 headers={"Authorization": f"Bearer {token}"}) as http:
+    async with httpx.AsyncClient(
+        base_url=base, timeout=30.0, headers={"Authorization": f"Bearer {token}"}
+    ) as http:
         first = await _submit(http, run, records, f"demo-{tag}-1")
         if first.status_code != 202:
             console.print(f"[red]submission refused: {first.status_code} {first.text}")
@@ -77,35 +89,60 @@ async def run_demo(env: dict[str, str], console: Console | None = None) -> int:
         batch = first.json()
         console.print(f"batch {batch['batch_id']}: {batch['accepted']} records accepted (202)")
         same_key = await _submit(http, run, records, f"demo-{tag}-1")
-        console.print(f"same batch, same Idempotency-Key  -> {same_key.status_code} "
-                      f"({same_key.json().get('code')}, names {same_key.json().get('batch_id')})")
+        console.print(
+            f"same batch, same Idempotency-Key  -> {same_key.status_code} "
+            f"({same_key.json().get('code')}, names {same_key.json().get('batch_id')})"
+        )
         again = await _submit(http, run, records, f"demo-{tag}-2")
-        console.print(f"same batch, new Idempotency-Key   -> {again.status_code}; same message "
-                      "ids, so the workers deliver nothing twice")
+        console.print(
+            f"same batch, new Idempotency-Key   -> {again.status_code}; same message "
+            "ids, so the workers deliver nothing twice"
+        )
         rev3 = samples.otc_confirmation(run, f"OTC-{tag}-RV", revision=3, volume="410")
         correction = await _submit(http, run, [rev3], f"demo-{tag}-rev3")
         await _wait_final(http, [correction.json()["batch_id"]], 30)
         late = samples.otc_confirmation(run, f"OTC-{tag}-RV", revision=2, volume="405")
         stale = await _submit(http, run, [late], f"demo-{tag}-rev2")
-        labelled += [("OTC correction, revision 3", rev3),
-                     ("OTC revision 2 arriving after revision 3", late)]
-        ids = [batch["batch_id"], again.json()["batch_id"], correction.json()["batch_id"],
-               stale.json()["batch_id"]]
+        labelled += [
+            ("OTC correction, revision 3", rev3),
+            ("OTC revision 2 arriving after revision 3", late),
+        ]
+        ids = [
+            batch["batch_id"],
+            again.json()["batch_id"],
+            correction.json()["batch_id"],
+            stale.json()["batch_id"],
+        ]
         console.print("waiting for the workers …")
         batches = await _wait_final(http, ids, 60)
         table = Table(title=f"What became of run {run}")
-        for column in ("record", "contract", "state", "attempts", "upstream transaction",
-                       "last error"):
+        for column in (
+            "record",
+            "contract",
+            "state",
+            "attempts",
+            "upstream transaction",
+            "last error",
+        ):
             table.add_column(column)
-        messages = batches[batch["batch_id"]]["messages"] + batches[ids[2]]["messages"] + \
-            batches[ids[3]]["messages"]
-        for (label, record), message in zip(labelled, messages, strict=True):
+        messages = (
+            batches[batch["batch_id"]]["messages"]
+            + batches[ids[2]]["messages"]
+            + batches[ids[3]]["messages"]
+        )
+        for (label, _record), message in zip(labelled, messages, strict=True):
             detail = (await http.get(f"/v1/settlements/{message['message_id']}")).json()
             colour = {"delivered": "green", "held": "yellow", "superseded": "cyan"}.get(
-                detail["state"], "red")
-            table.add_row(label, detail["contract_id"], f"[{colour}]{detail['state']}",
-                          str(detail["attempts"]), detail["upstream_transaction_id"] or "",
-                          (detail["last_error"] or "")[:60])
+                detail["state"], "red"
+            )
+            table.add_row(
+                label,
+                detail["contract_id"],
+                f"[{colour}]{detail['state']}",
+                str(detail["attempts"]),
+                detail["upstream_transaction_id"] or "",
+                (detail["last_error"] or "")[:60],
+            )
         console.print(table)
         dedup = batches[ids[1]]["counts"]
         console.print(f"resubmitted batch (new key): {dedup} — same messages, no new effects")

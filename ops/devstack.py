@@ -57,7 +57,12 @@ def _secrets(state: Path) -> dict[str, str]:
 
 
 def dev_environment(
-    state: Path, *, kafka: str, database_url: str, intake_port: int, sim_port: int,
+    state: Path,
+    *,
+    kafka: str,
+    database_url: str,
+    intake_port: int,
+    sim_port: int,
     metrics_port: int,
 ) -> dict[str, str]:
     state.mkdir(parents=True, exist_ok=True)
@@ -99,7 +104,7 @@ def read_dev_env(state: Path = STATE_DIR) -> dict[str, str]:
     if not path.exists():
         return {}
     pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-    return {k: v for k, v in pairs}
+    return dict(pairs)
 
 
 @dataclass
@@ -146,16 +151,23 @@ class DevStack:
             database_url = self.database.url
         intake_port, sim_port, metrics_port = free_port(8080), free_port(8090), free_port(9108)
         self.env = dev_environment(
-            self.state, kafka=self.broker.bootstrap, database_url=database_url,
-            intake_port=intake_port, sim_port=sim_port, metrics_port=metrics_port,
+            self.state,
+            kafka=self.broker.bootstrap,
+            database_url=database_url,
+            intake_port=intake_port,
+            sim_port=sim_port,
+            metrics_port=metrics_port,
         )
         (self.state / "env").write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
         (self.state / "env").chmod(0o600)
         await migrate(database_url)
         await ensure_topics(
             self.broker.bootstrap,
-            ["settlements.sync.priority", "settlements.sync.standard",
-             "settlements.reconciliation"],
+            [
+                "settlements.sync.priority",
+                "settlements.sync.standard",
+                "settlements.reconciliation",
+            ],
             4,
         )
         sim_args = [f"--{k.replace('_', '-')}={v}" for k, v in DEMO_SIMULATOR.items()]
@@ -169,16 +181,21 @@ class DevStack:
 
     def show(self, ready_s: float) -> None:
         token = mint_token(
-            Path(self.env["ETRM_DEV_JWT_PRIVATE_KEY"]), issuer=ISSUER, audience=AUDIENCE,
-            subject="trader-1", desk="power-east", scopes=["settlements:write",
-                                                           "settlements:read"], ttl_s=8 * 3600,
+            Path(self.env["ETRM_DEV_JWT_PRIVATE_KEY"]),
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            subject="trader-1",
+            desk="power-east",
+            scopes=["settlements:write", "settlements:read"],
+            ttl_s=8 * 3600,
         )
         table = Table(title=f"etrm-sync dev stack ready in {ready_s:.1f}s")
         table.add_column("component")
         table.add_column("where")
         table.add_row("intake (HTTP API)", f"http://127.0.0.1:{self.env['ETRM_INTAKE_PORT']}")
-        table.add_row("worker /metrics /healthz",
-                      f"http://127.0.0.1:{self.env['ETRM_WORKER_METRICS_PORT']}")
+        table.add_row(
+            "worker /metrics /healthz", f"http://127.0.0.1:{self.env['ETRM_WORKER_METRICS_PORT']}"
+        )
         table.add_row("ETRM simulator", self.env["ETRM_UPSTREAM_URL"])
         table.add_row("Kafka (Tansu)", self.env["ETRM_KAFKA_BOOTSTRAP_SERVERS"])
         table.add_row("PostgreSQL", self.env["ETRM_DATABASE_URL"])

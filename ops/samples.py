@@ -11,12 +11,20 @@ from schemas.records import UTC_FORMAT
 
 
 def run_id(rng: random.Random | None = None) -> str:
-    pick = rng or random.Random()  # noqa: S311 - identifiers for samples
+    pick = rng or random.Random()
     return "".join(pick.choice(string.ascii_uppercase + string.digits) for _ in range(16))
 
 
-def canonical(run: str, contract: str, *, market: str = "iso_real_time", revision: int = 1,
-              position: str = "25.500", price: str = "-12.75", hour: int = 14) -> dict[str, Any]:
+def canonical(
+    run: str,
+    contract: str,
+    *,
+    market: str = "iso_real_time",
+    revision: int = 1,
+    position: str = "25.500",
+    price: str = "-12.75",
+    hour: int = 14,
+) -> dict[str, Any]:
     return {
         "settlement_run_id": run,
         "contract_id": contract,
@@ -31,9 +39,16 @@ def canonical(run: str, contract: str, *, market: str = "iso_real_time", revisio
     }
 
 
-def iso_award(run: str, contract: str, *, hour_ending: int = 17, iso: str = "PJM",
-              awarded: Any = "150.000", price: Any = "42.1250", revision: int = 1
-              ) -> dict[str, Any]:
+def iso_award(
+    run: str,
+    contract: str,
+    *,
+    hour_ending: int = 17,
+    iso: str = "PJM",
+    awarded: Any = "150.000",
+    price: Any = "42.1250",
+    revision: int = 1,
+) -> dict[str, Any]:
     return {
         "kind": "iso_day_ahead_award",
         "settlement_run_id": run,
@@ -49,8 +64,15 @@ def iso_award(run: str, contract: str, *, hour_ending: int = 17, iso: str = "PJM
     }
 
 
-def otc_confirmation(run: str, trade: str, *, side: str = "sell", volume: Any = "400",
-                     price: Any = "55.25", revision: int = 1) -> dict[str, Any]:
+def otc_confirmation(
+    run: str,
+    trade: str,
+    *,
+    side: str = "sell",
+    volume: Any = "400",
+    price: Any = "55.25",
+    revision: int = 1,
+) -> dict[str, Any]:
     return {
         "kind": "otc_confirmation",
         "settlement_run_id": run,
@@ -67,8 +89,15 @@ def otc_confirmation(run: str, trade: str, *, side: str = "sell", volume: Any = 
     }
 
 
-def gas_nomination(run: str, contract: str, *, quantity: Any = "10000", price: Any = "3.15",
-                   unit: str = "MMBtu", revision: int = 1) -> dict[str, Any]:
+def gas_nomination(
+    run: str,
+    contract: str,
+    *,
+    quantity: Any = "10000",
+    price: Any = "3.15",
+    unit: str = "MMBtu",
+    revision: int = 1,
+) -> dict[str, Any]:
     return {
         "kind": "physical_nomination",
         "settlement_run_id": run,
@@ -84,8 +113,9 @@ def gas_nomination(run: str, contract: str, *, quantity: Any = "10000", price: A
     }
 
 
-def mixed_batch(run: str, count: int, *, contracts: int = 50, prefix: str = "CT"
-                ) -> list[dict[str, Any]]:
+def mixed_batch(
+    run: str, count: int, *, contracts: int = 50, prefix: str = "CT"
+) -> list[dict[str, Any]]:
     """`count` distinct records spread over `contracts` contracts, every kind represented;
     each record of a contract has its own delivery period, so no two share an identity."""
     base = datetime(2025, 1, 1, tzinfo=UTC)

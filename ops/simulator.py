@@ -19,10 +19,10 @@ import random
 import secrets
 import time
 import uuid
-from urllib.parse import parse_qs
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -73,7 +73,7 @@ class SimState:
         self.failed_posts = 0
         self.unauthorized_posts = 0
         self.tokens_issued = 0
-        self.rng = random.Random(config.seed)  # noqa: S311 - simulated faults, not crypto
+        self.rng = random.Random(config.seed)
 
     def reset(self) -> None:
         self.__init__(self.config)  # type: ignore[misc]
@@ -154,14 +154,18 @@ def create_simulator(config: SimConfig | None = None) -> FastAPI:
         )
         if cfg.outage or _matches(contract, cfg.down_contracts):
             state.failed_posts += 1
-            return JSONResponse({"error": "maintenance window"}, status_code=cfg.outage_status,
-                                headers=retry_headers)
+            return JSONResponse(
+                {"error": "maintenance window"},
+                status_code=cfg.outage_status,
+                headers=retry_headers,
+            )
         if attempt <= cfg.fail_first_attempts or (
             cfg.error_rate and state.rng.random() < cfg.error_rate
         ):
             state.failed_posts += 1
-            return JSONResponse({"error": "temporarily unavailable"}, status_code=503,
-                                headers=retry_headers)
+            return JSONResponse(
+                {"error": "temporarily unavailable"}, status_code=503, headers=retry_headers
+            )
         if _matches(contract, cfg.reject_contracts):
             state.rejected_posts += 1
             return JSONResponse(
@@ -185,8 +189,10 @@ def create_simulator(config: SimConfig | None = None) -> FastAPI:
         state.effects.append(effect)
         state.by_key[key] = effect
         return JSONResponse(
-            {"transaction_id": effect.transaction_id,
-             "reconciled_position_mwh": f"{reconciled.quantize(Decimal('0.001'))}"},
+            {
+                "transaction_id": effect.transaction_id,
+                "reconciled_position_mwh": f"{reconciled.quantize(Decimal('0.001'))}",
+            },
             status_code=201,
         )
 
@@ -206,8 +212,10 @@ def create_simulator(config: SimConfig | None = None) -> FastAPI:
         changes = await request.json()
         for name, value in changes.items():
             if name in ("client_secret", "signing_secret") or not hasattr(state.config, name):
-                return JSONResponse({"error": f"unknown setting {name}"},  # type: ignore[return-value]
-                                    status_code=400)
+                return JSONResponse(
+                    {"error": f"unknown setting {name}"},  # type: ignore[return-value]
+                    status_code=400,
+                )
             setattr(state.config, name, value)
         return await get_config()
 

@@ -3,7 +3,11 @@ JWKS verifier, upstream client. Everything else receives them ready-made."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import httpx
+import uvicorn
 
 from ingest.app import IntakeServices
 from ingest.auth import JwksKeys, TokenVerifier
@@ -14,26 +18,37 @@ from runtime.settings import Settings, get_settings
 from workers.upstream import TokenProvider, UpstreamClient
 
 INTAKE_REQUIRED = (
-    "database_url", "jwks_url", "jwt_issuer", "jwt_audience", "message_signing_keys",
+    "database_url",
+    "jwks_url",
+    "jwt_issuer",
+    "jwt_audience",
+    "message_signing_keys",
 )
 WORKER_REQUIRED = (
-    "database_url", "upstream_url", "upstream_token_url", "upstream_client_id",
-    "upstream_client_secret", "upstream_signing_secret", "message_signing_keys",
+    "database_url",
+    "upstream_url",
+    "upstream_token_url",
+    "upstream_client_id",
+    "upstream_client_secret",
+    "upstream_signing_secret",
+    "message_signing_keys",
 )
 
 
 async def intake_services(settings: Settings | None = None) -> IntakeServices:
     settings = settings or get_settings()
     settings.require(*INTAKE_REQUIRED)
-    assert settings.database_url and settings.jwks_url
-    assert settings.jwt_issuer and settings.jwt_audience
+    assert settings.database_url
+    assert settings.jwks_url
+    assert settings.jwt_issuer
+    assert settings.jwt_audience
     engine = make_engine(settings.database_url, settings.database_pool_size)
     await ensure_schema_current(engine)
-    try:
-        await ensure_topics(settings.kafka_bootstrap_servers, all_topics(settings),
-                            settings.kafka_partitions)
-    except Exception:  # noqa: S110 - the broker may come later; /readyz reports it meanwhile
-        pass
+    # The broker may come later; /readyz reports it meanwhile and the worker creates topics too.
+    with contextlib.suppress(Exception):
+        await ensure_topics(
+            settings.kafka_bootstrap_servers, all_topics(settings), settings.kafka_partitions
+        )
     publisher = SettlementPublisher(settings)
     await publisher.start()
     verifier = TokenVerifier(
@@ -64,7 +79,8 @@ def upstream_http(settings: Settings) -> httpx.AsyncClient:
 
 def upstream_client(settings: Settings, http: httpx.AsyncClient) -> UpstreamClient:
     settings.require(*WORKER_REQUIRED)
-    assert settings.upstream_url and settings.upstream_token_url
+    assert settings.upstream_url
+    assert settings.upstream_token_url
     assert settings.upstream_client_id
     tokens = TokenProvider(
         http,
@@ -82,3 +98,12 @@ def upstream_client(settings: Settings, http: httpx.AsyncClient) -> UpstreamClie
         backoff_base_s=settings.upstream_backoff_base_s,
         backoff_cap_s=settings.upstream_backoff_cap_s,
     )
+
+
+class EmbeddedServer(uvicorn.Server):
+    """A uvicorn server inside a process that handles its own signals (the worker's health
+    port, test servers): it must not take SIGINT/SIGTERM away from its host."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

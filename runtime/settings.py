@@ -26,10 +26,7 @@ class SettingsError(RuntimeError):
 def _parse_keyring(raw: str, *, name: str) -> list[tuple[str, str]]:
     """`kid=secret,kid2=secret2` -> ordered pairs; the first one is the active key."""
     pairs: list[tuple[str, str]] = []
-    for part in raw.split(","):
-        part = part.strip()
-        if not part:
-            continue
+    for part in filter(None, (p.strip() for p in raw.split(","))):
         kid, sep, secret = part.partition("=")
         if not sep or not kid.strip() or not secret:
             raise ValueError(f"{name}: expected kid=secret[,kid=secret…]")

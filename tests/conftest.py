@@ -28,7 +28,7 @@ from ledger.db import migrate
 from ops.devkeys import generate_signing_key, mint_token
 from ops.simulator import SimConfig, SimState, create_simulator
 from ops.stack import Broker, Database, free_port
-from runtime.bootstrap import intake_services
+from runtime.bootstrap import EmbeddedServer, intake_services
 from runtime.kafka import all_topics, ensure_topics
 from runtime.settings import Settings, load_settings
 from workers.app import run_worker
@@ -106,11 +106,11 @@ class Server:
 
     def __init__(self, app: Any) -> None:
         self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                           lifespan="on")
+        self.server = EmbeddedServer(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            )
         )
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -152,17 +152,25 @@ class Pipeline:
         for name, value in self.settings.model_dump().items():
             if value is None:
                 continue
-            if hasattr(value, "get_secret_value"):
-                value = value.get_secret_value()
-            env[f"ETRM_{name.upper()}"] = str(value).lower() if isinstance(value, bool) \
-                else str(value)
+            text = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+            env[f"ETRM_{name.upper()}"] = str(text).lower() if isinstance(text, bool) else str(text)
         return env
 
-    def token(self, desk: str = "power-east", scopes: str = "settlements:write settlements:read",
-              **kwargs: Any) -> str:
-        return mint_token(self.infra.private_key, issuer=ISSUER, audience=AUDIENCE,
-                          subject=kwargs.pop("subject", "trader-1"), desk=desk,
-                          scopes=scopes.split(), **kwargs)
+    def token(
+        self,
+        desk: str = "power-east",
+        scopes: str = "settlements:write settlements:read",
+        **kwargs: Any,
+    ) -> str:
+        return mint_token(
+            self.infra.private_key,
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            subject=kwargs.pop("subject", "trader-1"),
+            desk=desk,
+            scopes=scopes.split(),
+            **kwargs,
+        )
 
     def client(self, token: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {token or self.token(**kwargs)}"}
@@ -180,11 +188,12 @@ class Pipeline:
             await asyncio.wait_for(self.worker_task, 30)
             self.worker_task = None
 
-    async def wait_final(self, client: httpx.AsyncClient, batch_id: str,
-                         timeout: float = 60.0) -> dict[str, Any]:
+    async def wait_final(
+        self, client: httpx.AsyncClient, batch_id: str, timeout: float = 60.0
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
-            batch = (await client.get(f"/v1/batches/{batch_id}")).json()
+            batch: dict[str, Any] = (await client.get(f"/v1/batches/{batch_id}")).json()
             if all(m["state"] in FINAL for m in batch["messages"]):
                 return batch
             if time.monotonic() > deadline:
@@ -194,8 +203,9 @@ class Pipeline:
             await asyncio.sleep(0.2)
 
 
-async def submit_batch(client: httpx.AsyncClient, run: str, records: list[dict[str, Any]],
-                       key: str | None = None) -> httpx.Response:
+async def submit_batch(
+    client: httpx.AsyncClient, run: str, records: list[dict[str, Any]], key: str | None = None
+) -> httpx.Response:
     return await client.post(
         "/v1/settlements/batches",
         json={"records": records},
@@ -210,11 +220,13 @@ PipelineFactory = Callable[..., Any]
 async def pipeline_factory(infra: Infra) -> AsyncIterator[PipelineFactory]:
     made: list[Pipeline] = []
 
-    async def build(*, worker: bool = True, sim: dict[str, Any] | None = None,
-                    **overrides: Any) -> Pipeline:
+    async def build(
+        *, worker: bool = True, sim: dict[str, Any] | None = None, **overrides: Any
+    ) -> Pipeline:
         settings = make_settings(infra, **overrides)
-        await ensure_topics(settings.kafka_bootstrap_servers, all_topics(settings),
-                            settings.kafka_partitions)
+        await ensure_topics(
+            settings.kafka_bootstrap_servers, all_topics(settings), settings.kafka_partitions
+        )
         sim_config = SimConfig(
             client_id=settings.upstream_client_id or "",
             client_secret=settings.secret("upstream_client_secret"),
@@ -223,10 +235,12 @@ async def pipeline_factory(infra: Infra) -> AsyncIterator[PipelineFactory]:
         )
         sim_app = create_simulator(sim_config)
         sim_server = await Server(sim_app).start()
-        settings = settings.model_copy(update={
-            "upstream_url": sim_server.url,
-            "upstream_token_url": f"{sim_server.url}/oauth/token",
-        })
+        settings = settings.model_copy(
+            update={
+                "upstream_url": sim_server.url,
+                "upstream_token_url": f"{sim_server.url}/oauth/token",
+            }
+        )
 
         async def services() -> Any:
             return await intake_services(settings)

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ledger.db import ensure_schema_current, make_engine
-from runtime.bootstrap import WORKER_REQUIRED, upstream_client, upstream_http
+from runtime.bootstrap import WORKER_REQUIRED, EmbeddedServer, upstream_client, upstream_http
 from runtime.kafka import all_topics, ensure_topics
 from runtime.settings import Settings
 from workers import metrics
@@ -76,7 +76,9 @@ def wire_subscriber(broker: KafkaBroker, settings: Settings, forwarder: Forwarde
         try:
             await forwarder.process(records)
         except Exception as exc:
-            log.error("batch_failed_will_reread", error=type(exc).__name__, records=len(records))
+            log.exception(
+                "batch_failed_will_reread", error=type(exc).__name__, records=len(records)
+            )
             await asyncio.sleep(INFRA_RETRY_DELAY_S)
             with contextlib.suppress(Exception):
                 await message.nack()
@@ -120,9 +122,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     async def publish_dead_letter(
         key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
     ) -> None:
-        await to_reconciliation.publish(
-            value, key=key, headers={k: v.decode() for k, v in headers}
-        )
+        await to_reconciliation.publish(value, key=key, headers={k: v.decode() for k, v in headers})
 
     forwarder = Forwarder(
         engine=engine,
@@ -139,7 +139,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-    server = uvicorn.Server(
+    server = EmbeddedServer(
         uvicorn.Config(
             health_app(upstream),
             host=settings.worker_metrics_host,
@@ -148,11 +148,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             lifespan="off",
         )
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     http_task = asyncio.create_task(server.serve())
     await broker.start()
-    log.info("worker_started", topics=list(settings.topics), group=settings.kafka_group_id,
-             concurrency=settings.worker_concurrency)
+    log.info(
+        "worker_started",
+        topics=list(settings.topics),
+        group=settings.kafka_group_id,
+        concurrency=settings.worker_concurrency,
+    )
     try:
         await stop.wait()
     finally:

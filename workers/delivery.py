@@ -188,8 +188,14 @@ class Forwarder:
         assert problem is not None
         now = datetime.now(UTC)
         await self._dead_letter(record, reason, None, problem, 0, now, now)
-        log.warning("message_rejected", reason=reason, problem=problem, topic=record.topic,
-                    partition=record.partition, offset=record.offset)
+        log.warning(
+            "message_rejected",
+            reason=reason,
+            problem=problem,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+        )
         untrusted.append(
             self._dead_letter_row(record, headers, reason, None, problem, 0, now, now, None)
         )
@@ -207,13 +213,22 @@ class Forwarder:
                     continue
                 best = highest.get(msg.identity, claim.max_accepted_revision)
                 if claim.status == "conflict":
-                    await self._fail(item, "invalid_message", None,
-                                     "revision_conflict: same identity and revision with "
-                                     "other content", claim.attempts, None)
+                    await self._fail(
+                        item,
+                        "invalid_message",
+                        None,
+                        "revision_conflict: same identity and revision with other content",
+                        claim.attempts,
+                        None,
+                    )
                     continue
                 if is_superseded(msg.revision, best):
-                    self._finish(msg, "superseded", claim.attempts,
-                                 f"revision {msg.revision} < delivered revision {best}")
+                    self._finish(
+                        msg,
+                        "superseded",
+                        claim.attempts,
+                        f"revision {msg.revision} < delivered revision {best}",
+                    )
                     continue
                 result = await self._upstream.deliver(
                     msg.value,
@@ -226,14 +241,26 @@ class Forwarder:
                     self._delivered(msg, result)
                     highest[msg.identity] = max(best or 0, msg.revision)
                 else:
-                    await self._fail(item, result.outcome, result.status, result.error or "",
-                                     result.attempts, result)
+                    await self._fail(
+                        item,
+                        result.outcome,
+                        result.status,
+                        result.error or "",
+                        result.attempts,
+                        result,
+                    )
 
     def _progress(self, message_id: str) -> Callable[[int, str], Awaitable[None]]:
         async def hook(attempts: int, error: str) -> None:
             self.writer.add(
-                Outcome(message_id, "delivering", attempts, last_error=error,
-                        last_attempt_at=datetime.now(UTC), record_event=False)
+                Outcome(
+                    message_id,
+                    "delivering",
+                    attempts,
+                    last_error=error,
+                    last_attempt_at=datetime.now(UTC),
+                    record_event=False,
+                )
             )
 
         return hook
@@ -299,7 +326,14 @@ class Forwarder:
                 first_attempt_at=first if result else None,
                 last_attempt_at=last if result else None,
                 dead_letter=self._dead_letter_row(
-                    item.record, headers, reason, status, error, attempts, first, last,
+                    item.record,
+                    headers,
+                    reason,
+                    status,
+                    error,
+                    attempts,
+                    first,
+                    last,
                     item.incoming,
                 ),
             )
@@ -317,7 +351,8 @@ class Forwarder:
         first: datetime,
         last: datetime,
     ) -> None:
-        headers = list(record.headers) + [
+        headers = [
+            *list(record.headers),
             ("error.reason", reason.encode()),
             ("error.status", str(status or "").encode()),
             ("error.message", cap_text(error).encode()),

@@ -62,7 +62,7 @@ def backoff_delay(
     """Full jitter: uniform(0, min(cap, base * 2**(attempt-1))), but never sooner than the
     upstream asked for with Retry-After (itself capped, so a hostile value cannot stall us)."""
     ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
-    jitter = (rng or random).uniform(0, ceiling)  # noqa: S311 - jitter, not cryptography
+    jitter = (rng or random).uniform(0, ceiling)
     if retry_after is not None:
         return max(jitter, min(retry_after, cap))
     return jitter

@@ -111,8 +111,14 @@ class DeliveryResult:
 
 
 class _Retry(Exception):
-    def __init__(self, error: str, status: int | None, retry_after: float | None = None,
-                 immediate: bool = False, token: bool = False) -> None:
+    def __init__(
+        self,
+        error: str,
+        status: int | None,
+        retry_after: float | None = None,
+        immediate: bool = False,
+        token: bool = False,
+    ) -> None:
         super().__init__(error)
         self.error = error
         self.status = status
@@ -122,8 +128,13 @@ class _Retry(Exception):
 
 
 class _Final(Exception):
-    def __init__(self, result_kind: str, error: str | None, status: int | None,
-                 body: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        result_kind: str,
+        error: str | None,
+        status: int | None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(error)
         self.kind = result_kind
         self.error = error
@@ -222,9 +233,7 @@ class UpstreamClient:
                     datetime.now(UTC),
                     status=response.status_code,
                     transaction_id=str(parsed["transaction_id"]),
-                    reconciled_position_mwh=parse_position(
-                        parsed.get("reconciled_position_mwh")
-                    ),
+                    reconciled_position_mwh=parse_position(parsed.get("reconciled_position_mwh")),
                 )
             reason = cap_text(_reason(response, parsed))
             if verdict is Verdict.UNAUTHORIZED:

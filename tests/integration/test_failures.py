@@ -33,8 +33,9 @@ def spawn_worker(pipe: Pipeline) -> subprocess.Popen[bytes]:
 async def test_worker_killed_mid_run_delivers_everything_once_in_order(
     pipeline_factory: PipelineFactory,
 ) -> None:
-    pipe: Pipeline = await pipeline_factory(worker=False, sim={"latency_ms": 15},
-                                            worker_concurrency=16)
+    pipe: Pipeline = await pipeline_factory(
+        worker=False, sim={"latency_ms": 15}, worker_concurrency=16
+    )
     client = pipe.client()
     run = samples.run_id()
     records = samples.mixed_batch(run, 2000, contracts=100, prefix="KILL")
@@ -62,7 +63,8 @@ async def test_worker_killed_mid_run_delivers_everything_once_in_order(
 
     assert batch["counts"] == {"delivered": 2000}
     keys = [e.idempotency_key for e in pipe.sim.effects]
-    assert len(keys) == 2000 and len(set(keys)) == 2000, "a record took effect twice"
+    assert len(keys) == 2000
+    assert len(set(keys)) == 2000, "a record took effect twice"
     per_contract: dict[str, list[int]] = defaultdict(list)
     for effect in pipe.sim.effects:
         per_contract[effect.contract_id].append(order[effect.idempotency_key])
@@ -87,15 +89,20 @@ async def test_broker_down_answers_503_and_same_key_succeeds_later(
         engine = make_engine(pipe.settings.database_url or "")
         async with engine.connect() as conn:
             batches = await conn.scalar(
-                text("SELECT count(*) FROM batches WHERE idempotency_key = 'outage-key'"))
+                text("SELECT count(*) FROM batches WHERE idempotency_key = 'outage-key'")
+            )
             keys = await conn.scalar(
-                text("SELECT count(*) FROM idempotency_keys WHERE key = 'outage-key'"))
+                text("SELECT count(*) FROM idempotency_keys WHERE key = 'outage-key'")
+            )
         await engine.dispose()
         assert (batches, keys) == (0, 0), "a refused request was recorded as accepted"
     finally:
         pipe.infra.broker.start()
-        await ensure_topics(pipe.settings.kafka_bootstrap_servers, all_topics(pipe.settings),
-                            pipe.settings.kafka_partitions)
+        await ensure_topics(
+            pipe.settings.kafka_bootstrap_servers,
+            all_topics(pipe.settings),
+            pipe.settings.kafka_partitions,
+        )
 
     deadline = time.monotonic() + 60
     while True:

@@ -34,9 +34,12 @@ async def test_missing_expired_and_wrong_audience_tokens_are_401(intake_only: Pi
     record = samples.otc_confirmation(run, "OTC-AUTH-001")
     expired = pipe.token(ttl_s=-120)
     wrong_aud = samples_token_with(pipe, audience="someone-else")
-    for headers in ({}, {"Authorization": f"Bearer {expired}"},
-                    {"Authorization": f"Bearer {wrong_aud}"},
-                    {"Authorization": "Bearer not.a.jwt"}):
+    for headers in (
+        {},
+        {"Authorization": f"Bearer {expired}"},
+        {"Authorization": f"Bearer {wrong_aud}"},
+        {"Authorization": "Bearer not.a.jwt"},
+    ):
         client = _bare(pipe, headers)
         response = await submit_batch(client, run, [record])
         assert response.status_code == 401, headers
@@ -49,9 +52,14 @@ def samples_token_with(pipe: Pipeline, **claims: str) -> str:
     from ops.devkeys import mint_token
     from tests.conftest import ISSUER
 
-    return mint_token(pipe.infra.private_key, issuer=claims.get("issuer", ISSUER),
-                      audience=claims["audience"], subject="t", desk="power-east",
-                      scopes=["settlements:write", "settlements:read"])
+    return mint_token(
+        pipe.infra.private_key,
+        issuer=claims.get("issuer", ISSUER),
+        audience=claims["audience"],
+        subject="t",
+        desk="power-east",
+        scopes=["settlements:write", "settlements:read"],
+    )
 
 
 async def test_missing_scope_is_403(intake_only: Pipeline) -> None:
@@ -91,7 +99,8 @@ async def test_contract_patterns_and_trader_scope_header(intake_only: Pipeline) 
     inside = await submit_batch(limited, run, [samples.otc_confirmation(run, "OTC-EAST-001")])
     assert inside.status_code == 202
     spoof = await limited.post(
-        "/v1/settlements/sync", json=samples.otc_confirmation(run, "OTC-EAST-002"),
+        "/v1/settlements/sync",
+        json=samples.otc_confirmation(run, "OTC-EAST-002"),
         headers={"X-Settlement-Run-ID": run, "X-Trader-Scope": "gas-west"},
     )
     assert spoof.status_code == 403
@@ -128,17 +137,22 @@ async def test_schema_errors_name_record_index_and_field(intake_only: Pipeline) 
         (lambda h, b: h.pop("Idempotency-Key"), 400),
         (lambda h, b: h.update({"Content-Type": "text/plain"}), 415),
     ],
-    ids=["no-run-id", "malformed-run-id", "run-id-mismatch", "no-idempotency-key",
-         "not-json"],
+    ids=["no-run-id", "malformed-run-id", "run-id-mismatch", "no-idempotency-key", "not-json"],
 )
 async def test_header_errors(intake_only: Pipeline, mutate: object, status: int) -> None:
     pipe = intake_only
     client = pipe.client()
     run = samples.run_id()
-    headers = {"X-Settlement-Run-ID": run, "Idempotency-Key": uuid.uuid4().hex,
-               "Content-Type": "application/json"}
-    body = b'{"records": [' + httpx.Request("POST", "/", json=samples.otc_confirmation(
-        run, "OTC-HEADER-1")).content + b"]}"
+    headers = {
+        "X-Settlement-Run-ID": run,
+        "Idempotency-Key": uuid.uuid4().hex,
+        "Content-Type": "application/json",
+    }
+    body = (
+        b'{"records": ['
+        + httpx.Request("POST", "/", json=samples.otc_confirmation(run, "OTC-HEADER-1")).content
+        + b"]}"
+    )
     mutate(headers, body)  # type: ignore[operator]
     response = await client.post("/v1/settlements/batches", content=body, headers=headers)
     assert response.status_code == status, response.text
@@ -149,19 +163,23 @@ async def test_body_errors(intake_only: Pipeline) -> None:
     pipe = intake_only
     client = pipe.client()
     run = samples.run_id()
-    headers = {"X-Settlement-Run-ID": run, "Idempotency-Key": "body-key",
-               "Content-Type": "application/json"}
+    headers = {
+        "X-Settlement-Run-ID": run,
+        "Idempotency-Key": "body-key",
+        "Content-Type": "application/json",
+    }
     post = client.post
-    assert (await post("/v1/settlements/batches", content=b"{not json",
-                       headers=headers)).status_code == 400
+    assert (
+        await post("/v1/settlements/batches", content=b"{not json", headers=headers)
+    ).status_code == 400
     duplicate = b'{"records": [], "records": []}'
-    assert (await post("/v1/settlements/batches", content=duplicate,
-                       headers=headers)).status_code == 422
+    assert (
+        await post("/v1/settlements/batches", content=duplicate, headers=headers)
+    ).status_code == 422
     empty = await post("/v1/settlements/batches", json={"records": []}, headers=headers)
     assert empty.status_code == 422
     huge = b'{"records": [' + b" " * (70 * 1024) + b"]}"
-    assert (await post("/v1/settlements/batches", content=huge,
-                       headers=headers)).status_code == 413
+    assert (await post("/v1/settlements/batches", content=huge, headers=headers)).status_code == 413
 
 
 async def test_revision_conflict_and_key_reuse(intake_only: Pipeline) -> None:
@@ -174,8 +192,9 @@ async def test_revision_conflict_and_key_reuse(intake_only: Pipeline) -> None:
     conflict = await submit_batch(client, run, [changed])
     assert conflict.status_code == 409
     assert conflict.json()["code"] == "revision_conflict"
-    reused = await submit_batch(client, run, [samples.otc_confirmation(run, "OTC-OTHER-01")],
-                                key="k-conflict")
+    reused = await submit_batch(
+        client, run, [samples.otc_confirmation(run, "OTC-OTHER-01")], key="k-conflict"
+    )
     assert reused.status_code == 422
     assert reused.json()["code"] == "idempotency_key_reused"
 
@@ -185,15 +204,17 @@ async def test_single_record_sync(intake_only: Pipeline) -> None:
     client = pipe.client()
     run = samples.run_id()
     record = samples.canonical(run, "RT-SINGLE-01", price="-3.5")
-    response = await client.post("/v1/settlements/sync", json=record,
-                                 headers={"X-Settlement-Run-ID": run})
+    response = await client.post(
+        "/v1/settlements/sync", json=record, headers={"X-Settlement-Run-ID": run}
+    )
     assert response.status_code == 202, response.text
     body = response.json()
     assert body["status"] == "accepted"
     assert body["status_url"] == f"/v1/settlements/{body['message_id']}"
     assert len(body["trace_id"]) == 32
-    again = await client.post("/v1/settlements/sync", json=record,
-                              headers={"X-Settlement-Run-ID": run})
+    again = await client.post(
+        "/v1/settlements/sync", json=record, headers={"X-Settlement-Run-ID": run}
+    )
     assert again.status_code == 409
     assert again.json()["message_id"] == body["message_id"]
     detail = (await client.get(body["status_url"])).json()

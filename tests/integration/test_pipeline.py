@@ -50,7 +50,7 @@ async def test_batch_of_every_kind_is_delivered_and_readable(pipeline: Pipeline)
     assert detail["attempts"] == 1
     assert detail["upstream_transaction_id"].startswith("TX-")
     assert detail["batch_id"] == body["batch_id"]
-    assert [h["state"] for h in detail["history"]][0] in ("queued", "delivering")
+    assert next(h["state"] for h in detail["history"]) in ("queued", "delivering")
     assert detail["history"][-1]["state"] == "delivered"
 
     received = pipeline.sim.effects
@@ -212,9 +212,16 @@ async def test_signed_message_injected_without_signature_is_dead_lettered(
     run = samples.run_id()
     value = b'{"contract_id":"FORGED-00001","settlement_run_id":"' + run.encode() + b'"}'
     await producer.send_and_wait(
-        pipeline.settings.topic_standard, value=value, key=b"FORGED-00001",
-        headers=[("message_id", b"forged"), ("desk", b"power-east"), ("trader", b"x"),
-                 ("trace_id", b"t"), ("schema_version", b"1")],
+        pipeline.settings.topic_standard,
+        value=value,
+        key=b"FORGED-00001",
+        headers=[
+            ("message_id", b"forged"),
+            ("desk", b"power-east"),
+            ("trader", b"x"),
+            ("trace_id", b"t"),
+            ("schema_version", b"1"),
+        ],
     )
     await producer.stop()
     [dead] = await _read_dead_letters(pipeline, 1)

@@ -18,7 +18,7 @@ REQUIRED = {"intake": INTAKE_REQUIRED, "worker": WORKER_REQUIRED, "migrate": ("d
 
 
 def services() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    loaded: dict[str, dict[str, Any]] = yaml.safe_load(COMPOSE.read_text())
     return loaded["services"]
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import random
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
 
-from ops.simulator import SimConfig, create_simulator
+from ops.simulator import SimConfig, SimState, create_simulator
 from workers.rules import (
     Verdict,
     backoff_delay,
@@ -58,8 +59,9 @@ def test_backoff_is_full_jitter_and_capped() -> None:
     rng = random.Random(7)
     for attempt in range(1, 12):
         ceiling = min(60.0, 0.5 * 2 ** (attempt - 1))
-        delays = [backoff_delay(attempt, base=0.5, cap=60, retry_after=None, rng=rng)
-                  for _ in range(200)]
+        delays = [
+            backoff_delay(attempt, base=0.5, cap=60, retry_after=None, rng=rng) for _ in range(200)
+        ]
         assert all(0 <= d <= ceiling for d in delays)
         assert min(delays) < ceiling * 0.2  # full jitter reaches near zero
     assert backoff_delay(1, base=0.5, cap=60, retry_after=7, rng=rng) >= 7
@@ -96,14 +98,20 @@ def test_reconciled_position_number_or_string() -> None:
     assert parse_position(None) is None
 
 
-def _client(**sim: object) -> tuple[UpstreamClient, object]:
-    app = create_simulator(SimConfig(client_id="c", client_secret="s", signing_secret="sig",
-                                     **sim))  # type: ignore[arg-type]
+def _client(**sim: Any) -> tuple[UpstreamClient, SimState]:
+    app = create_simulator(SimConfig(client_id="c", client_secret="s", signing_secret="sig", **sim))
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim")
     tokens = TokenProvider(http, "http://sim/oauth/token", "c", "s")
-    client = UpstreamClient(http, tokens, base_url="http://sim", signing_secret="sig",
-                            max_attempts=4, budget_s=5, backoff_base_s=0.01,
-                            backoff_cap_s=0.05)
+    client = UpstreamClient(
+        http,
+        tokens,
+        base_url="http://sim",
+        signing_secret="sig",
+        max_attempts=4,
+        budget_s=5,
+        backoff_base_s=0.01,
+        backoff_cap_s=0.05,
+    )
     return client, app.state.sim
 
 
@@ -113,32 +121,37 @@ BODY = b'{"contract_id":"OTC-1","position_mwh":"10.000","revision":1}'
 async def test_upstream_protocol_with_simulator() -> None:
     client, sim = _client(fail_first_attempts=2)
     result = await client.deliver(BODY, "m-1", "trace")
-    assert result.outcome == "delivered" and result.attempts == 3
+    assert result.outcome == "delivered"
+    assert result.attempts == 3
     again = await client.deliver(BODY, "m-1", "trace")
-    assert again.outcome == "delivered" and again.transaction_id == result.transaction_id
-    assert sim.duplicate_posts == 1 and len(sim.effects) == 1  # type: ignore[attr-defined]
-    assert sim.tokens_issued == 1  # type: ignore[attr-defined]
+    assert again.outcome == "delivered"
+    assert again.transaction_id == result.transaction_id
+    assert sim.duplicate_posts == 1
+    assert len(sim.effects) == 1
+    assert sim.tokens_issued == 1
 
 
 async def test_expired_token_is_renewed_once_on_401() -> None:
     client, sim = _client()
     await client.deliver(BODY, "m-1", "trace")
-    sim.tokens.clear()  # type: ignore[attr-defined]
+    sim.tokens.clear()
     result = await client.deliver(BODY, "m-2", "trace")
-    assert result.outcome == "delivered" and result.attempts == 2
-    assert sim.tokens_issued == 2  # type: ignore[attr-defined]
+    assert result.outcome == "delivered"
+    assert result.attempts == 2
+    assert sim.tokens_issued == 2
 
 
 async def test_token_endpoint_down_is_token_unavailable() -> None:
     client, _ = _client(token_outage=True)
     result = await client.deliver(BODY, "m-1", "trace")
-    assert result.outcome == "token_unavailable" and result.attempts == 4
+    assert result.outcome == "token_unavailable"
+    assert result.attempts == 4
 
 
 async def test_budget_stops_retries() -> None:
-    client, sim = _client(outage=True, retry_after_s=1)
-    client._budget = 1.5  # noqa: SLF001 - a short budget for the test
-    client._cap = 5.0  # noqa: SLF001 - Retry-After (1 s) is honoured up to the cap
+    client, _sim = _client(outage=True, retry_after_s=1)
+    client._budget = 1.5
+    client._cap = 5.0
     result = await client.deliver(BODY, "m-1", "trace")
     assert result.outcome == "retries_exhausted"
     assert result.attempts == 2  # a third would wait past the 1.5 s budget
@@ -146,7 +159,8 @@ async def test_budget_stops_retries() -> None:
 
 
 async def test_bad_signature_is_refused_by_simulator() -> None:
-    client, sim = _client()
-    client._secret = b"wrong"  # noqa: SLF001
+    client, _sim = _client()
+    client._secret = b"wrong"
     result = await client.deliver(BODY, "m-1", "trace")
-    assert result.outcome == "upstream_rejected" and result.status == 400
+    assert result.outcome == "upstream_rejected"
+    assert result.status == 400

@@ -73,16 +73,15 @@ def test_negative_prices_only_in_iso_markets() -> None:
     assert ok(CANONICAL | {"settlement_price": "-9999.5"}).settlement_price == Decimal("-9999.5")
     otc_canonical = CANONICAL | {"market": "otc_bilateral", "settlement_price": "-1"}
     assert "settlement_price" in fields(otc_canonical)
-    assert "settlement_price" in fields(CANONICAL | {"market": "physical_nomination",
-                                                     "settlement_price": "0"})
+    assert "settlement_price" in fields(
+        CANONICAL | {"market": "physical_nomination", "settlement_price": "0"}
+    )
     assert "fixed_price" in fields(samples.otc_confirmation(RUN, "OTC-UNIT-001", price="-5"))
 
 
 def test_decimal_number_and_string_are_the_same_record() -> None:
-    from decimal import Decimal as D
-
     as_string = ok(CANONICAL | {"position_mwh": "125.5"})
-    as_number = ok(CANONICAL | {"position_mwh": D("125.50")})
+    as_number = ok(CANONICAL | {"position_mwh": Decimal("125.50")})
     assert as_string.to_wire()["position_mwh"] == "125.500"
     assert envelope_for("d", as_string).message_id == envelope_for("d", as_number).message_id
 
@@ -105,27 +104,36 @@ def test_unknown_kind_and_non_object() -> None:
 
 
 def test_iso_award_normalization_pjm() -> None:
-    rec = ok(samples.iso_award(RUN, "PJM-DA-00001", hour_ending=17, awarded="150",
-                               price="-4.25"))
+    rec = ok(samples.iso_award(RUN, "PJM-DA-00001", hour_ending=17, awarded="150", price="-4.25"))
     assert rec.market.value == "iso_day_ahead"
     assert rec.delivery_point == "PJM-RTO-ZONE-PSEG"
     # 2026-11-27 is EST (UTC-5): HE17 = 16:00 local = 21:00Z
-    assert (rec.delivery_start, rec.delivery_end) == ("2026-11-27T21:00:00Z",
-                                                      "2026-11-27T22:00:00Z")
+    assert (rec.delivery_start, rec.delivery_end) == (
+        "2026-11-27T21:00:00Z",
+        "2026-11-27T22:00:00Z",
+    )
     assert rec.position_mwh == Decimal(150)
     assert rec.settlement_price == Decimal("-4.25")
-    assert rec.source["iso"] == "PJM" and rec.source["hour_ending"] == 17
+    assert rec.source["iso"] == "PJM"
+    assert rec.source["hour_ending"] == 17
 
 
 @pytest.mark.parametrize(
     ("iso", "day", "hours"),
-    [("PJM", "2026-03-08", 23), ("PJM", "2026-11-01", 25), ("ERCOT", "2026-03-08", 23),
-     ("CAISO", "2026-11-01", 25), ("MISO", "2026-03-08", 24), ("MISO", "2026-11-01", 24),
-     ("NYISO", "2026-07-01", 24)],
+    [
+        ("PJM", "2026-03-08", 23),
+        ("PJM", "2026-11-01", 25),
+        ("ERCOT", "2026-03-08", 23),
+        ("CAISO", "2026-11-01", 25),
+        ("MISO", "2026-03-08", 24),
+        ("MISO", "2026-11-01", 24),
+        ("NYISO", "2026-07-01", 24),
+    ],
 )
 def test_iso_market_day_length(iso: str, day: str, hours: int) -> None:
     last = samples.iso_award(RUN, "ISO-DST-0001", iso=iso, hour_ending=hours) | {
-        "operating_day": day}
+        "operating_day": day
+    }
     ok(last)
     beyond = last | {"hour_ending": hours + 1}
     if hours + 1 <= 25:
@@ -141,16 +149,23 @@ def test_fall_back_hours_are_distinct_instants() -> None:
 
 
 def test_miso_is_eastern_standard_time_all_year() -> None:
-    rec = ok(samples.iso_award(RUN, "MISO-DA-0001", iso="MISO", hour_ending=1) | {
-        "operating_day": "2026-07-01"})
+    rec = ok(
+        samples.iso_award(RUN, "MISO-DA-0001", iso="MISO", hour_ending=1)
+        | {"operating_day": "2026-07-01"}
+    )
     assert rec.delivery_start == "2026-07-01T05:00:00Z"
 
 
 @pytest.mark.parametrize(
     ("change", "field"),
-    [({"iso": "AESO"}, "iso"), ({"hour_ending": 0}, "hour_ending"),
-     ({"operating_day": "2026-13-01"}, "operating_day"), ({"awarded_mw": "1e6"}, "awarded_mw"),
-     ({"clearing_price": "-10001"}, "clearing_price"), ({"node": ""}, "node")],
+    [
+        ({"iso": "AESO"}, "iso"),
+        ({"hour_ending": 0}, "hour_ending"),
+        ({"operating_day": "2026-13-01"}, "operating_day"),
+        ({"awarded_mw": "1e6"}, "awarded_mw"),
+        ({"clearing_price": "-10001"}, "clearing_price"),
+        ({"node": ""}, "node"),
+    ],
 )
 def test_iso_award_rules(change: dict[str, Any], field: str) -> None:
     assert field in fields(samples.iso_award(RUN, "PJM-DA-00002") | change)
@@ -162,17 +177,27 @@ def test_iso_award_rules(change: dict[str, Any], field: str) -> None:
 def test_otc_normalization_buy_and_sell() -> None:
     buy = ok(samples.otc_confirmation(RUN, "OTC-TRADE-01", side="buy", volume="400.5"))
     sell = ok(samples.otc_confirmation(RUN, "OTC-TRADE-02", side="sell", volume="400.5"))
-    assert buy.contract_id == "OTC-TRADE-01" and buy.market.value == "otc_bilateral"
-    assert buy.position_mwh == Decimal("400.5") and sell.position_mwh == Decimal("-400.5")
-    assert buy.source == {"kind": "otc_confirmation", "trade_id": "OTC-TRADE-01",
-                          "counterparty": "Northwind Energy LLC", "side": "buy"}
+    assert buy.contract_id == "OTC-TRADE-01"
+    assert buy.market.value == "otc_bilateral"
+    assert buy.position_mwh == Decimal("400.5")
+    assert sell.position_mwh == Decimal("-400.5")
+    assert buy.source == {
+        "kind": "otc_confirmation",
+        "trade_id": "OTC-TRADE-01",
+        "counterparty": "Northwind Energy LLC",
+        "side": "buy",
+    }
 
 
 @pytest.mark.parametrize(
     ("change", "field"),
-    [({"side": "hold"}, "side"), ({"volume_mwh": "0"}, "volume_mwh"),
-     ({"volume_mwh": "-5"}, "volume_mwh"), ({"trade_id": "T1"}, "trade_id"),
-     ({"counterparty": ""}, "counterparty")],
+    [
+        ({"side": "hold"}, "side"),
+        ({"volume_mwh": "0"}, "volume_mwh"),
+        ({"volume_mwh": "-5"}, "volume_mwh"),
+        ({"trade_id": "T1"}, "trade_id"),
+        ({"counterparty": ""}, "counterparty"),
+    ],
 )
 def test_otc_rules(change: dict[str, Any], field: str) -> None:
     assert field in fields(samples.otc_confirmation(RUN, "OTC-TRADE-03") | change)
@@ -184,8 +209,10 @@ def test_otc_rules(change: dict[str, Any], field: str) -> None:
 def test_gas_nomination_mmbtu_and_naesb_gas_day() -> None:
     rec = ok(samples.gas_nomination(RUN, "GAS-NOM-0001", quantity="10000", price="3.15"))
     # 09:00 Central (CST, UTC-6) on 2026-11-28 to 09:00 the next day
-    assert (rec.delivery_start, rec.delivery_end) == ("2026-11-28T15:00:00Z",
-                                                      "2026-11-29T15:00:00Z")
+    assert (rec.delivery_start, rec.delivery_end) == (
+        "2026-11-28T15:00:00Z",
+        "2026-11-29T15:00:00Z",
+    )
     assert rec.position_mwh == Decimal("2930.711")  # 2930.7107 half-even
     assert rec.settlement_price == Decimal("10.7482")  # 3.15 / 0.29307107
 
@@ -202,18 +229,28 @@ def test_half_even_rounding_of_mmbtu() -> None:
 
 
 def test_power_nomination_is_a_utc_day() -> None:
-    rec = ok(samples.gas_nomination(RUN, "PWR-NOM-0001", unit="MWh", quantity="240",
-                                    price="45.5") | {"commodity": "power"})
-    assert (rec.delivery_start, rec.delivery_end) == ("2026-11-28T00:00:00Z",
-                                                      "2026-11-29T00:00:00Z")
-    assert rec.position_mwh == Decimal(240) and rec.settlement_price == Decimal("45.5")
+    rec = ok(
+        samples.gas_nomination(RUN, "PWR-NOM-0001", unit="MWh", quantity="240", price="45.5")
+        | {"commodity": "power"}
+    )
+    assert (rec.delivery_start, rec.delivery_end) == (
+        "2026-11-28T00:00:00Z",
+        "2026-11-29T00:00:00Z",
+    )
+    assert rec.position_mwh == Decimal(240)
+    assert rec.settlement_price == Decimal("45.5")
 
 
 @pytest.mark.parametrize(
     ("change", "field"),
-    [({"commodity": "oil"}, "commodity"), ({"unit": "therm"}, "unit"),
-     ({"quantity": "0"}, "quantity"), ({"price": "0"}, "price"),
-     ({"flow_date": "2026-02-29"}, "flow_date"), ({"quantity": "400000"}, "quantity")],
+    [
+        ({"commodity": "oil"}, "commodity"),
+        ({"unit": "therm"}, "unit"),
+        ({"quantity": "0"}, "quantity"),
+        ({"price": "0"}, "price"),
+        ({"flow_date": "2026-02-29"}, "flow_date"),
+        ({"quantity": "400000"}, "quantity"),
+    ],
 )
 def test_nomination_rules(change: dict[str, Any], field: str) -> None:
     assert field in fields(samples.gas_nomination(RUN, "GAS-NOM-0004") | change)
@@ -229,8 +266,9 @@ def test_message_id_is_stable_and_content_sensitive() -> None:
     changed = envelope_for("power-east", ok(record | {"volume_mwh": "401"}))
     revised = envelope_for("power-east", ok(record | {"revision": 2}))
     other_desk = envelope_for("gas-west", ok(record))
-    assert len({first.message_id, changed.message_id, revised.message_id,
-                other_desk.message_id}) == 4
+    assert (
+        len({first.message_id, changed.message_id, revised.message_id, other_desk.message_id}) == 4
+    )
     assert first.identity == changed.identity == revised.identity
     assert other_desk.identity != first.identity
 
@@ -238,11 +276,18 @@ def test_message_id_is_stable_and_content_sensitive() -> None:
 def test_message_id_known_value() -> None:
     """Pinned: a change of the derivation would re-send everything already delivered."""
     record = {
-        "kind": "otc_confirmation", "settlement_run_id": RUN, "trade_id": "OTC-IDENT-01",
-        "counterparty": "Northwind Energy LLC", "side": "sell",
-        "delivery_point": "ERCOT-HB-NORTH", "delivery_start": "2026-12-01T06:00:00Z",
-        "delivery_end": "2026-12-02T06:00:00Z", "volume_mwh": "400", "fixed_price": "55.25",
-        "revision": 1, "timestamp_utc": "2026-11-27T18:45:00Z",
+        "kind": "otc_confirmation",
+        "settlement_run_id": RUN,
+        "trade_id": "OTC-IDENT-01",
+        "counterparty": "Northwind Energy LLC",
+        "side": "sell",
+        "delivery_point": "ERCOT-HB-NORTH",
+        "delivery_start": "2026-12-01T06:00:00Z",
+        "delivery_end": "2026-12-02T06:00:00Z",
+        "volume_mwh": "400",
+        "fixed_price": "55.25",
+        "revision": 1,
+        "timestamp_utc": "2026-11-27T18:45:00Z",
     }
     assert envelope_for("power-east", ok(record)).message_id == PINNED_ID
 
