@@ -87,6 +87,8 @@ class SimState:
             "failed_posts": self.failed_posts,
             "unauthorized_posts": self.unauthorized_posts,
             "tokens_issued": self.tokens_issued,
+            "first_effect_at": self.effects[0].received_at if self.effects else None,
+            "last_effect_at": self.effects[-1].received_at if self.effects else None,
         }
 
 
@@ -199,6 +201,10 @@ def create_simulator(config: SimConfig | None = None) -> FastAPI:
     @app.get("/_sim/received")
     async def received() -> dict[str, Any]:
         return {**state.summary(), "log": [asdict(e) for e in state.effects]}
+
+    @app.get("/_sim/stats")
+    async def stats() -> dict[str, Any]:
+        return state.summary()
 
     @app.get("/_sim/config")
     async def get_config() -> dict[str, Any]:

@@ -172,6 +172,17 @@ class Settings(BaseSettings):
         return str(value.get_secret_value() if isinstance(value, SecretStr) else value)
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as ETRM_ variables, to start another process with the same configuration."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        env[f"ETRM_{name.upper()}"] = str(text).lower() if isinstance(text, bool) else str(text)
+    return env
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment; a malformed value becomes a SettingsError naming the variable."""
     try:

@@ -30,7 +30,7 @@ from ops.simulator import SimConfig, SimState, create_simulator
 from ops.stack import Broker, Database, free_port
 from runtime.bootstrap import EmbeddedServer, intake_services
 from runtime.kafka import all_topics, ensure_topics
-from runtime.settings import Settings, load_settings
+from runtime.settings import Settings, load_settings, settings_env
 from workers.app import run_worker
 
 ISSUER = "https://idp.test.etrm-sync"
@@ -148,13 +148,7 @@ class Pipeline:
     @property
     def env(self) -> dict[str, str]:
         """The settings as ETRM_ variables, for a worker run as a separate process."""
-        env: dict[str, str] = {}
-        for name, value in self.settings.model_dump().items():
-            if value is None:
-                continue
-            text = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-            env[f"ETRM_{name.upper()}"] = str(text).lower() if isinstance(text, bool) else str(text)
-        return env
+        return settings_env(self.settings)
 
     def token(
         self,
