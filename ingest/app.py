@@ -32,6 +32,7 @@ from ingest.body import read_json
 from ingest.problems import Problem, problem_response
 from ingest.publisher import PublishFailed, SettlementPublisher
 from ledger import store
+from ledger.audit import Actor
 from ledger.store import AcceptedMessage
 from runtime.settings import Settings
 from schemas.envelope import Envelope, FieldError, envelope_for, validate_record
@@ -85,6 +86,12 @@ async def principal(request: Request, svc: ServicesDep) -> Principal:
 
 
 PrincipalDep = Annotated[Principal, Depends(principal)]
+
+
+def actor_of(request: Request, who: Principal) -> Actor:
+    kind = "operator" if who.is_operator else "trader"
+    address = request.client.host if request.client else None
+    return Actor(kind, who.subject, who.desk, who.token_id, address)
 
 
 def require(principal: Principal, scope: str) -> None:
@@ -277,6 +284,7 @@ async def _accept(
             resource_id=resource_id,
             status_url=status_url,
             messages=accepted,
+            actor=actor_of(request, who),
         )
     except Exception:
         # The records are on Kafka and the workers will deliver them; the client was not told

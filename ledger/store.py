@@ -22,6 +22,9 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ledger import audit
+from ledger.audit import Actor
+
 FINAL_STATES = frozenset(
     {"delivered", "held", "dead_lettered", "superseded", "released", "rejected"}
 )
@@ -150,6 +153,7 @@ async def record_acceptance(
     resource_id: str,
     status_url: str,
     messages: Sequence[AcceptedMessage],
+    actor: Actor,
 ) -> None:
     """After the broker acknowledged every record: the batch, its messages, the key completed."""
     unique = {m.message_id: m for m in messages}
@@ -186,11 +190,10 @@ async def record_acceptance(
                 "ids": [m.message_id for m in messages],
             },
         )
-        await conn.execute(
+        inserted = await conn.execute(
             text(
-                f"""
-                WITH ins AS (
-                    INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id,
+                """
+                INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id,
                         contract_id, market, identity_hash, revision, topic, state,
                         submitted_position_mwh, payload, trace_id)
                     SELECT t.message_id, :desk, :trader, :batch_id, :run, t.contract_id, t.market,
@@ -204,8 +207,6 @@ async def record_acceptance(
                                 position, payload)
                     ON CONFLICT DO NOTHING
                     RETURNING message_id
-                )
-                {_EVENT_INSERT} SELECT message_id, 'queued', 'accepted' FROM ins
                 """
             ),
             {
@@ -223,6 +224,10 @@ async def record_acceptance(
                 "positions": [Decimal(m.position_mwh) for m in unique.values()],
                 "payloads": [m.value for m in unique.values()],
             },
+        )
+        new_ids = [row.message_id for row in inserted]
+        await audit.append(
+            conn, audit.state_events(actor, "queued", new_ids, batch_id=batch_id, detail="accepted")
         )
         await conn.execute(
             text(
@@ -242,9 +247,6 @@ async def record_acceptance(
                 "hash": request_hash,
             },
         )
-
-
-_EVENT_INSERT = "INSERT INTO message_events (message_id, state, detail)"
 
 
 # -- reads ----------------------------------------------------------------------------------------
@@ -303,8 +305,8 @@ async def get_message(engine: AsyncEngine, message_id: str) -> dict[str, Any] | 
             return None
         events = await conn.execute(
             text(
-                "SELECT state, at, detail FROM message_events WHERE message_id = :id "
-                "ORDER BY event_id"
+                "SELECT state, at, detail FROM audit_log WHERE message_id = :id "
+                "AND state IS NOT NULL ORDER BY seq"
             ),
             {"id": message_id},
         )
@@ -338,6 +340,8 @@ class Incoming:
     position_mwh: Decimal
     value: bytes
     trace_id: str
+    partition: int
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +355,9 @@ class Claim:
     max_accepted_revision: int | None
 
 
-async def claim_batch(engine: AsyncEngine, batch: Sequence[Incoming]) -> dict[str, Claim]:
+async def claim_batch(
+    engine: AsyncEngine, batch: Sequence[Incoming], actor: Actor
+) -> dict[str, Claim]:
     """Insert unseen messages as `delivering`, move queued/delivering ones to `delivering`,
     and report final ones — one statement for the whole polled batch."""
     unique = {m.message_id: m for m in batch}
@@ -367,32 +373,31 @@ async def claim_batch(engine: AsyncEngine, batch: Sequence[Incoming]) -> dict[st
                         CAST(:contracts AS text[]), CAST(:markets AS text[]),
                         CAST(:identities AS text[]), CAST(:revisions AS int[]),
                         CAST(:topics AS text[]), CAST(:positions AS numeric[]),
-                        CAST(:payloads AS bytea[]), CAST(:traces AS text[]))
+                        CAST(:payloads AS bytea[]), CAST(:traces AS text[]),
+                        CAST(:partitions AS int[]), CAST(:offsets AS bigint[]))
                     AS t(message_id, desk, trader, batch_id, settlement_run_id, contract_id,
-                         market, identity_hash, revision, topic, position, payload, trace_id)
+                         market, identity_hash, revision, topic, position, payload, trace_id,
+                         source_partition, source_offset)
                 ),
                 ins AS (
                     INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id,
                         contract_id, market, identity_hash, revision, topic, state,
-                        submitted_position_mwh, payload, trace_id)
+                        submitted_position_mwh, payload, trace_id, source_partition,
+                        source_offset)
                     SELECT message_id, desk, trader, batch_id, settlement_run_id, contract_id,
                            market, identity_hash, revision, topic, 'delivering', position,
-                           payload, trace_id
+                           payload, trace_id, source_partition, source_offset
                       FROM incoming
                     ON CONFLICT DO NOTHING
                     RETURNING message_id
                 ),
                 upd AS (
-                    UPDATE messages m SET state = 'delivering', updated_at = now()
+                    UPDATE messages m
+                       SET state = 'delivering', updated_at = now(), topic = i.topic,
+                           source_partition = i.source_partition, source_offset = i.source_offset
                       FROM incoming i
                      WHERE m.message_id = i.message_id AND m.state IN ('queued', 'delivering')
                     RETURNING m.message_id, m.attempts, m.first_attempt_at
-                ),
-                ev AS (
-                    {_EVENT_INSERT}
-                    SELECT message_id, 'delivering', 'consumed' FROM ins
-                    UNION ALL
-                    SELECT message_id, 'delivering', 'consumed again' FROM upd
                 )
                 SELECT i.message_id,
                        CASE WHEN ins.message_id IS NOT NULL OR upd.message_id IS NOT NULL
@@ -425,12 +430,17 @@ async def claim_batch(engine: AsyncEngine, batch: Sequence[Incoming]) -> dict[st
                 "positions": [m.position_mwh for m in rows],
                 "payloads": [m.value for m in rows],
                 "traces": [m.trace_id for m in rows],
+                "partitions": [m.partition for m in rows],
+                "offsets": [m.offset for m in rows],
             },
         )
-        return {
+        claims = {
             mid: Claim(status, state, attempts, first_at, max_rev)
             for mid, status, state, attempts, first_at, max_rev in result
         }
+        claimed = [m for m, c in claims.items() if c.status == "claimed"]
+        await audit.append(conn, audit.state_events(actor, "delivering", claimed))
+        return claims
 
 
 @dataclass(slots=True)
@@ -452,16 +462,16 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-async def write_outcomes(engine: AsyncEngine, pending: Sequence[Outcome]) -> None:
+async def write_outcomes(engine: AsyncEngine, pending: Sequence[Outcome], actor: Actor) -> None:
     # One row per message: an UPDATE ... FROM with two source rows for one target applies an
     # arbitrary one, so a retry's progress note must never compete with the final state.
     outcomes = list({o.message_id: o for o in pending}.values())
     if not outcomes:
         return
     async with engine.begin() as conn:
-        await conn.execute(
+        updated = await conn.execute(
             text(
-                f"""
+                """
                 WITH o AS (
                     SELECT * FROM unnest(
                         CAST(:ids AS text[]), CAST(:states AS text[]), CAST(:attempts AS int[]),
@@ -487,10 +497,7 @@ async def write_outcomes(engine: AsyncEngine, pending: Sequence[Outcome]) -> Non
                        AND m.state IN ('queued', 'delivering')
                     RETURNING m.message_id
                 )
-                {_EVENT_INSERT}
-                SELECT o.message_id, o.state, o.detail FROM o
-                  JOIN upd ON upd.message_id = o.message_id
-                 WHERE o.event
+                SELECT o.message_id FROM o JOIN upd USING (message_id) WHERE o.event
                 """
             ),
             {
@@ -505,6 +512,21 @@ async def write_outcomes(engine: AsyncEngine, pending: Sequence[Outcome]) -> Non
                 "details": [o.detail for o in outcomes],
                 "events": [o.record_event for o in outcomes],
             },
+        )
+        changed = {row.message_id for row in updated}
+        await audit.append(
+            conn,
+            [
+                audit.AuditEvent(
+                    actor,
+                    f"message.{o.state}",
+                    state=o.state,
+                    message_id=o.message_id,
+                    detail=o.detail,
+                )
+                for o in outcomes
+                if o.message_id in changed
+            ],
         )
         holds = [o.hold for o in outcomes if o.hold]
         if holds:

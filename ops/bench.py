@@ -237,7 +237,8 @@ async def baseline_consumer(settings: Settings, expected: int, concurrency: int)
         max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
     )
     async with httpx.AsyncClient(limits=limits, timeout=30.0) as http:
-        assert settings.upstream_token_url and settings.upstream_url
+        assert settings.upstream_token_url
+        assert settings.upstream_url
         token = (
             await http.post(
                 settings.upstream_token_url,
@@ -309,7 +310,7 @@ async def worker_throughput(
         measured,
         baseline,
         "rec/s",
-        "≥ 0.7 × baseline",
+        ">= 0.7 x baseline",
     )
 
 
@@ -334,7 +335,7 @@ async def scenario_single_partition(bench: Bench, scale: int) -> list[Row]:
         label="one partition, many contracts",
     )
     ideal = concurrency / 0.05
-    row.baseline, row.target = ideal, "≥ 0.8 × C / 50 ms (baseline = C / 50 ms)"
+    row.baseline, row.target = ideal, ">= 0.8 x C / 50 ms (baseline = C / 50 ms)"
     return [row]
 
 
@@ -371,14 +372,18 @@ async def run_bench(names: list[str], scale: int) -> list[Row]:
             console.print(render(bench.rows))
     finally:
         bench.down()
-    RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = RESULTS / f"bench-{stamp}.json"
-    out.write_text(
-        json.dumps([{**row.__dict__, "ratio": row.ratio} for row in bench.rows], indent=2)
+    write_results(
+        out, json.dumps([{**row.__dict__, "ratio": row.ratio} for row in bench.rows], indent=2)
     )
     console.print(f"results: {out}")
     return bench.rows
+
+
+def write_results(path: Path, content: str) -> None:
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(content)
 
 
 def main(argv: list[str] | None = None) -> None:

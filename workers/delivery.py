@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import store
+from ledger.audit import Actor
 from ledger.store import Claim, Incoming, Outcome
 from schemas.envelope import header_map, identity_hash, message_id_for, verify_message
 from schemas.records import CanonicalRecord
@@ -65,8 +68,9 @@ class OutcomeWriter:
     """Buffers outcomes and writes them in one statement per flush (at batch end, and every
     `interval` seconds while a batch is long-running, so the API shows progress)."""
 
-    def __init__(self, engine: AsyncEngine, interval: float = 0.25) -> None:
+    def __init__(self, engine: AsyncEngine, actor: Actor, interval: float = 0.25) -> None:
         self._engine = engine
+        self._actor = actor
         self._pending: list[Outcome] = []
         self._interval = interval
         self._lock = asyncio.Lock()
@@ -79,7 +83,7 @@ class OutcomeWriter:
         async with self._lock:
             pending, self._pending = self._pending, []
             try:
-                await store.write_outcomes(self._engine, pending)
+                await store.write_outcomes(self._engine, pending, self._actor)
             except Exception:
                 self._pending[:0] = pending
                 raise
@@ -118,7 +122,8 @@ class Forwarder:
         self._keys = signing_keys
         self._slots = asyncio.Semaphore(concurrency)
         self._threshold = drift_threshold
-        self.writer = OutcomeWriter(engine)
+        self.actor = Actor("worker", f"{socket.gethostname()}:{os.getpid()}")
+        self.writer = OutcomeWriter(engine, self.actor)
 
     # -- entry point ---------------------------------------------------------------------------
 
@@ -136,7 +141,7 @@ class Forwarder:
             await store.record_untrusted_dead_letters(self._engine, untrusted)
         if not parsed:
             return
-        claims = await store.claim_batch(self._engine, [p.incoming for p in parsed])
+        claims = await store.claim_batch(self._engine, [p.incoming for p in parsed], self.actor)
         chains: dict[str, list[_Parsed]] = defaultdict(list)
         for item in parsed:
             chains[item.incoming.contract_id].append(item)
@@ -180,6 +185,8 @@ class Forwarder:
                         position_mwh=Decimal(wire["position_mwh"]),
                         value=value,
                         trace_id=headers["trace_id"],
+                        partition=record.partition,
+                        offset=record.offset,
                     )
             except (orjson.JSONDecodeError, ValidationError, KeyError) as exc:
                 problem = f"not a canonical settlement record: {type(exc).__name__}"

@@ -1,4 +1,4 @@
-"""Ledger, batches, idempotency keys, dead letters and holds.
+"""Ledger, batches, idempotency keys, dead letters, holds, replays and the audit trail.
 
 Revision ID: 0001_ledger
 Revises:
@@ -22,6 +22,8 @@ def upgrade() -> None:
     for statement in DDL.split(";\n"):
         if statement.strip():
             op.execute(statement)
+    for statement in APPEND_ONLY:
+        op.execute(statement)
 
 
 DDL = f"""
@@ -44,6 +46,8 @@ DDL = f"""
             reconciled_position_mwh numeric(16,3),
             payload                 bytea NOT NULL,
             trace_id                text NOT NULL,
+            source_partition        integer,
+            source_offset           bigint,
             first_attempt_at        timestamptz,
             last_attempt_at         timestamptz,
             created_at              timestamptz NOT NULL DEFAULT now(),
@@ -52,15 +56,6 @@ DDL = f"""
         );
         CREATE INDEX messages_desk_run ON messages (desk, settlement_run_id);
         CREATE INDEX messages_open ON messages (state) WHERE state IN ('queued', 'delivering');
-
-        CREATE TABLE message_events (
-            event_id    bigserial PRIMARY KEY,
-            message_id  text NOT NULL,
-            state       text NOT NULL CHECK (state IN ({STATES})),
-            at          timestamptz NOT NULL DEFAULT clock_timestamp(),
-            detail      text
-        );
-        CREATE INDEX message_events_message ON message_events (message_id, event_id);
 
         CREATE TABLE batches (
             batch_id          text PRIMARY KEY,
@@ -137,11 +132,83 @@ DDL = f"""
             decided_by              text,
             decision_reason         text
         );
-        """
+
+        CREATE TABLE replays (
+            replay_id     text PRIMARY KEY,
+            state         text NOT NULL CHECK (state IN ('pending_approval', 'approved', 'running',
+                                                         'completed')),
+            reason        text NOT NULL,
+            requested_by  text NOT NULL,
+            requested_desk text NOT NULL,
+            approved_by   text,
+            approval_reason text,
+            item_count    integer NOT NULL,
+            desks         text[] NOT NULL,
+            lease_until   timestamptz,
+            created_at    timestamptz NOT NULL DEFAULT now(),
+            approved_at   timestamptz,
+            completed_at  timestamptz
+        );
+
+        CREATE TABLE replay_items (
+            replay_id      text NOT NULL REFERENCES replays (replay_id),
+            ord            integer NOT NULL,
+            dead_letter_id text NOT NULL REFERENCES dead_letters (dead_letter_id),
+            message_id     text NOT NULL,
+            state          text NOT NULL DEFAULT 'pending'
+                           CHECK (state IN ('pending', 'published', 'skipped')),
+            published_at   timestamptz,
+            PRIMARY KEY (replay_id, ord)
+        );
+        CREATE UNIQUE INDEX replay_items_open_dead_letter ON replay_items (dead_letter_id)
+            WHERE state = 'pending';
+
+        -- The audit trail: append-only, each row chained to the previous by SHA-256.
+        CREATE TABLE audit_log (
+            seq            bigint PRIMARY KEY,
+            at             timestamptz NOT NULL,
+            actor_kind     text NOT NULL,
+            actor          text NOT NULL,
+            desk           text,
+            token_id       text,
+            source_address text,
+            action         text NOT NULL,
+            state          text,
+            message_id     text,
+            batch_id       text,
+            subject_id     text,
+            detail         text,
+            prev_hash      text NOT NULL,
+            hash           text NOT NULL
+        );
+        CREATE INDEX audit_log_message ON audit_log (message_id, seq) WHERE message_id IS NOT NULL;
+                """
 
 
 def downgrade() -> None:
+    op.execute("DROP TABLE audit_log, replay_items, replays")
+    op.execute("DROP FUNCTION audit_log_append_only")
     op.execute(
-        "DROP TABLE holds, dead_letters, idempotency_keys, batch_messages, batches, "
-        "message_events, messages"
+        "DROP TABLE holds, dead_letters, idempotency_keys, batch_messages, batches, messages"
     )
+
+
+# The database itself refuses to change or remove audit rows, whatever the application does.
+APPEND_ONLY = (
+    """
+    CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'audit_log is append-only: % refused', TG_OP
+            USING ERRCODE = 'insufficient_privilege';
+    END;
+    $$
+    """,
+    """
+    CREATE TRIGGER audit_log_no_update_delete BEFORE UPDATE OR DELETE ON audit_log
+        FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()
+    """,
+    """
+    CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+        FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only()
+    """,
+)
