@@ -10,6 +10,7 @@ Rules kept here (CONTRACT §3):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
@@ -23,7 +24,7 @@ import structlog
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -34,6 +35,7 @@ from ingest.publisher import PublishFailed, SettlementPublisher
 from ledger import store
 from ledger.audit import Actor
 from ledger.store import AcceptedMessage
+from ops.operations import Operations
 from runtime.settings import Settings
 from schemas.envelope import Envelope, FieldError, envelope_for, validate_record
 from schemas.records import CanonicalRecord
@@ -45,6 +47,8 @@ _RUN_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 log = structlog.get_logger("etrm.intake")
 
 ACCEPTED = Counter("etrm_intake_records_accepted_total", "Records accepted", ["desk", "lane"])
+HOLDS_OPEN = Gauge("etrm_holds_open", "Drift holds awaiting review")
+DEAD_LETTERS_OPEN = Gauge("etrm_dead_letters_open", "Dead letters not yet replayed")
 PUBLISH_FAILURES = Counter("etrm_intake_publish_failures_total", "Requests the broker refused")
 REQUEST_LATENCY = Histogram(
     "etrm_intake_request_seconds",
@@ -60,6 +64,7 @@ class IntakeServices:
     engine: AsyncEngine
     publisher: SettlementPublisher
     verifier: TokenVerifier
+    operations: Operations
 
 
 def utc_z(moment: datetime | None) -> str | None:
@@ -358,9 +363,18 @@ def create_app(build: Any = None) -> FastAPI:
         factory = build or bootstrap.intake_services
         svc: IntakeServices = await factory()
         app.state.services = svc
+        app.state.replay_tasks = set()
+        # Replays interrupted by a restart carry on where they stopped.
+        resume = asyncio.create_task(
+            svc.operations.resume_replays(Actor("system", "intake-restart"))
+        )
+        app.state.replay_tasks.add(resume)
         try:
             yield
         finally:
+            for task in list(app.state.replay_tasks):
+                task.cancel()
+            await asyncio.gather(*app.state.replay_tasks, return_exceptions=True)
             await bootstrap.close_intake(svc)
 
     app = FastAPI(
@@ -551,6 +565,10 @@ def create_app(build: Any = None) -> FastAPI:
             ],
         }
 
+    from ingest.ops_routes import build_router
+
+    app.include_router(build_router())
+
     @app.get("/healthz")
     async def healthz() -> Any:
         return {"status": "ok"}
@@ -572,7 +590,13 @@ def create_app(build: Any = None) -> FastAPI:
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(svc: ServicesDep) -> Response:
+        try:
+            open_holds, open_dead_letters = await store.open_work(svc.engine)
+            HOLDS_OPEN.set(open_holds)
+            DEAD_LETTERS_OPEN.set(open_dead_letters)
+        except Exception:  # noqa: S110 - the other series are still worth serving
+            pass
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -17,6 +17,9 @@ from schemas.envelope import SCHEMA_VERSION, Envelope, kafka_headers, sign_messa
 log = structlog.get_logger("etrm.intake")
 
 
+OutgoingRecord = tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]
+
+
 class PublishFailed(Exception):
     """The broker did not acknowledge every record in time; nothing may be reported accepted."""
 
@@ -74,6 +77,12 @@ class SettlementPublisher:
         headers["signature"] = sign_message(envelope.value, headers, self._kid, self._secret)
         return kafka_headers(headers)
 
+    def signed(self, value: bytes, headers: dict[str, str]) -> list[tuple[str, bytes]]:
+        """Headers with a fresh signature from the active key (replays, re-published records)."""
+        headers = {k: v for k, v in headers.items() if k != "signature"}
+        headers["signature"] = sign_message(value, headers, self._kid, self._secret)
+        return kafka_headers(headers)
+
     async def publish(
         self,
         envelopes: Sequence[Envelope],
@@ -83,33 +92,36 @@ class SettlementPublisher:
         trace_id: str,
         batch_id: str,
     ) -> None:
-        async def send_all() -> None:
-            producer = await self._ready_producer()
-            pending = []
-            for envelope in envelopes:
-                pending.append(
-                    await producer.send(
-                        self.topic_for(envelope),
-                        value=envelope.value,
-                        key=envelope.contract_id.encode(),
-                        headers=self.headers_for(
-                            envelope,
-                            desk=desk,
-                            trader=trader,
-                            trace_id=trace_id,
-                            batch_id=batch_id,
-                        ),
-                    )
+        await self.send_all(
+            [
+                (
+                    self.topic_for(envelope),
+                    envelope.contract_id.encode(),
+                    envelope.value,
+                    self.headers_for(
+                        envelope, desk=desk, trader=trader, trace_id=trace_id, batch_id=batch_id
+                    ),
                 )
+                for envelope in envelopes
+            ],
+            trace_id=trace_id,
+        )
+
+    async def send_all(self, records: Sequence[OutgoingRecord], *, trace_id: str = "") -> None:
+        """Send every record and wait for the broker to acknowledge all of them (acks=all)."""
+
+        async def send() -> None:
+            producer = await self._ready_producer()
+            pending = [
+                await producer.send(topic, value=value, key=key, headers=headers)
+                for topic, key, value, headers in records
+            ]
             await asyncio.gather(*pending)
 
         try:
-            await asyncio.wait_for(send_all(), self._timeout)
+            await asyncio.wait_for(send(), self._timeout)
         except Exception as exc:
             log.warning(
-                "publish_failed",
-                error=type(exc).__name__,
-                records=len(envelopes),
-                trace_id=trace_id,
+                "publish_failed", error=type(exc).__name__, records=len(records), trace_id=trace_id
             )
             raise PublishFailed(type(exc).__name__) from None

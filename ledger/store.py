@@ -315,6 +315,20 @@ async def get_message(engine: AsyncEngine, message_id: str) -> dict[str, Any] | 
         return result
 
 
+async def open_work(engine: AsyncEngine) -> tuple[int, int]:
+    """Holds awaiting review and dead letters not yet replayed."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM holds WHERE state = 'open'), "
+                    "(SELECT count(*) FROM dead_letters WHERE status = 'open')"
+                )
+            )
+        ).one()
+        return int(row[0]), int(row[1])
+
+
 async def ping(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))

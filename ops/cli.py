@@ -20,6 +20,11 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
+from ops.opscli import dlq, holds  # noqa: E402 - sub-apps registered right after the root
+
+app.add_typer(dlq, name="dlq")
+app.add_typer(holds, name="holds")
+
 
 def _fail(message: str) -> None:
     err.print(f"[red]error:[/] {message}")

@@ -13,6 +13,7 @@ from ingest.app import IntakeServices
 from ingest.auth import JwksKeys, TokenVerifier
 from ingest.publisher import SettlementPublisher
 from ledger.db import ensure_schema_current, make_engine
+from ops.operations import Operations
 from runtime.kafka import all_topics, ensure_topics
 from runtime.settings import Settings, get_settings
 from workers.upstream import TokenProvider, UpstreamClient
@@ -57,7 +58,9 @@ async def intake_services(settings: Settings | None = None) -> IntakeServices:
         audience=settings.jwt_audience,
         leeway_s=settings.jwt_leeway_s,
     )
-    return IntakeServices(settings, engine, publisher, verifier)
+    return IntakeServices(
+        settings, engine, publisher, verifier, Operations(engine, publisher, settings)
+    )
 
 
 async def close_intake(svc: IntakeServices) -> None:
@@ -107,3 +110,18 @@ class EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+async def ops_services(settings: Settings) -> Operations:
+    """Database and broker for the operator commands (replay publishes, hold rejection)."""
+    settings.require("database_url", "message_signing_keys")
+    assert settings.database_url is not None
+    engine = make_engine(settings.database_url, 4)
+    await ensure_schema_current(engine)
+    publisher = SettlementPublisher(settings)
+    return Operations(engine, publisher, settings)
+
+
+async def close_ops(ops: Operations) -> None:
+    await ops.publisher.stop()
+    await ops.engine.dispose()

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -153,6 +154,48 @@ def verify_message(
     if not hmac.compare_digest(expected, fields.get("v1", "")):
         return "signature does not verify"
     return None
+
+
+ERROR_TEXT_LIMIT = 2048
+
+
+def cap_text(value: str, limit: int = ERROR_TEXT_LIMIT) -> str:
+    encoded = value.encode("utf-8")
+    if len(encoded) <= limit:
+        return value
+    return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def iso_z(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterError:
+    """Why a record is on the reconciliation topic (CONTRACT §5 `error.*` / `source.*`)."""
+
+    reason: str
+    status: int | None
+    message: str
+    attempts: int
+    first_attempt_at: datetime
+    last_attempt_at: datetime
+    topic: str
+    partition: int
+    offset: int
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("error.reason", self.reason.encode()),
+            ("error.status", str(self.status or "").encode()),
+            ("error.message", cap_text(self.message).encode()),
+            ("error.attempts", str(self.attempts).encode()),
+            ("error.first_attempt_at", iso_z(self.first_attempt_at).encode()),
+            ("error.last_attempt_at", iso_z(self.last_attempt_at).encode()),
+            ("source.topic", self.topic.encode()),
+            ("source.partition", str(self.partition).encode()),
+            ("source.offset", str(self.offset).encode()),
+        ]
 
 
 def kafka_headers(headers: Mapping[str, str]) -> list[tuple[str, bytes]]:

@@ -18,7 +18,7 @@ import structlog
 import uvicorn
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.annotations import Consumer, KafkaMessage
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -71,7 +71,7 @@ def wire_subscriber(broker: KafkaBroker, settings: Settings, forwarder: Forwarde
     )
 
     @subscriber
-    async def on_settlements(_: list[bytes], message: KafkaMessage) -> None:
+    async def on_settlements(_: list[bytes], message: KafkaMessage, consumer: Consumer) -> None:
         records: Any = message.raw_message
         try:
             await forwarder.process(records)
@@ -88,6 +88,18 @@ def wire_subscriber(broker: KafkaBroker, settings: Settings, forwarder: Forwarde
             metrics.BATCHES.inc()
         except Exception as exc:  # e.g. a rebalance took the partitions away meanwhile
             log.warning("commit_failed", error=type(exc).__name__)
+        await record_lag(consumer)
+
+
+async def record_lag(consumer: Any) -> None:
+    """Consumer lag per partition: the broker's high watermark minus our position."""
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is None:
+            continue
+        with contextlib.suppress(Exception):
+            position = await consumer.position(tp)
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(highwater - position)
 
 
 def health_app(upstream: UpstreamClient) -> Starlette:

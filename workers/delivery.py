@@ -30,11 +30,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger import store
 from ledger.audit import Actor
 from ledger.store import Claim, Incoming, Outcome
-from schemas.envelope import header_map, identity_hash, message_id_for, verify_message
+from schemas.envelope import (
+    DeadLetterError,
+    cap_text,
+    header_map,
+    identity_hash,
+    message_id_for,
+    verify_message,
+)
 from schemas.records import CanonicalRecord
 from workers import metrics
 from workers.rules import drift, is_superseded
-from workers.upstream import DeliveryResult, UpstreamClient, cap_text
+from workers.upstream import DeliveryResult, UpstreamClient
 
 log = structlog.get_logger("etrm.worker")
 
@@ -51,11 +58,6 @@ class ConsumedRecord(Protocol):
 
 
 DeadLetterPublisher = Callable[[bytes | None, bytes, list[tuple[str, bytes]]], Awaitable[None]]
-
-
-def iso_z(moment: datetime | None) -> str:
-    moment = moment or datetime.now(UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(slots=True)
@@ -272,8 +274,24 @@ class Forwarder:
 
         return hook
 
-    def _finish(self, msg: Incoming, state: str, attempts: int, detail: str) -> None:
+    @staticmethod
+    def _outcome(msg: Incoming, state: str, attempts: int, **extra: Any) -> None:
+        """One log line per final state: the trace id follows the record from the intake."""
         metrics.DELIVERIES.labels(state).inc()
+        log.info(
+            "delivery_outcome",
+            state=state,
+            message_id=msg.message_id,
+            trace_id=msg.trace_id,
+            desk=msg.desk,
+            contract_id=msg.contract_id,
+            revision=msg.revision,
+            attempts=attempts,
+            **extra,
+        )
+
+    def _finish(self, msg: Incoming, state: str, attempts: int, detail: str) -> None:
+        self._outcome(msg, state, attempts)
         self.writer.add(Outcome(msg.message_id, state, attempts, detail=detail))
 
     def _delivered(self, msg: Incoming, result: DeliveryResult) -> None:
@@ -305,7 +323,9 @@ class Forwarder:
                 "variance": variance,
             }
             metrics.HOLDS_OPEN.inc()
-        metrics.DELIVERIES.labels(outcome.state).inc()
+        self._outcome(
+            msg, outcome.state, result.attempts, upstream_transaction_id=result.transaction_id
+        )
         self.writer.add(outcome)
 
     async def _fail(
@@ -322,7 +342,7 @@ class Forwarder:
         last = result.last_attempt_at if result else now
         await self._dead_letter(item.record, reason, status, error, attempts, first, last)
         headers = header_map(item.record.headers)
-        metrics.DELIVERIES.labels("dead_lettered").inc()
+        self._outcome(item.incoming, "dead_lettered", attempts, reason=reason, status=status)
         self.writer.add(
             Outcome(
                 item.incoming.message_id,
@@ -353,23 +373,23 @@ class Forwarder:
         record: ConsumedRecord,
         reason: str,
         status: int | None,
-        error: str,
+        error_text: str,
         attempts: int,
         first: datetime,
         last: datetime,
     ) -> None:
-        headers = [
-            *list(record.headers),
-            ("error.reason", reason.encode()),
-            ("error.status", str(status or "").encode()),
-            ("error.message", cap_text(error).encode()),
-            ("error.attempts", str(attempts).encode()),
-            ("error.first_attempt_at", iso_z(first).encode()),
-            ("error.last_attempt_at", iso_z(last).encode()),
-            ("source.topic", record.topic.encode()),
-            ("source.partition", str(record.partition).encode()),
-            ("source.offset", str(record.offset).encode()),
-        ]
+        error = DeadLetterError(
+            reason,
+            status,
+            error_text,
+            attempts,
+            first,
+            last,
+            record.topic,
+            record.partition,
+            record.offset,
+        )
+        headers = [*record.headers, *error.headers()]
         await self._publish_dead_letter(record.key, record.value or b"", headers)
         metrics.DEAD_LETTERS.labels(reason).inc()
 

@@ -14,4 +14,7 @@ UPSTREAM_LATENCY = Histogram(
 )
 TOKEN_RENEWALS = Counter("etrm_worker_token_renewals_total", "Upstream access tokens obtained")
 HOLDS_OPEN = Gauge("etrm_worker_holds_opened", "Holds opened by this worker since start")
+CONSUMER_LAG = Gauge(
+    "etrm_worker_consumer_lag", "Records behind the high watermark", ["topic", "partition"]
+)
 BATCHES = Counter("etrm_worker_polled_batches_total", "Polled batches finished and committed")

@@ -26,18 +26,11 @@ from tenacity import (
     stop_before_delay,
 )
 
+from schemas.envelope import cap_text
 from workers import metrics
 from workers.rules import Verdict, backoff_delay, classify, parse_position, retry_after_seconds
 
-ERROR_TEXT_LIMIT = 2048
 SYNC_PATH = "/api/v1/settlements/sync"
-
-
-def cap_text(value: str, limit: int = ERROR_TEXT_LIMIT) -> str:
-    encoded = value.encode("utf-8")
-    if len(encoded) <= limit:
-        return value
-    return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
 
 
 class TokenUnavailable(Exception):

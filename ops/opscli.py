@@ -1,0 +1,293 @@
+"""`etrm-sync dlq …` and `etrm-sync holds …`: the operations desk's commands.
+
+They run the same service (ops.operations) as the HTTP API, straight against the database and
+the broker, as the operator named by --operator (default: ETRM_OPERATOR or the OS user).
+Every action is audited like its API twin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from ledger import reconciliation as recon
+from ops.operations import OperationRefused, Operations, operator_actor
+from runtime.settings import SettingsError, get_settings
+
+dlq = typer.Typer(no_args_is_help=True, help="The reconciliation queue (dead letters).")
+holds = typer.Typer(no_args_is_help=True, help="Drift holds awaiting review.")
+console = Console()
+T = TypeVar("T")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+OperatorOpt = Annotated[
+    str | None, typer.Option(help="Who is acting (audited); default ETRM_OPERATOR or the OS user")
+]
+
+
+def _operator(name: str | None) -> str:
+    return name or os.environ.get("ETRM_OPERATOR") or getpass.getuser()
+
+
+@asynccontextmanager
+async def _operations() -> AsyncIterator[Operations]:
+    from runtime.bootstrap import close_ops, ops_services
+
+    ops = await ops_services(get_settings())
+    try:
+        yield ops
+    finally:
+        await close_ops(ops)
+
+
+def _run(work: Callable[[Operations], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with _operations() as ops:
+            return await work(ops)
+
+    try:
+        return asyncio.run(main())
+    except SettingsError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except OperationRefused as exc:
+        console.print(f"[red]refused ({exc.status} {exc.code}):[/] {exc.detail}")
+        raise typer.Exit(1) from None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return f"{value:f}"
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def _emit(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([{k: _plain(v) for k, v in r.items()} for r in rows], indent=2))
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(_plain(row.get(c)) if row.get(c) is not None else "") for c in columns))
+    console.print(table)
+
+
+def _filter(
+    desk: str | None,
+    run: str | None,
+    contract: str | None,
+    reason: str | None,
+    status: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> recon.DeadLetterFilter:
+    return recon.DeadLetterFilter(desk, run, contract, reason, status, since, until)
+
+
+DeskOpt = Annotated[str | None, typer.Option(help="Only this desk")]
+RunOpt = Annotated[str | None, typer.Option("--run", help="Only this settlement run")]
+ContractOpt = Annotated[str | None, typer.Option("--contract", help="Only this contract")]
+ReasonOpt = Annotated[str | None, typer.Option(help="Only this dead-letter reason")]
+StatusOpt = Annotated[str | None, typer.Option(help="open, replayed, …")]
+SinceOpt = Annotated[datetime | None, typer.Option(help="Dead-lettered at or after (UTC)")]
+UntilOpt = Annotated[datetime | None, typer.Option(help="Dead-lettered before (UTC)")]
+
+
+@dlq.command("list")
+def dlq_list(
+    desk: DeskOpt = None,
+    run: RunOpt = None,
+    contract: ContractOpt = None,
+    reason: ReasonOpt = None,
+    status: StatusOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    limit: int = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """List dead letters, oldest first."""
+    where = _filter(desk, run, contract, reason, status, since, until)
+    items, _ = _run(
+        lambda ops: recon.list_dead_letters(ops.engine, where, limit=limit, cursor=None)
+    )
+    _emit(
+        items,
+        [
+            "dead_letter_id",
+            "desk",
+            "contract_id",
+            "reason",
+            "status",
+            "attempts",
+            "last_error",
+            "created_at",
+        ],
+        "Reconciliation queue",
+        as_json,
+    )
+
+
+@dlq.command("show")
+def dlq_show(dead_letter_id: str, as_json: JsonOpt = False) -> None:
+    """One dead letter with its Kafka coordinates and headers."""
+    item = _run(lambda ops: recon.get_dead_letter(ops.engine, dead_letter_id))
+    if item is None:
+        console.print("[red]no such dead letter")
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps({k: _plain(v) for k, v in item.items()}, indent=2))
+        return
+    table = Table(title=dead_letter_id, show_header=False)
+    for key, value in item.items():
+        table.add_row(
+            key, json.dumps(value, indent=1) if isinstance(value, dict) else str(_plain(value))
+        )
+    console.print(table)
+
+
+@dlq.command("replay")
+def dlq_replay(
+    message_id: Annotated[
+        list[str] | None, typer.Option("--id", help="Message id (repeat)")
+    ] = None,
+    desk: DeskOpt = None,
+    run: RunOpt = None,
+    contract: ContractOpt = None,
+    reason_filter: Annotated[
+        str | None, typer.Option("--dead-letter-reason", help="Only this dead-letter reason")
+    ] = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    reason: Annotated[str | None, typer.Option(help="Why (required, audited)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Show what would be replayed")] = False,
+    approve: Annotated[str | None, typer.Option(help="Approve REPLAY_ID (four eyes)")] = None,
+    resume: Annotated[str | None, typer.Option(help="Resume REPLAY_ID")] = None,
+    operator: OperatorOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay dead letters by id or by filter: same message ids, per-contract order kept."""
+    actor = operator_actor(_operator(operator))
+
+    async def work(ops: Operations) -> dict[str, Any]:
+        replay_id = approve or resume
+        if approve:
+            await ops.approve_replay(approve, actor, reason)
+        if replay_id is None:
+            if not reason:
+                raise OperationRefused(422, "reason_required", "--reason is required")
+            where = (
+                None
+                if message_id
+                else _filter(desk, run, contract, reason_filter, None, since, until)
+            )
+            result = await ops.request_replay(
+                actor, message_ids=message_id, where=where, reason=reason, dry_run=dry_run
+            )
+            if dry_run or result["state"] != "approved":
+                return result
+            replay_id = result["replay_id"]
+        with Progress(console=console, disable=as_json) as bar:
+            task = bar.add_task("replaying", total=None)
+            ran = await ops.run_replay(
+                replay_id, actor, lambda done, total: bar.update(task, completed=done, total=total)
+            )
+        status = await recon.get_replay(ops.engine, replay_id)
+        return {
+            "replay_id": replay_id,
+            "ran": ran,
+            **{k: _plain(v) for k, v in (status or {}).items()},
+        }
+
+    result = _run(work)
+    if as_json:
+        print(json.dumps(result, indent=2, default=_plain))
+        return
+    if result.get("dry_run"):
+        _emit(
+            result["items"],
+            ["dead_letter_id", "message_id", "desk", "contract_id", "reason"],
+            f"Would replay {result['count']} (needs approval: {result['needs_approval']})",
+            False,
+        )
+        return
+    if result.get("state") == "pending_approval":
+        console.print(
+            f"replay {result['replay_id']} of {result['count']} record(s) needs a "
+            "second operator: etrm-sync dlq replay --approve "
+            f"{result['replay_id']} --operator <someone else>"
+        )
+        return
+    console.print(
+        f"replay {result['replay_id']}: {result.get('state')}, progress {result.get('progress')}"
+    )
+
+
+@holds.command("list")
+def holds_list(
+    state: Annotated[str | None, typer.Option(help="open, released, rejected")] = "open",
+    desk: DeskOpt = None,
+    limit: int = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Held messages with submitted vs reconciled position and the variance."""
+    rows = _run(lambda ops: recon.list_holds(ops.engine, state=state, desk=desk, limit=limit))
+    _emit(
+        rows,
+        [
+            "hold_id",
+            "desk",
+            "contract_id",
+            "submitted_position_mwh",
+            "reconciled_position_mwh",
+            "variance",
+            "state",
+            "created_at",
+        ],
+        "Drift holds",
+        as_json,
+    )
+
+
+def _decide(hold_id: str, decision: str, reason: str, operator: str | None, as_json: bool) -> None:
+    actor = operator_actor(_operator(operator))
+    result = _run(lambda ops: ops.decide_hold(hold_id, decision, actor, reason))
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print(f"hold {hold_id}: {result['state']}")
+
+
+ReasonReq = Annotated[str, typer.Option(help="Why (required, audited)")]
+
+
+@holds.command("release")
+def holds_release(
+    hold_id: str, reason: ReasonReq, operator: OperatorOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Accept the reconciled position: the message becomes `released`."""
+    _decide(hold_id, "released", reason, operator, as_json)
+
+
+@holds.command("reject")
+def holds_reject(
+    hold_id: str, reason: ReasonReq, operator: OperatorOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Refuse it: the message becomes `rejected` and a `drift_rejected` dead letter."""
+    _decide(hold_id, "rejected", reason, operator, as_json)
