@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from pydantic import TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,7 +39,7 @@ from ledger.store import AcceptedMessage
 from ops.operations import Operations
 from runtime.settings import Settings
 from schemas.envelope import Envelope, FieldError, envelope_for, validate_record
-from schemas.records import CanonicalRecord
+from schemas.records import CanonicalRecord, SourceRecord
 
 MAX_BATCH = 5000
 MAX_REPORTED_ERRORS = 200
@@ -353,6 +354,80 @@ def _key_in_use(existing: store.ExistingKey, request_hash: str) -> Problem:
     )
 
 
+def _record_examples() -> dict[str, Any]:
+    from ops import samples
+
+    run = "RUN2026112700001"
+    return {
+        "canonical_real_time": {
+            "summary": "Canonical ISO real-time price (priority lane)",
+            "value": samples.canonical(run, "RT-PJM-000001"),
+        },
+        "iso_day_ahead_award": {
+            "summary": "ISO day-ahead award (PJM, hour ending 17)",
+            "value": samples.iso_award(run, "PJM-DA-000001"),
+        },
+        "otc_confirmation": {
+            "summary": "Bilateral OTC confirmation (sell 400 MWh)",
+            "value": samples.otc_confirmation(run, "OTC-TRADE-00077"),
+        },
+        "physical_nomination": {
+            "summary": "Gas nomination in MMBtu (NAESB gas day)",
+            "value": samples.gas_nomination(run, "GAS-NOM-000001"),
+        },
+    }
+
+
+def _openapi_body(batch: bool) -> dict[str, Any]:
+    record_schema = TypeAdapter(SourceRecord).json_schema(ref_template="#/$defs/{model}")
+    examples = _record_examples()
+    if batch:
+        schema: dict[str, Any] = {
+            "type": "object",
+            "required": ["records"],
+            "additionalProperties": False,
+            "properties": {
+                "records": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_BATCH,
+                    "items": record_schema,
+                }
+            },
+        }
+        examples = {
+            "every_kind": {
+                "summary": "One record of every kind",
+                "value": {"records": [e["value"] for e in examples.values()]},
+            }
+        }
+    else:
+        schema = record_schema
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema, "examples": examples}},
+        }
+    }
+
+
+RUN_ID_HEADER = {
+    "name": "X-Settlement-Run-ID",
+    "in": "header",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Z0-9]{16}$"},
+}
+
+
+def _idempotency_param(required: bool) -> dict[str, Any]:
+    return {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": required,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    }
+
+
 def create_app(build: Any = None) -> FastAPI:
     """`build(settings)` -> IntakeServices; the default builds real adapters (runtime.bootstrap)."""
 
@@ -445,7 +520,14 @@ def create_app(build: Any = None) -> FastAPI:
             getattr(request.state, "trace_id", None),
         )
 
-    @app.post("/v1/settlements/sync", status_code=202)
+    @app.post(
+        "/v1/settlements/sync",
+        status_code=202,
+        openapi_extra={
+            **_openapi_body(batch=False),
+            "parameters": [RUN_ID_HEADER, _idempotency_param(False)],
+        },
+    )
     async def sync_settlement(request: Request, svc: ServicesDep, who: PrincipalDep) -> Any:
         require(who, "settlements:write")
         run_id = _run_id_header(request)
@@ -465,7 +547,14 @@ def create_app(build: Any = None) -> FastAPI:
             headers={"Location": status_url},
         )
 
-    @app.post("/v1/settlements/batches", status_code=202)
+    @app.post(
+        "/v1/settlements/batches",
+        status_code=202,
+        openapi_extra={
+            **_openapi_body(batch=True),
+            "parameters": [RUN_ID_HEADER, _idempotency_param(True)],
+        },
+    )
     async def submit_batch(request: Request, svc: ServicesDep, who: PrincipalDep) -> Any:
         require(who, "settlements:write")
         run_id = _run_id_header(request)
@@ -568,6 +657,12 @@ def create_app(build: Any = None) -> FastAPI:
     from ingest.ops_routes import build_router
 
     app.include_router(build_router())
+
+    @app.get("/asyncapi.json", include_in_schema=False)
+    async def asyncapi(svc: ServicesDep) -> Any:
+        from ops.docs import asyncapi_document
+
+        return asyncapi_document(svc.settings)
 
     @app.get("/healthz")
     async def healthz() -> Any:

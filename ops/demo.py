@@ -152,4 +152,74 @@ async def run_demo(env: dict[str, str], console: Console | None = None) -> int:
             f"POSTs answered from its Idempotency-Key store, {sim['rejected_posts']} rejected, "
             f"{sim['failed_posts']} failed (maintenance)"
         )
+        await _operations_follow_up(http, env, console, run, tag)
     return 0
+
+
+async def _operations_follow_up(
+    http: httpx.AsyncClient, env: dict[str, str], console: Console, run: str, tag: str
+) -> None:
+    """The ops desk's side: the maintenance window ends, the dead letter is replayed, the
+    drift hold is reviewed and released."""
+    ops_token = mint_token(
+        Path(env["ETRM_DEV_JWT_PRIVATE_KEY"]),
+        issuer=env["ETRM_JWT_ISSUER"],
+        audience=env["ETRM_JWT_AUDIENCE"],
+        subject="ops-demo",
+        desk="ops",
+        scopes=["ops:read", "ops:replay", "ops:holds"],
+    )
+    ops_headers = {"Authorization": f"Bearer {ops_token}"}
+    await http.patch(f"{env['ETRM_UPSTREAM_URL']}/_sim/config", json={"down_contracts": []})
+    console.print("\n[bold]Operations[/]: the upstream's maintenance window is over.")
+    queue = (
+        await http.get(
+            "/v1/reconciliation",
+            headers=ops_headers,
+            params={"settlement_run_id": run, "reason": "retries_exhausted"},
+        )
+    ).json()["items"]
+    outage = next(i for i in queue if i["contract_id"] == f"OUTAGE-{tag}")
+    replay = (
+        await http.post(
+            "/v1/reconciliation/replay",
+            headers=ops_headers,
+            json={"message_ids": [outage["message_id"]], "reason": "ETRM maintenance window ended"},
+        )
+    ).json()
+    console.print(
+        f"replay {replay['replay_id']}: {replay['count']} dead letter, state {replay['state']}"
+    )
+    for _ in range(60):  # the replay republishes in the background
+        progress = (await http.get(f"/v1/reconciliation/replay/{replay['replay_id']}",
+                                   headers=ops_headers)).json()
+        if progress["state"] == "completed":
+            break
+        await asyncio.sleep(0.25)
+    state = ""
+    for _ in range(60):
+        state = (await http.get(f"/v1/settlements/{outage['message_id']}")).json()["state"]
+        if state in FINAL:
+            break
+        await asyncio.sleep(0.5)
+    console.print(
+        f"OUTAGE-{tag} after replay: [green]{state}[/] (same message id, so the "
+        "upstream's Idempotency-Key guarantees one effect)"
+    )
+    holds = (await http.get("/v1/holds", headers=ops_headers, params={"state": "open"})).json()[
+        "items"
+    ]
+    hold = next(h for h in holds if h["contract_id"] == f"DRIFT-{tag}")
+    console.print(
+        f"hold {hold['hold_id']}: submitted {hold['submitted_position_mwh']} MWh, "
+        f"reconciled {hold['reconciled_position_mwh']} MWh, "
+        f"variance {hold['variance']}"
+    )
+    released = (
+        await http.post(
+            f"/v1/holds/{hold['hold_id']}/release",
+            headers=ops_headers,
+            json={"reason": "ISO meter correction confirmed"},
+        )
+    ).json()
+    console.print(f"DRIFT-{tag} after review: [green]{released['state']}[/]")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -29,6 +30,7 @@ from ledger.db import ensure_schema_current, make_engine
 from runtime.bootstrap import WORKER_REQUIRED, EmbeddedServer, upstream_client, upstream_http
 from runtime.kafka import all_topics, ensure_topics
 from runtime.settings import Settings
+from schemas.records import CanonicalRecord
 from workers import metrics
 from workers.delivery import Forwarder
 from workers.upstream import UpstreamClient
@@ -47,6 +49,17 @@ def build_broker(settings: Settings) -> KafkaBroker:
     )
 
 
+def reconciliation_publisher(broker: KafkaBroker, settings: Settings) -> Any:
+    return broker.publisher(
+        settings.topic_reconciliation,
+        title="to_reconciliation",
+        description="Dead letters: the original key, value (canonical record) and headers, "
+        "plus error.reason/status/message/attempts/first_attempt_at/last_attempt_at and "
+        "source.topic/partition/offset (CONTRACT §5).",
+        schema=CanonicalRecord,
+    )
+
+
 def max_poll_interval_ms(settings: Settings) -> int:
     # A batch holds its poll until every message is final, retries included; the group must
     # not evict a worker that is honestly waiting out the retry budget.
@@ -54,7 +67,10 @@ def max_poll_interval_ms(settings: Settings) -> int:
     return int(budget * 1000)
 
 
-def wire_subscriber(broker: KafkaBroker, settings: Settings, forwarder: Forwarder) -> None:
+BatchHandler = Callable[[Any], Awaitable[None]]
+
+
+def wire_subscriber(broker: KafkaBroker, settings: Settings, process: BatchHandler) -> None:
     subscriber = broker.subscriber(
         *settings.topics,
         batch=True,
@@ -74,7 +90,7 @@ def wire_subscriber(broker: KafkaBroker, settings: Settings, forwarder: Forwarde
     async def on_settlements(_: list[bytes], message: KafkaMessage, consumer: Consumer) -> None:
         records: Any = message.raw_message
         try:
-            await forwarder.process(records)
+            await process(records)
         except Exception as exc:
             log.exception(
                 "batch_failed_will_reread", error=type(exc).__name__, records=len(records)
@@ -125,11 +141,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     http = upstream_http(settings)
     upstream = upstream_client(settings, http)
     broker = build_broker(settings)
-    to_reconciliation = broker.publisher(
-        settings.topic_reconciliation,
-        title="to_reconciliation",
-        description="Dead letters: the original record and headers plus error.* and source.*",
-    )
+    to_reconciliation = reconciliation_publisher(broker, settings)
 
     async def publish_dead_letter(
         key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
@@ -144,7 +156,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         concurrency=settings.worker_concurrency,
         drift_threshold=settings.drift_threshold,
     )
-    wire_subscriber(broker, settings, forwarder)
+    wire_subscriber(broker, settings, forwarder.process)
     forwarder.writer.start()
     if stop is None:  # run as a process: stop on SIGINT/SIGTERM
         stop = asyncio.Event()
