@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest.auth import Principal, TokenVerifier
 from ingest.body import read_json
+from ingest.limits import BodyLimit, DeskRateLimiter, FailureAlarm
 from ingest.problems import Problem, problem_response
 from ingest.publisher import PublishFailed, SettlementPublisher
 from ledger import store
@@ -66,6 +67,8 @@ class IntakeServices:
     publisher: SettlementPublisher
     verifier: TokenVerifier
     operations: Operations
+    rate_limiter: DeskRateLimiter
+    alarm: FailureAlarm
 
 
 def utc_z(moment: datetime | None) -> str | None:
@@ -83,11 +86,20 @@ ServicesDep = Annotated[IntakeServices, Depends(services)]
 
 
 async def principal(request: Request, svc: ServicesDep) -> Principal:
-    who = await svc.verifier.verify(request.headers.get("authorization"))
+    source = request.client.host if request.client else "unknown"
+    try:
+        who = await svc.verifier.verify(request.headers.get("authorization"))
+    except Problem as exc:
+        svc.alarm.failed(source, str(exc.extra.get("reason", exc.code)))
+        raise
+    request.state.principal = who
+    svc.rate_limiter.check(who.desk, who.subject)
     trader_scope = request.headers.get("x-trader-scope")
     if trader_scope is not None and trader_scope != who.desk:
         raise Problem(403, "desk_mismatch", "X-Trader-Scope must name the token's desk")
-    request.state.principal = who
+    log.debug(
+        "authenticated", desk=who.desk, subject=who.subject, token_id=who.token_id, source=source
+    )
     return who
 
 
@@ -428,8 +440,12 @@ def _idempotency_param(required: bool) -> dict[str, Any]:
     }
 
 
-def create_app(build: Any = None) -> FastAPI:
-    """`build(settings)` -> IntakeServices; the default builds real adapters (runtime.bootstrap)."""
+def create_app(build: Any = None, body_limit: int | None = None) -> FastAPI:
+    """`build()` -> IntakeServices; the default builds real adapters (runtime.bootstrap)."""
+    if body_limit is None:
+        from runtime.settings import get_settings
+
+        body_limit = get_settings().max_body_bytes
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -459,6 +475,7 @@ def create_app(build: Any = None) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
     )
+    app.add_middleware(BodyLimit, limit=body_limit)
 
     @app.middleware("http")
     async def trace(request: Request, call_next: Any) -> Response:

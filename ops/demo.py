@@ -191,8 +191,9 @@ async def _operations_follow_up(
         f"replay {replay['replay_id']}: {replay['count']} dead letter, state {replay['state']}"
     )
     for _ in range(60):  # the replay republishes in the background
-        progress = (await http.get(f"/v1/reconciliation/replay/{replay['replay_id']}",
-                                   headers=ops_headers)).json()
+        progress = (
+            await http.get(f"/v1/reconciliation/replay/{replay['replay_id']}", headers=ops_headers)
+        ).json()
         if progress["state"] == "completed":
             break
         await asyncio.sleep(0.25)

@@ -49,7 +49,7 @@ def asyncapi_document(settings: Settings | None = None) -> dict[str, Any]:
 def openapi_document() -> dict[str, Any]:
     from ingest.app import create_app
 
-    document: dict[str, Any] = create_app().openapi()
+    document: dict[str, Any] = create_app(body_limit=Settings().max_body_bytes).openapi()
     return document
 
 

@@ -11,6 +11,7 @@ import uvicorn
 
 from ingest.app import IntakeServices
 from ingest.auth import JwksKeys, TokenVerifier
+from ingest.limits import DeskRateLimiter, FailureAlarm
 from ingest.publisher import SettlementPublisher
 from ledger.db import ensure_schema_current, make_engine
 from ops.operations import Operations
@@ -58,8 +59,15 @@ async def intake_services(settings: Settings | None = None) -> IntakeServices:
         audience=settings.jwt_audience,
         leeway_s=settings.jwt_leeway_s,
     )
+    default_rate, desk_rates = settings.desk_rates()
     return IntakeServices(
-        settings, engine, publisher, verifier, Operations(engine, publisher, settings)
+        settings,
+        engine,
+        publisher,
+        verifier,
+        Operations(engine, publisher, settings),
+        DeskRateLimiter(default_rate, desk_rates),
+        FailureAlarm(),
     )
 
 

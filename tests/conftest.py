@@ -239,7 +239,7 @@ async def pipeline_factory(infra: Infra) -> AsyncIterator[PipelineFactory]:
         async def services() -> Any:
             return await intake_services(settings)
 
-        intake = await Server(create_app(services)).start()
+        intake = await Server(create_app(services, settings.max_body_bytes)).start()
         pipe = Pipeline(infra, settings, sim_app.state.sim, sim_server, intake)
         made.append(pipe)
         if worker:

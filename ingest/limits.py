@@ -1,0 +1,139 @@
+"""Abuse limits at the door: a token bucket per desk (one desk flooding cannot slow another),
+a body size cap on every route, and repeated authentication failures raising an alert."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ingest.problems import Problem
+
+security_log = structlog.get_logger("etrm.security")
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class DeskRateLimiter:
+    """`rate` requests per second with bursts of `burst`, per desk; counted per request."""
+
+    def __init__(self, default: tuple[float, int], overrides: dict[str, tuple[float, int]]):
+        self._default = default
+        self._overrides = overrides
+        self._buckets: dict[str, _Bucket] = {}
+
+    def retry_after(self, desk: str) -> float | None:
+        """None when the request may pass (and is counted); else seconds until it could."""
+        rate, burst = self._overrides.get(desk, self._default)
+        now = time.monotonic()
+        bucket = self._buckets.get(desk)
+        if bucket is None:
+            bucket = self._buckets[desk] = _Bucket(float(burst), now)
+        bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.updated) * rate)
+        bucket.updated = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return None
+        return (1.0 - bucket.tokens) / rate if rate > 0 else 60.0
+
+    def check(self, desk: str, subject: str) -> None:
+        wait = self.retry_after(desk)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            security_log.warning("rate_limited", desk=desk, subject=subject, retry_after_s=seconds)
+            raise Problem(
+                429,
+                "rate_limited",
+                f"desk {desk} is over its request rate",
+                headers={"Retry-After": str(seconds)},
+            )
+
+
+class FailureAlarm:
+    """Counts authentication failures per source address in a sliding window and raises one
+    `security_alert` event when a source crosses the threshold (CIP-007 R4/R5.7 style)."""
+
+    def __init__(self, threshold: int = 10, window_s: float = 60.0) -> None:
+        self._threshold = threshold
+        self._window = window_s
+        self._failures: dict[str, deque[float]] = {}
+        self._alerted: dict[str, float] = {}
+
+    def failed(self, source: str, reason: str) -> bool:
+        now = time.monotonic()
+        seen = self._failures.setdefault(source, deque())
+        seen.append(now)
+        while seen and now - seen[0] > self._window:
+            seen.popleft()
+        if len(self._failures) > 10_000:  # bounded memory under a spray of sources
+            self._failures = {source: seen}
+        if len(seen) >= self._threshold and now - self._alerted.get(source, -1e9) > self._window:
+            self._alerted[source] = now
+            security_log.error(
+                "security_alert",
+                alert="repeated_authentication_failures",
+                source=source,
+                failures=len(seen),
+                window_s=self._window,
+                last_reason=reason,
+            )
+            return True
+        return False
+
+
+class BodyLimit:
+    """413 for any request body over the limit, declared or streamed, on every route."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _reject(send, self.limit)
+                return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise Problem(413, "payload_too_large", f"body exceeds {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _reject(send: Send, limit: int) -> None:
+    body = (
+        b'{"type":"https://etrm-sync.dev/problems/payload_too_large","title":"Payload too '
+        b'large","status":413,"code":"payload_too_large","detail":"body exceeds '
+        + str(limit).encode()
+        + b' bytes"}'
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,262 @@
+"""The perimeter (issue 3): a JWT attack suite, object-level authorization, rate limits,
+body limits and security events — against the real intake over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from ops import samples
+from tests.conftest import AUDIENCE, ISSUER, Pipeline, PipelineFactory
+
+pytestmark = pytest.mark.integration
+
+
+class Keys:
+    """Three signing keys the intake trusts (RS256, ES256, EdDSA) and one it does not."""
+
+    def __init__(self, directory: Path) -> None:
+        self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.ec = ec.generate_private_key(ec.SECP256R1())
+        self.ed = ed25519.Ed25519PrivateKey.generate()
+        self.attacker = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        keys = []
+        for kid, public, algorithm, alg in (
+            ("rsa-1", self.rsa.public_key(), RSAAlgorithm, "RS256"),
+            ("ec-1", self.ec.public_key(), ECAlgorithm, "ES256"),
+            ("ed-1", self.ed.public_key(), OKPAlgorithm, "EdDSA"),
+        ):
+            jwk = json.loads(algorithm.to_jwk(public))  # type: ignore[attr-defined]
+            jwk.update(kid=kid, alg=alg, use="sig")
+            keys.append(jwk)
+        self.path = directory / f"jwks-{uuid.uuid4().hex}.json"
+        self.path.write_text(json.dumps({"keys": keys}))
+
+    def claims(self, **changes: Any) -> dict[str, Any]:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": "trader-9",
+            "desk": "power-east",
+            "iat": now,
+            "exp": now + 600,
+            "scope": "settlements:write settlements:read",
+            "jti": uuid.uuid4().hex,
+        }
+        claims.update(changes)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def token(
+        self,
+        alg: str = "RS256",
+        kid: str | None = "rsa-1",
+        key: Any = None,
+        headers: dict[str, Any] | None = None,
+        **claims: Any,
+    ) -> str:
+        signing = key or {"RS256": self.rsa, "ES256": self.ec, "EdDSA": self.ed}[alg]
+        extra = dict(headers or {})
+        if kid is not None:
+            extra["kid"] = kid
+        return jwt.encode(self.claims(**claims), signing, algorithm=alg, headers=extra)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+@pytest.fixture
+async def secured(pipeline_factory: PipelineFactory, tmp_path: Path) -> tuple[Pipeline, Keys]:
+    keys = Keys(tmp_path)
+    pipe: Pipeline = await pipeline_factory(
+        worker=False,
+        jwks_url=str(keys.path),
+        desk_rate_limits="flood-desk=2:3",
+        max_body_bytes=32 * 1024,
+    )
+    return pipe, keys
+
+
+async def post_with(pipe: Pipeline, token: str) -> httpx.Response:
+    run = samples.run_id()
+    async with httpx.AsyncClient(base_url=pipe.intake.url, timeout=10) as client:
+        return await client.post(
+            "/v1/settlements/sync",
+            json=samples.otc_confirmation(run, "OTC-SEC-0001"),
+            headers={"Authorization": f"Bearer {token}", "X-Settlement-Run-ID": run},
+        )
+
+
+async def test_every_allowed_algorithm_is_accepted(secured: tuple[Pipeline, Keys]) -> None:
+    pipe, keys = secured
+    for alg, kid in (("RS256", "rsa-1"), ("ES256", "ec-1"), ("EdDSA", "ed-1")):
+        response = await post_with(pipe, keys.token(alg, kid))
+        assert response.status_code in (202, 409), (alg, response.text)
+
+
+def attacks(keys: Keys) -> dict[str, str]:
+    rsa_public_pem = keys.rsa.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    header_none = b64(json.dumps({"alg": "none", "typ": "JWT", "kid": "rsa-1"}).encode())
+    body = b64(json.dumps(keys.claims()).encode())
+    attacker_jwk = json.loads(RSAAlgorithm.to_jwk(keys.attacker.public_key()))
+    good = keys.token()
+    head, _payload, signature = good.split(".")
+    tampered_payload = b64(json.dumps(keys.claims(desk="gas-west")).encode())
+    cases = {
+        "alg none": f"{header_none}.{body}.",
+        "HS256 with the RSA public key": _hs256_with(rsa_public_pem, keys),
+        "unknown kid": keys.token(kid="rsa-2"),
+        "injected kid": keys.token(kid="../../../../dev/null' OR '1'='1"),
+        "jku header": keys.token(
+            key=keys.attacker, kid="rsa-1", headers={"jku": "http://127.0.0.1:9/jwks.json"}
+        ),
+        "x5u header": keys.token(headers={"x5u": "http://127.0.0.1:9/cert.pem"}),
+        "embedded jwk": keys.token(key=keys.attacker, kid=None, headers={"jwk": attacker_jwk}),
+        "signed by an unknown key": keys.token(key=keys.attacker),
+        "expired": keys.token(exp=int(time.time()) - 300, iat=int(time.time()) - 900),
+        "not yet valid": keys.token(nbf=int(time.time()) + 600),
+        "issued in the future": keys.token(iat=int(time.time()) + 600),
+        "wrong issuer": keys.token(iss="https://evil.example"),
+        "wrong audience": keys.token(aud="another-service"),
+        "bad signature": f"{head}.{tampered_payload}.{signature}",
+        "truncated": good[: len(good) // 2],
+        "oversized": keys.token(padding="x" * 9000),
+        "unknown crit": keys.token(headers={"crit": ["exp-ext"], "exp-ext": 1}),
+        "ES256 header on the RSA key": keys.token(alg="ES256", kid="rsa-1", key=keys.ec),
+    }
+    for claim in ("iss", "aud", "sub", "exp", "iat", "desk", "scope"):
+        cases[f"missing {claim}"] = keys.token(**{claim: None})
+    return cases
+
+
+def _hs256_with(secret: bytes, keys: Keys) -> str:
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}).encode())
+    body = b64(json.dumps(keys.claims()).encode())
+    mac = hmac.new(secret, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    return f"{header}.{body}.{b64(mac)}"
+
+
+async def test_jwt_attack_suite_every_attack_is_401(secured: tuple[Pipeline, Keys]) -> None:
+    pipe, keys = secured
+    results = {}
+    for name, token in attacks(keys).items():
+        response = await post_with(pipe, token)
+        results[name] = response.status_code
+        if response.status_code == 401:
+            assert response.headers["www-authenticate"].startswith("Bearer")
+    allowed = {
+        name: status
+        for name, status in results.items()
+        if status != 401 and not (name == "oversized" and status == 431)
+    }
+    assert allowed == {}, f"attacks not refused: {allowed}"
+
+
+async def test_rate_limit_per_desk(secured: tuple[Pipeline, Keys]) -> None:
+    pipe, keys = secured
+    flood = keys.token(desk="flood-desk", scope="settlements:read")
+    calm = keys.token(desk="calm-desk", scope="settlements:read")
+    statuses = []
+    async with httpx.AsyncClient(base_url=pipe.intake.url, timeout=10) as client:
+        for _ in range(8):
+            response = await client.get(
+                "/v1/batches/batch_none", headers={"Authorization": f"Bearer {flood}"}
+            )
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                assert int(response.headers["retry-after"]) >= 1
+            other = await client.get(
+                "/v1/batches/batch_none", headers={"Authorization": f"Bearer {calm}"}
+            )
+            assert other.status_code == 404  # the other desk is never throttled
+    assert statuses[:3] == [404, 404, 404]
+    assert 429 in statuses[3:]
+
+
+async def test_body_limit_on_every_route(secured: tuple[Pipeline, Keys]) -> None:
+    pipe, keys = secured
+    ops = keys.token(desk="ops", scope="ops:replay")
+    async with httpx.AsyncClient(base_url=pipe.intake.url, timeout=10) as client:
+        response = await client.post(
+            "/v1/reconciliation/replay",
+            headers={"Authorization": f"Bearer {ops}"},
+            json={"message_ids": ["x" * 60] * 1000, "reason": "big"},
+        )
+    assert response.status_code == 413
+
+
+async def test_object_level_authorization(secured: tuple[Pipeline, Keys]) -> None:
+    pipe, keys = secured
+    run = samples.run_id()
+    async with httpx.AsyncClient(base_url=pipe.intake.url, timeout=10) as client:
+        east = {"Authorization": f"Bearer {keys.token(desk='power-east')}"}
+        west = {"Authorization": f"Bearer {keys.token(desk='gas-west')}"}
+        accepted = await submit_batch_with(client, east, run)
+        batch_url = accepted.json()["status_url"]
+        message_url = f"/v1/settlements/{accepted.json()['messages'][0]['message_id']}"
+        assert (await client.get(batch_url, headers=west)).status_code == 404
+        assert (await client.get(message_url, headers=west)).status_code == 404
+        for path in ("/v1/reconciliation", "/v1/holds"):
+            assert (await client.get(path, headers=east)).status_code == 403
+        assert (
+            await client.post("/v1/holds/hold_x/release", headers=east, json={"reason": "x"})
+        ).status_code == 403
+        limited = {"Authorization": f"Bearer {keys.token(contracts=['OTC-EAST-*'])}"}
+        assert (await client.get(message_url, headers=limited)).status_code == 404
+        scope_matrix = {
+            "settlements:read": {"GET " + batch_url: 200, "GET /v1/holds": 403},
+            "ops:read": {
+                "GET /v1/holds": 200,
+                "GET /v1/reconciliation": 200,
+                "GET " + batch_url: 403,
+            },
+            "ops:holds": {"GET /v1/holds": 403},
+            "audit:read": {"GET /v1/holds": 403, "GET " + batch_url: 403},
+        }
+        for scope, expectations in scope_matrix.items():
+            headers = {"Authorization": f"Bearer {keys.token(desk='power-east', scope=scope)}"}
+            for call, expected in expectations.items():
+                method, path = call.split(" ", 1)
+                status = (await client.request(method, path, headers=headers)).status_code
+                assert status == expected, (scope, call, status)
+
+
+async def submit_batch_with(
+    client: httpx.AsyncClient, headers: dict[str, str], run: str
+) -> httpx.Response:
+    response = await client.post(
+        "/v1/settlements/batches",
+        json={"records": [samples.otc_confirmation(run, "OTC-OLA-0001")]},
+        headers={**headers, "X-Settlement-Run-ID": run, "Idempotency-Key": uuid.uuid4().hex},
+    )
+    assert response.status_code == 202, response.text
+    return response
+
+
+async def test_repeated_failures_raise_a_security_alert(
+    secured: tuple[Pipeline, Keys], capsys: pytest.CaptureFixture[str]
+) -> None:
+    pipe, _ = secured
+    for _ in range(12):
+        await post_with(pipe, "not-a-token")
+    output = capsys.readouterr()
+    text = output.out + output.err
+    assert "security_alert" in text
+    assert "repeated_authentication_failures" in text
+    assert "not-a-token" not in text  # the presented credential is never logged
