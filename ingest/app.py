@@ -303,6 +303,7 @@ async def _accept(
             status_url=status_url,
             messages=accepted,
             actor=actor_of(request, who),
+            cipher=svc.operations.cipher,
         )
     except Exception:
         # The records are on Kafka and the workers will deliver them; the client was not told

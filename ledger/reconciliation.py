@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import audit
 from ledger.audit import Actor, AuditEvent
+from ledger.crypto import PayloadCipher
 from ledger.store import insert_dead_letters
 
 # A record the upstream refused or never took can be sent again. Not replayable: a bad
@@ -275,13 +276,14 @@ async def take_replay(engine: AsyncEngine, replay_id: str, lease_s: float) -> bo
 
 
 async def pending_replay_items(
-    engine: AsyncEngine, replay_id: str, limit: int
+    engine: AsyncEngine, replay_id: str, limit: int, cipher: PayloadCipher
 ) -> list[dict[str, Any]]:
     async with engine.connect() as conn:
         rows = await conn.execute(
             text(
                 """
                 SELECT i.ord, i.dead_letter_id, i.message_id, d.kafka_key, d.kafka_value,
+                       d.value_kid,
                        d.kafka_headers, d.source_topic, d.status AS dead_letter_status,
                        (SELECT count(*) FROM replay_items p
                          WHERE p.message_id = i.message_id AND p.state = 'published')
@@ -293,7 +295,12 @@ async def pending_replay_items(
             ),
             {"id": replay_id, "limit": limit},
         )
-        return [dict(r._mapping) for r in rows]
+        items = [dict(r._mapping) for r in rows]
+    for item in items:
+        item["kafka_value"] = cipher.open(
+            item.pop("value_kid"), item["kafka_value"], item["dead_letter_id"]
+        )
+    return items
 
 
 async def requeue_for_replay(
@@ -436,13 +443,16 @@ async def list_holds(
         return [dict(r._mapping) for r in rows]
 
 
-async def hold_for_decision(engine: AsyncEngine, hold_id: str) -> dict[str, Any] | None:
+async def hold_for_decision(
+    engine: AsyncEngine, hold_id: str, cipher: PayloadCipher
+) -> dict[str, Any] | None:
     async with engine.connect() as conn:
         row = (
             await conn.execute(
                 text(
                     """
                 SELECT h.hold_id, h.state, h.message_id, h.desk, h.contract_id, m.payload,
+                       m.payload_kid,
                        m.trader, m.trace_id, m.batch_id, m.topic, m.source_partition,
                        m.source_offset, m.settlement_run_id, m.attempts, m.first_attempt_at,
                        m.last_attempt_at, h.submitted_position_mwh, h.reconciled_position_mwh,
@@ -454,7 +464,11 @@ async def hold_for_decision(engine: AsyncEngine, hold_id: str) -> dict[str, Any]
                 {"id": hold_id},
             )
         ).first()
-    return dict(row._mapping) if row else None
+    if row is None:
+        return None
+    hold = dict(row._mapping)
+    hold["payload"] = cipher.open(hold.pop("payload_kid"), hold["payload"], hold["message_id"])
+    return hold
 
 
 async def decide_hold(
@@ -464,6 +478,7 @@ async def decide_hold(
     actor: Actor,
     reason: str,
     dead_letter: dict[str, Any] | None,
+    cipher: PayloadCipher,
 ) -> bool:
     """`released` or `rejected`; False when the hold was already decided."""
     async with engine.begin() as conn:
@@ -490,7 +505,7 @@ async def decide_hold(
             {"decision": decision, "mid": decided.message_id},
         )
         if dead_letter is not None:
-            await insert_dead_letters(conn, [dead_letter])
+            await insert_dead_letters(conn, [dead_letter], cipher)
         await audit.append(
             conn,
             [

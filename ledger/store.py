@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import audit
 from ledger.audit import Actor
+from ledger.crypto import PayloadCipher
 
 FINAL_STATES = frozenset(
     {"delivered", "held", "dead_lettered", "superseded", "released", "rejected"}
@@ -154,6 +155,7 @@ async def record_acceptance(
     status_url: str,
     messages: Sequence[AcceptedMessage],
     actor: Actor,
+    cipher: PayloadCipher,
 ) -> None:
     """After the broker acknowledged every record: the batch, its messages, the key completed."""
     unique = {m.message_id: m for m in messages}
@@ -195,10 +197,10 @@ async def record_acceptance(
                 """
                 INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id,
                         contract_id, market, identity_hash, revision, topic, state,
-                        submitted_position_mwh, payload, trace_id)
+                        submitted_position_mwh, payload, payload_kid, trace_id)
                     SELECT t.message_id, :desk, :trader, :batch_id, :run, t.contract_id, t.market,
                            t.identity_hash, t.revision, t.topic, 'queued', t.position, t.payload,
-                           :trace
+                           :kid, :trace
                       FROM unnest(CAST(:ids AS text[]), CAST(:contracts AS text[]),
                                   CAST(:markets AS text[]), CAST(:identities AS text[]),
                                   CAST(:revisions AS int[]), CAST(:topics AS text[]),
@@ -222,7 +224,8 @@ async def record_acceptance(
                 "revisions": [m.revision for m in unique.values()],
                 "topics": [m.topic for m in unique.values()],
                 "positions": [Decimal(m.position_mwh) for m in unique.values()],
-                "payloads": [m.value for m in unique.values()],
+                "payloads": [cipher.seal(m.value, m.message_id) for m in unique.values()],
+                "kid": cipher.active_kid,
             },
         )
         new_ids = [row.message_id for row in inserted]
@@ -370,7 +373,7 @@ class Claim:
 
 
 async def claim_batch(
-    engine: AsyncEngine, batch: Sequence[Incoming], actor: Actor
+    engine: AsyncEngine, batch: Sequence[Incoming], actor: Actor, cipher: PayloadCipher
 ) -> dict[str, Claim]:
     """Insert unseen messages as `delivering`, move queued/delivering ones to `delivering`,
     and report final ones — one statement for the whole polled batch."""
@@ -396,11 +399,11 @@ async def claim_batch(
                 ins AS (
                     INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id,
                         contract_id, market, identity_hash, revision, topic, state,
-                        submitted_position_mwh, payload, trace_id, source_partition,
-                        source_offset)
+                        submitted_position_mwh, payload, payload_kid, trace_id,
+                        source_partition, source_offset)
                     SELECT message_id, desk, trader, batch_id, settlement_run_id, contract_id,
                            market, identity_hash, revision, topic, 'delivering', position,
-                           payload, trace_id, source_partition, source_offset
+                           payload, :kid, trace_id, source_partition, source_offset
                       FROM incoming
                     ON CONFLICT DO NOTHING
                     RETURNING message_id
@@ -442,7 +445,8 @@ async def claim_batch(
                 "revisions": [m.revision for m in rows],
                 "topics": [m.topic for m in rows],
                 "positions": [m.position_mwh for m in rows],
-                "payloads": [m.value for m in rows],
+                "payloads": [cipher.seal(m.value, m.message_id) for m in rows],
+                "kid": cipher.active_kid,
                 "traces": [m.trace_id for m in rows],
                 "partitions": [m.partition for m in rows],
                 "offsets": [m.offset for m in rows],
@@ -476,7 +480,9 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-async def write_outcomes(engine: AsyncEngine, pending: Sequence[Outcome], actor: Actor) -> None:
+async def write_outcomes(
+    engine: AsyncEngine, pending: Sequence[Outcome], actor: Actor, cipher: PayloadCipher
+) -> None:
     # One row per message: an UPDATE ... FROM with two source rows for one target applies an
     # arbitrary one, so a retry's progress note must never compete with the final state.
     outcomes = list({o.message_id: o for o in pending}.values())
@@ -558,32 +564,42 @@ async def write_outcomes(engine: AsyncEngine, pending: Sequence[Outcome], actor:
             )
         dead = [o.dead_letter for o in outcomes if o.dead_letter]
         if dead:
-            await insert_dead_letters(conn, dead)
+            await insert_dead_letters(conn, dead, cipher)
 
 
-async def insert_dead_letters(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+async def insert_dead_letters(
+    conn: AsyncConnection, rows: Sequence[dict[str, Any]], cipher: PayloadCipher
+) -> None:
     await conn.execute(
         text(
             """
             INSERT INTO dead_letters (dead_letter_id, message_id, desk, settlement_run_id,
                 contract_id, reason, error_status, attempts, last_error, first_attempt_at,
                 last_attempt_at, source_topic, source_partition, source_offset, kafka_key,
-                kafka_value, kafka_headers)
+                kafka_value, value_kid, kafka_headers)
             VALUES (:dead_letter_id, :message_id, :desk, :settlement_run_id, :contract_id,
                 :reason, :error_status, :attempts, :last_error, :first_attempt_at,
                 :last_attempt_at, :source_topic, :source_partition, :source_offset, :kafka_key,
-                :kafka_value, CAST(:kafka_headers AS jsonb))
+                :kafka_value, :value_kid, CAST(:kafka_headers AS jsonb))
             ON CONFLICT (source_topic, source_partition, source_offset) DO NOTHING
             """
         ),
-        [{**r, "kafka_headers": orjson.dumps(r["kafka_headers"]).decode()} for r in rows],
+        [
+            {
+                **r,
+                "kafka_value": cipher.seal(r["kafka_value"], r["dead_letter_id"]),
+                "value_kid": cipher.active_kid,
+                "kafka_headers": orjson.dumps(r["kafka_headers"]).decode(),
+            }
+            for r in rows
+        ],
     )
 
 
 async def record_untrusted_dead_letters(
-    engine: AsyncEngine, rows: Sequence[dict[str, Any]]
+    engine: AsyncEngine, rows: Sequence[dict[str, Any]], cipher: PayloadCipher
 ) -> None:
     """Dead letters for messages that never entered the ledger (bad signature, bad shape)."""
     if rows:
         async with engine.begin() as conn:
-            await insert_dead_letters(conn, rows)
+            await insert_dead_letters(conn, rows, cipher)

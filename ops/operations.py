@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ingest.publisher import SettlementPublisher
 from ledger import reconciliation as recon
 from ledger.audit import Actor
+from ledger.crypto import PayloadCipher
 from ledger.store import new_id
 from runtime.settings import Settings
 from schemas.envelope import SCHEMA_VERSION, DeadLetterError
@@ -49,6 +50,7 @@ class Operations:
         self.engine = engine
         self.publisher = publisher
         self.settings = settings
+        self.cipher = PayloadCipher(settings.encryption_keyring())
 
     # -- replay --------------------------------------------------------------------------------
 
@@ -121,7 +123,9 @@ class Operations:
         assert replay is not None
         total, done = replay["item_count"], replay["progress"]["published"]
         while True:
-            items = await recon.pending_replay_items(self.engine, replay_id, REPLAY_CHUNK)
+            items = await recon.pending_replay_items(
+                self.engine, replay_id, REPLAY_CHUNK, self.cipher
+            )
             if not items:
                 break
             await recon.requeue_for_replay(
@@ -165,7 +169,7 @@ class Operations:
     async def decide_hold(
         self, hold_id: str, decision: str, actor: Actor, reason: str
     ) -> dict[str, Any]:
-        hold = await recon.hold_for_decision(self.engine, hold_id)
+        hold = await recon.hold_for_decision(self.engine, hold_id, self.cipher)
         if hold is None:
             raise OperationRefused(404, "not_found", "no such hold")
         if hold["state"] != "open":
@@ -173,7 +177,9 @@ class Operations:
         dead_letter = None
         if decision == "rejected":
             dead_letter = await self._publish_drift_rejection(hold, reason)
-        if not await recon.decide_hold(self.engine, hold_id, decision, actor, reason, dead_letter):
+        if not await recon.decide_hold(
+            self.engine, hold_id, decision, actor, reason, dead_letter, self.cipher
+        ):
             raise OperationRefused(409, "already_decided", "hold was decided meanwhile")
         log.info("hold_decided", hold_id=hold_id, decision=decision, operator=actor.name)
         return {

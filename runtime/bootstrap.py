@@ -25,6 +25,7 @@ INTAKE_REQUIRED = (
     "jwt_issuer",
     "jwt_audience",
     "message_signing_keys",
+    "encryption_keys",
 )
 WORKER_REQUIRED = (
     "database_url",
@@ -34,6 +35,7 @@ WORKER_REQUIRED = (
     "upstream_client_secret",
     "upstream_signing_secret",
     "message_signing_keys",
+    "encryption_keys",
 )
 
 
@@ -122,7 +124,7 @@ class EmbeddedServer(uvicorn.Server):
 
 async def ops_services(settings: Settings) -> Operations:
     """Database and broker for the operator commands (replay publishes, hold rejection)."""
-    settings.require("database_url", "message_signing_keys")
+    settings.require("database_url", "message_signing_keys", "encryption_keys")
     assert settings.database_url is not None
     engine = make_engine(settings.database_url, 4)
     await ensure_schema_current(engine)

@@ -155,6 +155,12 @@ class Settings(BaseSettings):
         raw = self.message_signing_keys.get_secret_value()
         return [(k, s.encode()) for k, s in _parse_keyring(raw, name="signing")]
 
+    def encryption_keyring(self) -> list[tuple[str, bytes]]:
+        self.require("encryption_keys")
+        assert self.encryption_keys is not None
+        raw = self.encryption_keys.get_secret_value()
+        return [(k, base64.b64decode(s)) for k, s in _parse_keyring(raw, name="encryption")]
+
     def desk_rates(self) -> tuple[tuple[float, int], dict[str, tuple[float, int]]]:
         overrides: dict[str, tuple[float, int]] = {}
         for part in filter(None, (p.strip() for p in self.desk_rate_limits.split(","))):

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ledger.crypto import PayloadCipher
 from ledger.db import ensure_schema_current, make_engine
 from runtime.bootstrap import WORKER_REQUIRED, EmbeddedServer, upstream_client, upstream_http
 from runtime.kafka import all_topics, ensure_topics
@@ -155,6 +156,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         signing_keys=dict(settings.signing_keys()),
         concurrency=settings.worker_concurrency,
         drift_threshold=settings.drift_threshold,
+        cipher=PayloadCipher(settings.encryption_keyring()),
     )
     wire_subscriber(broker, settings, forwarder.process)
     forwarder.writer.start()

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import store
 from ledger.audit import Actor
+from ledger.crypto import PayloadCipher
 from ledger.store import Claim, Incoming, Outcome
 from schemas.envelope import (
     DeadLetterError,
@@ -70,9 +71,12 @@ class OutcomeWriter:
     """Buffers outcomes and writes them in one statement per flush (at batch end, and every
     `interval` seconds while a batch is long-running, so the API shows progress)."""
 
-    def __init__(self, engine: AsyncEngine, actor: Actor, interval: float = 0.25) -> None:
+    def __init__(
+        self, engine: AsyncEngine, actor: Actor, cipher: PayloadCipher, interval: float = 0.25
+    ) -> None:
         self._engine = engine
         self._actor = actor
+        self._cipher = cipher
         self._pending: list[Outcome] = []
         self._interval = interval
         self._lock = asyncio.Lock()
@@ -85,7 +89,7 @@ class OutcomeWriter:
         async with self._lock:
             pending, self._pending = self._pending, []
             try:
-                await store.write_outcomes(self._engine, pending, self._actor)
+                await store.write_outcomes(self._engine, pending, self._actor, self._cipher)
             except Exception:
                 self._pending[:0] = pending
                 raise
@@ -117,7 +121,9 @@ class Forwarder:
         signing_keys: dict[str, bytes],
         concurrency: int,
         drift_threshold: Decimal,
+        cipher: PayloadCipher,
     ) -> None:
+        self._cipher = cipher
         self._engine = engine
         self._upstream = upstream
         self._publish_dead_letter = publish_dead_letter
@@ -125,7 +131,7 @@ class Forwarder:
         self._slots = asyncio.Semaphore(concurrency)
         self._threshold = drift_threshold
         self.actor = Actor("worker", f"{socket.gethostname()}:{os.getpid()}")
-        self.writer = OutcomeWriter(engine, self.actor)
+        self.writer = OutcomeWriter(engine, self.actor, cipher)
 
     # -- entry point ---------------------------------------------------------------------------
 
@@ -140,10 +146,12 @@ class Forwarder:
                 seen.add(item.incoming.message_id)
                 parsed.append(item)
         if untrusted:
-            await store.record_untrusted_dead_letters(self._engine, untrusted)
+            await store.record_untrusted_dead_letters(self._engine, untrusted, self._cipher)
         if not parsed:
             return
-        claims = await store.claim_batch(self._engine, [p.incoming for p in parsed], self.actor)
+        claims = await store.claim_batch(
+            self._engine, [p.incoming for p in parsed], self.actor, self._cipher
+        )
         chains: dict[str, list[_Parsed]] = defaultdict(list)
         for item in parsed:
             chains[item.incoming.contract_id].append(item)

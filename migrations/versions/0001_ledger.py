@@ -45,6 +45,7 @@ DDL = f"""
             submitted_position_mwh  numeric(12,3) NOT NULL,
             reconciled_position_mwh numeric(16,3),
             payload                 bytea NOT NULL,
+            payload_kid             text NOT NULL,
             trace_id                text NOT NULL,
             source_partition        integer,
             source_offset           bigint,
@@ -111,6 +112,7 @@ DDL = f"""
             source_offset     bigint NOT NULL,
             kafka_key         bytea,
             kafka_value       bytea NOT NULL,
+            value_kid         text NOT NULL,
             kafka_headers     jsonb NOT NULL,
             created_at        timestamptz NOT NULL DEFAULT now(),
             CONSTRAINT dead_letters_source UNIQUE (source_topic, source_partition, source_offset)

@@ -39,7 +39,7 @@ class Keys:
             ("ec-1", self.ec.public_key(), ECAlgorithm, "ES256"),
             ("ed-1", self.ed.public_key(), OKPAlgorithm, "EdDSA"),
         ):
-            jwk = json.loads(algorithm.to_jwk(public))  # type: ignore[attr-defined]
+            jwk = json.loads(algorithm.to_jwk(public))  # type: ignore[arg-type]
             jwk.update(kid=kid, alg=alg, use="sig")
             keys.append(jwk)
         self.path = directory / f"jwks-{uuid.uuid4().hex}.json"
@@ -68,7 +68,7 @@ class Keys:
         headers: dict[str, Any] | None = None,
         **claims: Any,
     ) -> str:
-        signing = key or {"RS256": self.rsa, "ES256": self.ec, "EdDSA": self.ed}[alg]
+        signing: Any = key or {"RS256": self.rsa, "ES256": self.ec, "EdDSA": self.ed}[alg]
         extra = dict(headers or {})
         if kid is not None:
             extra["kid"] = kid
@@ -141,7 +141,8 @@ def attacks(keys: Keys) -> dict[str, str]:
         "ES256 header on the RSA key": keys.token(alg="ES256", kid="rsa-1", key=keys.ec),
     }
     for claim in ("iss", "aud", "sub", "exp", "iat", "desk", "scope"):
-        cases[f"missing {claim}"] = keys.token(**{claim: None})
+        missing: dict[str, Any] = {claim: None}
+        cases[f"missing {claim}"] = keys.token(**missing)
     return cases
 
 
