@@ -17,6 +17,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -189,3 +192,67 @@ async def verify(engine: AsyncEngine, page: int = 5000) -> Verification:
                     )
                 prev, after, expected_seq = row["hash"], row["seq"], expected_seq + 1
     return Verification(count, after, prev, None, None)
+
+
+# -- signed checkpoints ------------------------------------------------------------------------
+
+
+def checkpoint_message(seq: int, head_hash: str) -> bytes:
+    return f"etrm-audit-checkpoint/v1:{seq}:{head_hash}".encode()
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+async def write_checkpoint(engine: AsyncEngine, signer: Ed25519PrivateKey) -> int | None:
+    """Sign the current head; the key stays with the process, only the signature is stored."""
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+        head = (
+            await conn.execute(text("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"))
+        ).first()
+        if head is None:
+            return None
+        signature = signer.sign(checkpoint_message(head.seq, head.hash)).hex()
+        await conn.execute(
+            text(
+                "INSERT INTO audit_checkpoints (seq, head_hash, key_id, signature) "
+                "VALUES (:seq, :hash, :kid, :sig) ON CONFLICT (seq) DO NOTHING"
+            ),
+            {
+                "seq": head.seq,
+                "hash": head.hash,
+                "kid": key_id(signer.public_key()),
+                "sig": signature,
+            },
+        )
+        return int(head.seq)
+
+
+async def verify_checkpoints(
+    engine: AsyncEngine, public: Ed25519PublicKey
+) -> tuple[int, list[str]]:
+    """Every checkpoint's signature, and its hash against the chain row it names."""
+    problems: list[str] = []
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT c.seq, c.head_hash, c.signature, a.hash AS chain_hash "
+                    "FROM audit_checkpoints c LEFT JOIN audit_log a USING (seq) ORDER BY c.seq"
+                )
+            )
+        ).all()
+    for row in rows:
+        try:
+            public.verify(bytes.fromhex(row.signature), checkpoint_message(row.seq, row.head_hash))
+        except (InvalidSignature, ValueError):
+            problems.append(f"checkpoint {row.seq}: signature does not verify")
+            continue
+        if row.chain_hash != row.head_hash:
+            problems.append(
+                f"checkpoint {row.seq}: chain row {row.seq} no longer has the signed hash"
+            )
+    return len(rows), problems

@@ -20,10 +20,12 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
-from ops.opscli import dlq, holds  # noqa: E402 - sub-apps registered right after the root
+from ops.opscli import audit_app, dlq, holds, keys_app  # noqa: E402 - registered right below
 
 app.add_typer(dlq, name="dlq")
 app.add_typer(holds, name="holds")
+app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
 
 
 def _fail(message: str) -> None:

@@ -17,6 +17,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, TypeVar
 
+import structlog
 import typer
 from rich.console import Console
 from rich.progress import Progress
@@ -29,6 +30,7 @@ from runtime.settings import SettingsError, get_settings
 dlq = typer.Typer(no_args_is_help=True, help="The reconciliation queue (dead letters).")
 holds = typer.Typer(no_args_is_help=True, help="Drift holds awaiting review.")
 console = Console()
+security_log = structlog.get_logger("etrm.security")
 T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
@@ -291,3 +293,117 @@ def holds_reject(
 ) -> None:
     """Refuse it: the message becomes `rejected` and a `drift_rejected` dead letter."""
     _decide(hold_id, "rejected", reason, operator, as_json)
+
+
+audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit trail.")
+keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys for payloads at rest.")
+
+
+async def _engine() -> Any:
+    from ledger.db import ensure_schema_current, make_engine
+
+    settings = get_settings()
+    settings.require("database_url")
+    assert settings.database_url is not None
+    engine = make_engine(settings.database_url, 2)
+    await ensure_schema_current(engine)
+    return engine
+
+
+@audit_app.command("verify")
+def audit_verify(as_json: JsonOpt = False) -> None:
+    """Walk the whole chain and the signed checkpoints; name the first row that fails."""
+    from ledger import audit
+
+    async def work() -> dict[str, Any]:
+        engine = await _engine()
+        try:
+            chain = await audit.verify(engine)
+            public = get_settings().audit_verifier()
+            checkpoints, problems = (
+                await audit.verify_checkpoints(engine, public) if public else (0, [])
+            )
+        finally:
+            await engine.dispose()
+        return {
+            "ok": chain.ok and not problems,
+            "rows": chain.rows,
+            "head_seq": chain.head_seq,
+            "head_hash": chain.head_hash,
+            "first_bad_seq": chain.first_bad_seq,
+            "problem": chain.problem,
+            "checkpoints_verified": checkpoints if public else None,
+            "checkpoint_problems": problems,
+        }
+
+    result = asyncio.run(work())
+    if as_json:
+        print(json.dumps(result, indent=2))
+    elif result["ok"]:
+        checked = result["checkpoints_verified"]
+        signed = "no checkpoint key given" if checked is None else f"{checked} signed checkpoints"
+        console.print(
+            f"[green]audit trail verifies[/]: {result['rows']} rows, head "
+            f"{result['head_seq']} {result['head_hash'][:16]}…, {signed}"
+        )
+    else:
+        if result["first_bad_seq"] is not None:
+            console.print(
+                f"[red]audit trail broken at row {result['first_bad_seq']}[/]: {result['problem']}"
+            )
+        for problem in result["checkpoint_problems"]:
+            console.print(f"[red]{problem}")
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint() -> None:
+    """Sign the current head of the chain now (ETRM_AUDIT_SIGNING_KEY)."""
+    from ledger import audit
+
+    signer = get_settings().audit_signer()
+    if signer is None:
+        console.print("[red]error:[/] ETRM_AUDIT_SIGNING_KEY is not set")
+        raise typer.Exit(2)
+
+    async def work() -> int | None:
+        engine = await _engine()
+        try:
+            return await audit.write_checkpoint(engine, signer)
+        finally:
+            await engine.dispose()
+
+    console.print(f"checkpoint at row {asyncio.run(work())}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(operator: OperatorOpt = None, as_json: JsonOpt = False) -> None:
+    """Re-encrypt every stored payload to the first key of ETRM_ENCRYPTION_KEYS."""
+    from ledger.crypto import PayloadCipher
+    from ledger.keys import rotate
+
+    settings = get_settings()
+    cipher = PayloadCipher(settings.encryption_keyring())
+    actor = operator_actor(_operator(operator))
+
+    async def work() -> dict[str, int]:
+        engine = await _engine()
+        try:
+            with Progress(console=console, disable=as_json) as bar:
+                task = bar.add_task("re-encrypting", total=None)
+                return await rotate(
+                    engine,
+                    cipher,
+                    actor,
+                    progress=lambda table, n: bar.update(task, description=f"{table}", completed=n),
+                )
+        finally:
+            await engine.dispose()
+
+    counts = asyncio.run(work())
+    security_log.info("key_rotation", active_key=cipher.active_kid, operator=actor.name, **counts)
+    if as_json:
+        print(json.dumps({"active_key": cipher.active_kid, **counts}))
+    else:
+        console.print(f"payloads now under key {cipher.active_kid}: {counts}")

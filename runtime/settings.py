@@ -13,6 +13,10 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Annotated, Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -88,6 +92,10 @@ class Settings(BaseSettings):
     message_signing_keys: Annotated[SecretStr | None, NoDecode] = None
     encryption_keys: Annotated[SecretStr | None, NoDecode] = None
 
+    audit_signing_key: Annotated[SecretStr | None, NoDecode] = None
+    audit_verify_key: str | None = None
+    audit_checkpoint_interval_s: float = Field(300.0, gt=0)
+
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -129,6 +137,18 @@ class Settings(BaseSettings):
             _parse_keyring(value.get_secret_value(), name="keys")
         return value
 
+    @field_validator("audit_signing_key")
+    @classmethod
+    def _audit_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                seed = base64.b64decode(value.get_secret_value(), validate=True)
+            except ValueError as exc:
+                raise ValueError("must be base64 of a 32-byte Ed25519 seed") from exc
+            if len(seed) != 32:
+                raise ValueError("must be base64 of a 32-byte Ed25519 seed")
+        return value
+
     @field_validator("encryption_keys")
     @classmethod
     def _encryption_keys(cls, value: SecretStr | None) -> SecretStr | None:
@@ -160,6 +180,21 @@ class Settings(BaseSettings):
         assert self.encryption_keys is not None
         raw = self.encryption_keys.get_secret_value()
         return [(k, base64.b64decode(s)) for k, s in _parse_keyring(raw, name="encryption")]
+
+    def audit_signer(self) -> Ed25519PrivateKey | None:
+        """The checkpoint signing key (base64 of a 32-byte Ed25519 seed), or None."""
+        if self.audit_signing_key is None:
+            return None
+        seed = base64.b64decode(self.audit_signing_key.get_secret_value())
+        return Ed25519PrivateKey.from_private_bytes(seed)
+
+    def audit_verifier(self) -> Ed25519PublicKey | None:
+        """The checkpoint public key: ETRM_AUDIT_VERIFY_KEY (base64, raw 32 bytes) for
+        auditors, else derived from the signing key."""
+        if self.audit_verify_key:
+            return Ed25519PublicKey.from_public_bytes(base64.b64decode(self.audit_verify_key))
+        signer = self.audit_signer()
+        return signer.public_key() if signer else None
 
     def desk_rates(self) -> tuple[tuple[float, int], dict[str, tuple[float, int]]]:
         overrides: dict[str, tuple[float, int]] = {}

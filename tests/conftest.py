@@ -45,6 +45,11 @@ class Infra:
     keys_dir: Path
     private_key: Path
     jwks: Path
+    # One payload key for the whole session: rows of every test stay readable by every test
+    # (key rotation is tested by adding a newer key in front of it).
+    encryption_key: str = field(
+        default_factory=lambda: base64.b64encode(secrets.token_bytes(32)).decode()
+    )
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +100,7 @@ def make_settings(infra: Infra, **overrides: Any) -> Settings:
         "jwt_issuer": ISSUER,
         "jwt_audience": AUDIENCE,
         "message_signing_keys": f"k1={secrets.token_urlsafe(24)}",
-        "encryption_keys": f"e1={base64.b64encode(secrets.token_bytes(32)).decode()}",
+        "encryption_keys": f"e1={infra.encryption_key}",
     }
     values.update(overrides)
     return load_settings(**values)

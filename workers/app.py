@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ledger import audit
 from ledger.crypto import PayloadCipher
 from ledger.db import ensure_schema_current, make_engine
 from runtime.bootstrap import WORKER_REQUIRED, EmbeddedServer, upstream_client, upstream_http
@@ -131,6 +132,20 @@ def health_app(upstream: UpstreamClient) -> Starlette:
     return Starlette(routes=[Route("/healthz", healthz), Route("/metrics", prometheus)])
 
 
+async def checkpoint_loop(engine: Any, settings: Settings) -> None:
+    """Sign the audit chain's head every ETRM_AUDIT_CHECKPOINT_INTERVAL_S, when a key is set."""
+    signer = settings.audit_signer()
+    if signer is None:
+        return
+    while True:
+        await asyncio.sleep(settings.audit_checkpoint_interval_s)
+        try:
+            seq = await audit.write_checkpoint(engine, signer)
+            log.info("audit_checkpoint", seq=seq)
+        except Exception as exc:
+            log.warning("audit_checkpoint_failed", error=type(exc).__name__)
+
+
 async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
     settings.require(*WORKER_REQUIRED)
     assert settings.database_url is not None
@@ -175,6 +190,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         )
     )
     http_task = asyncio.create_task(server.serve())
+    checkpoints = asyncio.create_task(checkpoint_loop(engine, settings))
     await broker.start()
     log.info(
         "worker_started",
@@ -191,6 +207,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         with contextlib.suppress(Exception):
             await forwarder.writer.flush()
         server.should_exit = True
+        checkpoints.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await checkpoints
         await http_task
         await http.aclose()
         await engine.dispose()

@@ -184,11 +184,21 @@ DDL = f"""
             hash           text NOT NULL
         );
         CREATE INDEX audit_log_message ON audit_log (message_id, seq) WHERE message_id IS NOT NULL;
+        REVOKE UPDATE, DELETE, TRUNCATE ON audit_log FROM PUBLIC;
+
+        -- Signed (sequence, head hash) pairs; the signing key never enters the database.
+        CREATE TABLE audit_checkpoints (
+            seq        bigint PRIMARY KEY,
+            head_hash  text NOT NULL,
+            at         timestamptz NOT NULL DEFAULT now(),
+            key_id     text NOT NULL,
+            signature  text NOT NULL
+        );
                 """
 
 
 def downgrade() -> None:
-    op.execute("DROP TABLE audit_log, replay_items, replays")
+    op.execute("DROP TABLE audit_checkpoints, audit_log, replay_items, replays")
     op.execute("DROP FUNCTION audit_log_append_only")
     op.execute(
         "DROP TABLE holds, dead_letters, idempotency_keys, batch_messages, batches, messages"

@@ -131,11 +131,16 @@ async def test_dead_letters_of_every_reason_listed_and_filtered(ops_pipeline: Pi
     )
     assert rejected.status_code == 200, rejected.text
 
+    lanes = {pipe.settings.topic_standard, pipe.settings.topic_priority}
+
+    async def ours() -> list[dict[str, Any]]:  # the database is shared with other tests
+        return [i for i in await dead_letters(ops, limit=1000) if i["source_topic"] in lanes]
+
     async def six() -> bool:
-        return len(await dead_letters(ops, limit=50)) >= 6
+        return len(await ours()) >= 6
 
     await wait_for(six)
-    items = await dead_letters(ops, limit=50)
+    items = await ours()
     reasons = Counter(i["reason"] for i in items)
     assert set(reasons) == {
         "token_unavailable",
@@ -158,22 +163,28 @@ async def test_dead_letters_of_every_reason_listed_and_filtered(ops_pipeline: Pi
     exhausted = next(i for i in items if i["reason"] == "retries_exhausted")
     assert exhausted["attempts"] == 2
 
-    only = await dead_letters(ops, reason="retries_exhausted")
+    only = await dead_letters(ops, reason="retries_exhausted", settlement_run_id=run)
     assert [i["contract_id"] for i in only] == ["OUTAGE-0001"]
-    assert [i["reason"] for i in await dead_letters(ops, contract_id="REJECT-0001")] == [
-        "upstream_rejected"
-    ]
+    assert [
+        i["reason"]
+        for i in await dead_letters(ops, contract_id="REJECT-0001", settlement_run_id=run)
+    ] == ["upstream_rejected"]
     assert len(await dead_letters(ops, settlement_run_id=run)) == 4
-    assert await dead_letters(ops, desk="gas-west") == []
+    assert await dead_letters(ops, desk="gas-west", settlement_run_id=run) == []
     assert await dead_letters(ops, since="2099-01-01T00:00:00Z") == []
-    assert len(await dead_letters(ops, until="2099-01-01T00:00:00Z")) == 6
+    assert len(await dead_letters(ops, until="2099-01-01T00:00:00Z", limit=1000)) >= 6
 
-    page = (await ops.get("/v1/reconciliation", params={"limit": 4})).json()
+    page = (
+        await ops.get("/v1/reconciliation", params={"limit": 3, "settlement_run_id": run})
+    ).json()
     rest = (
-        await ops.get("/v1/reconciliation", params={"limit": 4, "cursor": page["next_cursor"]})
+        await ops.get(
+            "/v1/reconciliation",
+            params={"limit": 3, "settlement_run_id": run, "cursor": page["next_cursor"]},
+        )
     ).json()
     ids = [i["dead_letter_id"] for i in page["items"] + rest["items"]]
-    assert len(ids) == 6 == len(set(ids))
+    assert len(ids) == 4 == len(set(ids))
     assert rest["next_cursor"] is None
 
     # A desk token never reaches the operations routes.
