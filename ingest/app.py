@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -29,11 +30,12 @@ from pydantic import TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ingest.auth import Principal, TokenVerifier
+from ingest.auth import Principal, TokenVerifier, unauthorized
 from ingest.body import read_json
 from ingest.limits import BodyLimit, DeskRateLimiter, FailureAlarm
 from ingest.problems import Problem, problem_response
 from ingest.publisher import PublishFailed, SettlementPublisher
+from ingest.tls import presented_thumbprint
 from ledger import store
 from ledger.audit import Actor
 from ledger.store import AcceptedMessage
@@ -92,6 +94,13 @@ async def principal(request: Request, svc: ServicesDep) -> Principal:
     except Problem as exc:
         svc.alarm.failed(source, str(exc.extra.get("reason", exc.code)))
         raise
+    if who.cert_thumbprint is not None:
+        # RFC 8705: a certificate-bound token is only good on a connection presenting that
+        # certificate; a stolen token alone is useless.
+        presented = presented_thumbprint(request.scope)
+        if presented is None or not hmac.compare_digest(presented, who.cert_thumbprint):
+            svc.alarm.failed(source, "certificate binding mismatch")
+            raise unauthorized("token is bound to another client certificate")
     request.state.principal = who
     svc.rate_limiter.check(who.desk, who.subject)
     trader_scope = request.headers.get("x-trader-scope")

@@ -66,6 +66,7 @@ def intake() -> None:
     import uvicorn
 
     from ingest.app import create_app
+    from ingest.tls import ClientCertProtocol
     from runtime.bootstrap import INTAKE_REQUIRED
     from runtime.logging import configure_logging
 
@@ -86,6 +87,7 @@ def intake() -> None:
         ssl_keyfile=settings.tls_key,
         ssl_ca_certs=client_ca,
         ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca else ssl.CERT_NONE,
+        http=ClientCertProtocol,
     )
 
 

@@ -109,18 +109,24 @@ def make_settings(infra: Infra, **overrides: Any) -> Settings:
 class Server:
     """A uvicorn server in this event loop, on a free loopback port."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, **config: Any) -> None:
         self.port = free_port()
+        self.tls = "ssl_certfile" in config
         self.server = EmbeddedServer(
             uvicorn.Config(
-                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+                app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                lifespan="on",
+                **config,
             )
         )
         self.task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     async def start(self) -> Server:
         self.task = asyncio.create_task(self.server.serve())
@@ -220,7 +226,11 @@ async def pipeline_factory(infra: Infra) -> AsyncIterator[PipelineFactory]:
     made: list[Pipeline] = []
 
     async def build(
-        *, worker: bool = True, sim: dict[str, Any] | None = None, **overrides: Any
+        *,
+        worker: bool = True,
+        sim: dict[str, Any] | None = None,
+        intake_config: dict[str, Any] | None = None,
+        **overrides: Any,
     ) -> Pipeline:
         settings = make_settings(infra, **overrides)
         await ensure_topics(
@@ -244,7 +254,9 @@ async def pipeline_factory(infra: Infra) -> AsyncIterator[PipelineFactory]:
         async def services() -> Any:
             return await intake_services(settings)
 
-        intake = await Server(create_app(services, settings.max_body_bytes)).start()
+        intake = await Server(
+            create_app(services, settings.max_body_bytes), **(intake_config or {})
+        ).start()
         pipe = Pipeline(infra, settings, sim_app.state.sim, sim_server, intake)
         made.append(pipe)
         if worker:
