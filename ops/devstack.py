@@ -50,6 +50,7 @@ def _secrets(state: Path) -> dict[str, str]:
         "signing_secret": secrets.token_urlsafe(32),
         "message_key": secrets.token_urlsafe(32),
         "encryption_key": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "audit_key": base64.b64encode(secrets.token_bytes(32)).decode(),
     }
     path.write_text(json.dumps(values))
     path.chmod(0o600)
@@ -95,6 +96,8 @@ def dev_environment(
         "ETRM_JWT_AUDIENCE": AUDIENCE,
         "ETRM_MESSAGE_SIGNING_KEYS": f"dev1={values['message_key']}",
         "ETRM_ENCRYPTION_KEYS": f"dev1={values['encryption_key']}",
+        "ETRM_AUDIT_SIGNING_KEY": values["audit_key"],
+        "ETRM_AUDIT_CHECKPOINT_INTERVAL_S": "60",
         "ETRM_DEV_JWT_PRIVATE_KEY": str(pem.resolve()),
     }
 
