@@ -31,8 +31,9 @@ from rich.table import Table
 from ingest.publisher import SettlementPublisher
 from ledger.db import migrate
 from ops import samples
+from ops.devkeys import generate_signing_key, mint_token
 from ops.stack import Broker, Database, free_port
-from runtime.kafka import all_topics, ensure_topics
+from runtime.kafka import all_topics, ensure_topics, make_producer
 from runtime.settings import Settings, load_settings, settings_env
 from schemas.envelope import Envelope, envelope_for, validate_record
 
@@ -152,6 +153,36 @@ class Bench:
         await wait_http(f"{url}/healthz")
         return url, process
 
+    async def intake(self, settings: Settings) -> tuple[str, str, subprocess.Popen[bytes]]:
+        """An intake process on its own port; returns its URL and a desk token for it."""
+        pem, jwks = self.root / "etrm-dev-es256.pem", self.root / "jwks.json"
+        if not pem.exists():
+            generate_signing_key(self.root)
+        port = free_port()
+        env = settings_env(
+            settings.model_copy(
+                update={
+                    "intake_port": port,
+                    "jwks_url": str(jwks),
+                    "jwt_issuer": "bench",
+                    "jwt_audience": "bench",
+                    "desk_rate_limit": "100000:100000",
+                }
+            )
+        )
+        process = self.spawn(["intake"], env)
+        url = f"http://127.0.0.1:{port}"
+        await wait_http(f"{url}/readyz", process=process)
+        token = mint_token(
+            pem,
+            issuer="bench",
+            audience="bench",
+            subject="bench-trader",
+            desk="bench-desk",
+            scopes=["settlements:write", "settlements:read"],
+        )
+        return url, token, process
+
     # -- workload ------------------------------------------------------------------------------
 
     @staticmethod
@@ -183,10 +214,14 @@ class Bench:
             await publisher.stop()
 
 
-async def wait_http(url: str, timeout: float = 30.0) -> None:
+async def wait_http(
+    url: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=2.0) as http:
         while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"process for {url} exited with {process.returncode}")
             try:
                 if (await http.get(url)).status_code == 200:
                     return
@@ -207,7 +242,9 @@ async def reset_sim(url: str) -> None:
         await http.post(f"{url}/_sim/reset")
 
 
-async def effects_rate(url: str, expected: int, timeout: float) -> float:
+async def effects_rate(
+    url: str, expected: int, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> float:
     """Records/s between the first and the last effect the simulator saw."""
     deadline = time.monotonic() + timeout
     while True:
@@ -216,6 +253,8 @@ async def effects_rate(url: str, expected: int, timeout: float) -> float:
             break
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {stats['effects']} of {expected} effects")
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode}")
         await asyncio.sleep(0.2)
     span = stats["last_effect_at"] - stats["first_effect_at"]
     return (expected - 1) / span if span > 0 else float("inf")
@@ -299,7 +338,7 @@ async def worker_throughput(
         await reset_sim(sim_url)
         worker = bench.spawn(["worker"], settings_env(settings))
         try:
-            measured = await effects_rate(sim_url, records, timeout=600)
+            measured = await effects_rate(sim_url, records, timeout=600, process=worker)
         finally:
             bench.stop(worker)
     finally:
@@ -312,6 +351,279 @@ async def worker_throughput(
         "rec/s",
         ">= 0.7 x baseline",
     )
+
+
+def batch_bodies(count: int, size: int) -> list[tuple[str, bytes]]:
+    """`count` batch bodies of `size` distinct records each, with their run ids."""
+    bodies = []
+    for _ in range(count):
+        run = samples.run_id()
+        records = samples.mixed_batch(run, size, contracts=max(1, size // 4), prefix="INT")
+        bodies.append((run, json.dumps({"records": records}).encode()))
+    return bodies
+
+
+async def post_batches(
+    url: str, token: str, bodies: list[tuple[str, bytes]], clients: int
+) -> float:
+    """Submit every body with `clients` concurrent connections; returns seconds taken."""
+    queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+
+    async def client() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=120.0) as http:
+            while not queue.empty():
+                run, body = queue.get_nowait()
+                response = await http.post(
+                    "/v1/settlements/batches",
+                    content=body,
+                    headers={
+                        "Authorization": f"Bearer {token}",
+                        "Content-Type": "application/json",
+                        "X-Settlement-Run-ID": run,
+                        "Idempotency-Key": uuid.uuid4().hex,
+                    },
+                )
+                if response.status_code != 202:
+                    raise RuntimeError(
+                        f"intake answered {response.status_code}: {response.text[:200]}"
+                    )
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return time.perf_counter() - started
+
+
+async def raw_producer_seconds(settings: Settings, envelopes: list[Envelope]) -> float:
+    """The same serialized records straight into the broker: pipelined sends, acks=all."""
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        pending = [
+            await producer.send(settings.topic_standard, value=e.value, key=e.contract_id.encode())
+            for e in envelopes
+        ]
+        await asyncio.gather(*pending)
+        return time.perf_counter() - started
+    finally:
+        await producer.stop()
+
+
+async def scenario_intake(bench: Bench, scale: int) -> list[Row]:
+    sim_url, sim = await bench.simulator(0)
+    settings = bench.settings(sim_url)
+    await ensure_topics(settings.kafka_bootstrap_servers, all_topics(settings), 4)
+    url, token, intake = await bench.intake(settings)
+    rows = []
+    try:
+        batches = max(4, (10 * scale) // 500)
+        bodies = batch_bodies(batches, 500)
+        await post_batches(url, token, bodies[:1], 1)  # warm-up: connections, JIT caches
+        seconds = await post_batches(url, token, bodies[1:], clients=4)
+        accepted = (batches - 1) * 500
+        envelopes = bench.envelopes(accepted, 500)
+        raw = await raw_producer_seconds(settings, envelopes)
+        rows.append(
+            Row(
+                "intake throughput, batches of 500, 4 clients",
+                "records/s accepted",
+                accepted / seconds,
+                accepted / raw,
+                "rec/s",
+                ">= 0.5 x raw aiokafka producer",
+            )
+        )
+        per_record: dict[int, float] = {}
+        for size in (1, 10, 100, 1000, 5000):
+            repeats = max(3, min(50, 5000 // size))
+            sized = batch_bodies(repeats, size)
+            spent = await post_batches(url, token, sized, clients=1)
+            per_record[size] = spent / (repeats * size) * 1e6
+        for size, micros in per_record.items():
+            rows.append(
+                Row(
+                    f"intake cost, batch of {size}",
+                    "us per record",
+                    micros,
+                    per_record[1],
+                    "us",
+                    "flat or falling with batch size",
+                )
+            )
+    finally:
+        bench.stop(intake)
+        bench.stop(sim)
+    return rows
+
+
+async def single_latencies(url: str, token: str, count: int, rate: float) -> list[float]:
+    """Single-record submissions at a fixed rate; seconds per request."""
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
+
+        async def one(i: int) -> None:
+            run = samples.run_id()
+            record = samples.canonical(run, f"LAT-{uuid.uuid4().hex[:10]}", hour=i % 24)
+            started = time.perf_counter()
+            response = await http.post(
+                "/v1/settlements/sync",
+                json=record,
+                headers={"Authorization": f"Bearer {token}", "X-Settlement-Run-ID": run},
+            )
+            latencies.append(time.perf_counter() - started)
+            if response.status_code != 202:
+                raise RuntimeError(f"intake answered {response.status_code}")
+
+        tasks = []
+        for i in range(count):
+            tasks.append(asyncio.create_task(one(i)))
+            await asyncio.sleep(1 / rate)
+        await asyncio.gather(*tasks)
+    return latencies
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def scenario_latency(bench: Bench, scale: int) -> list[Row]:
+    """p50/p99 of single submissions while a worker delivers to a healthy, a down and a slow
+    upstream: the desk's answer must not depend on the upstream."""
+    sim_url, sim = await bench.simulator(0)
+    settings = bench.settings(sim_url)
+    await ensure_topics(settings.kafka_bootstrap_servers, all_topics(settings), 4)
+    url, token, intake = await bench.intake(settings)
+    worker = bench.spawn(["worker"], settings_env(settings))
+    distributions: dict[str, list[float]] = {}
+    try:
+        await single_latencies(url, token, 20, 50)  # warm-up
+        count = max(100, scale // 5)
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            for label, config in (
+                ("healthy", {"outage": False, "latency_ms": 0}),
+                ("upstream down", {"outage": True, "latency_ms": 0}),
+                ("upstream 500 ms", {"outage": False, "latency_ms": 500}),
+            ):
+                await http.patch(f"{sim_url}/_sim/config", json=config)
+                distributions[label] = await single_latencies(url, token, count, rate=40)
+    finally:
+        bench.stop(worker)
+        bench.stop(intake)
+        bench.stop(sim)
+    healthy = distributions["healthy"]
+    rows = []
+    for label, values in distributions.items():
+        rows.append(
+            Row(
+                f"single submission p50, {label}",
+                "latency",
+                percentile(values, 0.5) * 1000,
+                percentile(healthy, 0.5) * 1000,
+                "ms",
+            )
+        )
+        rows.append(
+            Row(
+                f"single submission p99, {label}",
+                "latency",
+                percentile(values, 0.99) * 1000,
+                percentile(healthy, 0.99) * 1000,
+                "ms",
+                "<= 1.2 x healthy" if label == "upstream down" else "",
+            )
+        )
+    plot_latencies(distributions)
+    return rows
+
+
+def plot_latencies(distributions: dict[str, list[float]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is in the dev group
+        console.print("matplotlib not installed: no latency plot")
+        return
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for label, values in distributions.items():
+        axis.hist([v * 1000 for v in values], bins=50, histtype="step", label=label)
+    axis.set_xlabel("intake latency per single-record submission (ms)")
+    axis.set_ylabel("requests")
+    axis.set_title("Intake latency does not depend on the upstream")
+    axis.legend()
+    RESULTS.mkdir(exist_ok=True)
+    figure.savefig(RESULTS / "intake-latency.png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+async def scenario_scale_out(bench: Bench, scale: int) -> list[Row]:
+    sim_url, sim = await bench.simulator(20)
+    rows = []
+    try:
+        rates = {}
+        for workers in (1, 2):
+            await reset_sim(sim_url)
+            settings = bench.settings(sim_url, worker_concurrency=64)
+            records = 3 * scale
+            await bench.preload(settings, bench.envelopes(records, 500), 4)
+            processes = [bench.spawn(["worker"], settings_env(settings)) for _ in range(workers)]
+            try:
+                rates[workers] = await effects_rate(
+                    sim_url, records, timeout=600, process=processes[0]
+                )
+            finally:
+                for process in processes:
+                    bench.stop(process)
+        rows.append(
+            Row(
+                "scale out: 2 workers vs 1, 4 partitions, 20 ms upstream",
+                "records/s delivered",
+                rates[2],
+                rates[1],
+                "rec/s",
+                "report (2 cores)",
+            )
+        )
+    finally:
+        bench.stop(sim)
+    return rows
+
+
+async def scenario_memory(bench: Bench, scale: int) -> list[Row]:
+    import psutil
+
+    sim_url, sim = await bench.simulator(0)
+    try:
+        settings = bench.settings(sim_url)
+        backlog = 100 * scale
+        await bench.preload(settings, bench.envelopes(backlog, 2000), 4)
+        worker = bench.spawn(["worker"], settings_env(settings))
+        watched = psutil.Process(worker.pid)
+        peak, started = 0, time.monotonic()
+        try:
+            while time.monotonic() - started < 45:
+                peak = max(peak, watched.memory_info().rss)
+                await asyncio.sleep(0.25)
+            drained = (await sim_stats(sim_url))["effects"]
+        finally:
+            bench.stop(worker)
+    finally:
+        bench.stop(sim)
+    return [
+        Row(
+            f"worker peak RSS draining a {backlog:,}-record backlog for 45 s "
+            f"({drained:,} delivered)",
+            "peak RSS",
+            peak / 2**20,
+            None,
+            "MiB",
+            "< 300 MiB",
+        )
+    ]
 
 
 Scenario = Callable[[Bench, int], Awaitable[list[Row]]]
@@ -340,8 +652,12 @@ async def scenario_single_partition(bench: Bench, scale: int) -> list[Row]:
 
 
 SCENARIOS: dict[str, Scenario] = {
+    "intake": scenario_intake,
+    "latency": scenario_latency,
     "worker": scenario_worker,
     "single-partition": scenario_single_partition,
+    "scale-out": scenario_scale_out,
+    "memory": scenario_memory,
 }
 
 

@@ -208,6 +208,20 @@ def token(
     )
 
 
+@app.command()
+def bench(
+    scenario: Annotated[list[str] | None, typer.Option(help="Run only these (repeat)")] = None,
+    scale: Annotated[int, typer.Option(help="Records per unit of work")] = 1000,
+) -> None:
+    """Measure every stage against a baseline run in the same process; table, JSON, PNG."""
+    from ops.bench import SCENARIOS, run_bench
+
+    unknown = set(scenario or []) - set(SCENARIOS)
+    if unknown:
+        _fail(f"unknown scenario(s) {sorted(unknown)}; choose from {sorted(SCENARIOS)}")
+    asyncio.run(run_bench(scenario or list(SCENARIOS), scale))
+
+
 def main() -> None:
     try:
         app()

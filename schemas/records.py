@@ -136,11 +136,9 @@ class CanonicalSource(_Strict):
     kind: Literal["canonical"] = "canonical"
 
 
-class CanonicalSubmission(_Common):
-    """A record submitted already in canonical form (no `kind`, or `kind: canonical`)."""
+class _CanonicalFields(_Strict):
+    """The fields a canonical record carries beyond the run, revision and timestamps."""
 
-    kind: Literal["canonical"] | None = None
-    source: CanonicalSource | None = None
     contract_id: ContractId
     market: Market
     delivery_point: Text
@@ -148,6 +146,13 @@ class CanonicalSubmission(_Common):
     delivery_end: UtcInstant
     position_mwh: Position
     settlement_price: Price
+
+
+class CanonicalSubmission(_Common, _CanonicalFields):
+    """A record submitted already in canonical form (no `kind`, or `kind: canonical`)."""
+
+    kind: Literal["canonical"] | None = None
+    source: CanonicalSource | None = None
 
 
 class Iso(StrEnum):
@@ -205,17 +210,10 @@ SOURCE_MODELS: dict[str | None, type[SourceRecord]] = {
 }
 
 
-class CanonicalRecord(_Strict):
+class CanonicalRecord(_CanonicalFields):
     """What travels on Kafka and to the upstream. Decimals keep their full scale as strings."""
 
     settlement_run_id: RunId
-    contract_id: ContractId
-    market: Market
-    delivery_point: Text
-    delivery_start: UtcInstant
-    delivery_end: UtcInstant
-    position_mwh: Position
-    settlement_price: Price
     currency: Currency = "USD"
     revision: Revision = 1
     timestamp_utc: UtcInstant
