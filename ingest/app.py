@@ -79,7 +79,7 @@ def utc_z(moment: datetime | None) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment.tzinfo else moment.isoformat()
 
 
-def services(request: Request) -> IntakeServices:
+async def services(request: Request) -> IntakeServices:  # async: no thread-pool hop
     svc: IntakeServices = request.app.state.services
     return svc
 
