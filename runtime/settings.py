@@ -56,7 +56,9 @@ class Settings(BaseSettings):
     kafka_enable_idempotence: bool = True
     kafka_group_id: str = "etrm-sync-workers"
     kafka_session_timeout_ms: int = Field(10000, ge=1000)
-    kafka_heartbeat_interval_ms: int = Field(3000, ge=100)
+    # Unset: a third of the session timeout, as Kafka expects (a heartbeat slower than the
+    # session timeout would get every worker evicted).
+    kafka_heartbeat_interval_ms: int | None = Field(None, ge=100)
     kafka_publish_timeout_s: float = Field(10.0, gt=0)
     kafka_partitions: int = Field(4, ge=1)
     topic_priority: str = "settlements.sync.priority"
@@ -163,6 +165,12 @@ class Settings(BaseSettings):
         return value
 
     # -- derived views -------------------------------------------------------------------------
+
+    @property
+    def heartbeat_ms(self) -> int:
+        if self.kafka_heartbeat_interval_ms is not None:
+            return min(self.kafka_heartbeat_interval_ms, self.kafka_session_timeout_ms // 3)
+        return max(100, self.kafka_session_timeout_ms // 3)
 
     def require(self, *names: str) -> None:
         missing = [f"ETRM_{n.upper()}" for n in names if getattr(self, n) in (None, "")]

@@ -82,7 +82,7 @@ def wire_subscriber(broker: KafkaBroker, settings: Settings, process: BatchHandl
         max_records=settings.worker_max_records,
         batch_timeout_ms=100,
         session_timeout_ms=settings.kafka_session_timeout_ms,
-        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+        heartbeat_interval_ms=settings.heartbeat_ms,
         max_poll_interval_ms=max_poll_interval_ms(settings),
         title="on_settlements",
         description="Settlement records from the priority and standard lanes",

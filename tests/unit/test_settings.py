@@ -1,0 +1,58 @@
+"""Settings: a missing or malformed value stops a process at start, naming the variable and
+never showing a secret (CONTRACT §8)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from runtime.settings import SettingsError, load_settings
+
+
+def test_missing_setting_is_named() -> None:
+    settings = load_settings(database_url=None)
+    with pytest.raises(SettingsError, match="ETRM_DATABASE_URL"):
+        settings.require("database_url", "jwks_url")
+
+
+def test_malformed_secret_is_named_but_not_shown() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(encryption_keys="k1=not-base64-of-32-bytes-SECRETVALUE")
+    assert "ETRM_ENCRYPTION_KEYS" in str(caught.value)
+    assert "SECRETVALUE" not in str(caught.value)
+    with pytest.raises(SettingsError, match="ETRM_DESK_RATE_LIMIT"):
+        load_settings(desk_rate_limit="fast")
+    with pytest.raises(SettingsError, match="ETRM_DATABASE_URL"):
+        load_settings(database_url="sqlite:///nope.db")
+
+
+def test_heartbeat_follows_the_session_timeout() -> None:
+    assert load_settings(kafka_session_timeout_ms=2000).heartbeat_ms == 666
+    assert load_settings(kafka_session_timeout_ms=10000).heartbeat_ms == 3333
+    explicit = load_settings(kafka_session_timeout_ms=2000, kafka_heartbeat_interval_ms=500)
+    assert explicit.heartbeat_ms == 500
+
+
+def test_keyrings() -> None:
+    settings = load_settings(message_signing_keys="new=s2,old=s1")
+    assert settings.signing_keys() == [("new", b"s2"), ("old", b"s1")]
+
+
+@pytest.mark.parametrize("command", ["worker", "intake", "migrate"])
+def test_process_refuses_to_start_without_its_settings(command: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETRM_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.cli", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "ETRM_DATABASE_URL" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
