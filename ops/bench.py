@@ -36,6 +36,7 @@ from ops.stack import Broker, Database, free_port
 from runtime.kafka import all_topics, ensure_topics, make_producer
 from runtime.settings import Settings, load_settings, settings_env
 from schemas.envelope import Envelope, envelope_for, validate_record
+from workers.upstream import HttpPool
 
 RESULTS = Path("bench-results")
 console = Console()
@@ -272,10 +273,9 @@ async def baseline_consumer(settings: Settings, expected: int, concurrency: int)
         session_timeout_ms=2000,
         heartbeat_interval_ms=500,
     )
-    limits = httpx.Limits(
-        max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
-    )
-    async with httpx.AsyncClient(limits=limits, timeout=30.0) as http:
+    # The same transport as the worker (pooled httpx), so the ratio measures everything else.
+    http = HttpPool(concurrency, 30.0)
+    try:
         assert settings.upstream_token_url
         assert settings.upstream_url
         token = (
@@ -313,6 +313,8 @@ async def baseline_consumer(settings: Settings, expected: int, concurrency: int)
                 done += len(records)
         finally:
             await consumer.stop()
+    finally:
+        await http.aclose()
 
 
 # -- scenarios --------------------------------------------------------------------------------
@@ -570,7 +572,13 @@ async def scenario_scale_out(bench: Bench, scale: int) -> list[Row]:
             settings = bench.settings(sim_url, worker_concurrency=64)
             records = 3 * scale
             await bench.preload(settings, bench.envelopes(records, 500), 4)
-            processes = [bench.spawn(["worker"], settings_env(settings)) for _ in range(workers)]
+            processes = [
+                bench.spawn(
+                    ["worker"],
+                    settings_env(settings.model_copy(update={"worker_metrics_port": free_port()})),
+                )
+                for _ in range(workers)
+            ]
             try:
                 rates[workers] = await effects_rate(
                     sim_url, records, timeout=600, process=processes[0]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import httpx
 import uvicorn
 
 from ingest.app import IntakeServices
@@ -17,7 +16,7 @@ from ledger.db import ensure_schema_current, make_engine
 from ops.operations import Operations
 from runtime.kafka import all_topics, ensure_topics
 from runtime.settings import Settings, get_settings
-from workers.upstream import TokenProvider, UpstreamClient
+from workers.upstream import HttpPool, TokenProvider, UpstreamClient
 
 INTAKE_REQUIRED = (
     "database_url",
@@ -78,19 +77,11 @@ async def close_intake(svc: IntakeServices) -> None:
     await svc.engine.dispose()
 
 
-def upstream_http(settings: Settings) -> httpx.AsyncClient:
-    limits = httpx.Limits(
-        max_connections=settings.worker_concurrency + 4,
-        max_keepalive_connections=settings.worker_concurrency + 4,
-    )
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.upstream_timeout_s),
-        limits=limits,
-        follow_redirects=False,
-    )
+def upstream_http(settings: Settings) -> HttpPool:
+    return HttpPool(settings.worker_concurrency, settings.upstream_timeout_s)
 
 
-def upstream_client(settings: Settings, http: httpx.AsyncClient) -> UpstreamClient:
+def upstream_client(settings: Settings, http: HttpPool) -> UpstreamClient:
     settings.require(*WORKER_REQUIRED)
     assert settings.upstream_url
     assert settings.upstream_token_url

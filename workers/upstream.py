@@ -33,6 +33,40 @@ from workers.rules import Verdict, backoff_delay, classify, parse_position, retr
 SYNC_PATH = "/api/v1/settlements/sync"
 
 
+class HttpPool:
+    """Pooled HTTP to the upstream, as a few small httpx pools instead of one large one.
+
+    httpcore scans every pooled connection on every request (expiry and readability checks),
+    so one pool of 64 connections spent ~13 ms of CPU per request in the profile, against
+    ~1.5 ms for 8 pools of 8 — at 64 requests in flight that is 76 vs ~600 requests/s.
+    """
+
+    PER_POOL = 8
+
+    def __init__(self, concurrency: int, timeout_s: float) -> None:
+        pools = max(1, -(-concurrency // self.PER_POOL))
+        size = -(-concurrency // pools) + 1
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        self._clients = [
+            httpx.AsyncClient(
+                timeout=httpx.Timeout(timeout_s), limits=limits, follow_redirects=False
+            )
+            for _ in range(pools)
+        ]
+        self._next = 0
+
+    def client(self) -> httpx.AsyncClient:
+        self._next = (self._next + 1) % len(self._clients)
+        return self._clients[self._next]
+
+    async def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.client().post(url, **kwargs)
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+
 class TokenUnavailable(Exception):
     """The token endpoint did not give us a token."""
 
@@ -40,7 +74,9 @@ class TokenUnavailable(Exception):
 class TokenProvider:
     """Caches one access token; renews it before expiry; one renewal in flight at a time."""
 
-    def __init__(self, http: httpx.AsyncClient, url: str, client_id: str, secret: str) -> None:
+    def __init__(
+        self, http: HttpPool | httpx.AsyncClient, url: str, client_id: str, secret: str
+    ) -> None:
         self._http = http
         self._url = url
         self._auth = httpx.BasicAuth(client_id, secret)
@@ -141,7 +177,7 @@ ProgressHook = Callable[[int, str], Awaitable[None]]
 class UpstreamClient:
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: HttpPool | httpx.AsyncClient,
         tokens: TokenProvider,
         *,
         base_url: str,
