@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from schemas.envelope import Envelope, envelope_for, validate_record
 from workers.upstream import HttpPool
 
 RESULTS = Path("bench-results")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 @dataclass
@@ -623,9 +624,8 @@ async def scenario_memory(bench: Bench, scale: int) -> list[Row]:
         bench.stop(sim)
     return [
         Row(
-            f"worker peak RSS draining a {backlog:,}-record backlog for 45 s "
-            f"({drained:,} delivered)",
-            "peak RSS",
+            f"worker peak RSS draining a {backlog:,}-record backlog for 45 s",
+            f"peak RSS ({drained:,} delivered)",
             peak / 2**20,
             None,
             "MiB",
@@ -669,8 +669,8 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-def render(rows: list[Row]) -> Table:
-    table = Table(title="etrm-sync bench")
+def render(rows: list[Row], title: str = "etrm-sync bench") -> Table:
+    table = Table(title=title)
     for column in ("scenario", "measured", "value", "baseline", "ratio", "target"):
         table.add_column(column)
     for row in rows:
@@ -685,24 +685,61 @@ def render(rows: list[Row]) -> Table:
     return table
 
 
-async def run_bench(names: list[str], scale: int) -> list[Row]:
-    root = Path(tempfile.mkdtemp(prefix="etrm-bench-"))
-    bench = Bench(root)
-    try:
-        await bench.up()
-        for name in names:
-            console.print(f"[bold]running {name}…")
-            bench.rows.extend(await SCENARIOS[name](bench, scale))
-            console.print(render(bench.rows))
-    finally:
-        bench.down()
+async def run_bench(names: list[str], scale: int, runs: int = 1) -> list[Row]:
+    """Run the scenarios `runs` times; with several runs, print and keep the medians."""
+    all_runs: list[list[Row]] = []
+    for number in range(1, runs + 1):
+        root = Path(tempfile.mkdtemp(prefix="etrm-bench-"))
+        bench = Bench(root)
+        try:
+            await bench.up()
+            for name in names:
+                console.print(f"[bold]run {number}/{runs}: {name}…")
+                bench.rows.extend(await SCENARIOS[name](bench, scale))
+                console.print(render(bench.rows))
+        finally:
+            bench.down()
+        all_runs.append(bench.rows)
+    rows = median_rows(all_runs)
+    if runs > 1:
+        console.print(render(rows, title=f"etrm-sync bench: median of {runs} runs"))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = RESULTS / f"bench-{stamp}.json"
     write_results(
-        out, json.dumps([{**row.__dict__, "ratio": row.ratio} for row in bench.rows], indent=2)
+        out,
+        json.dumps(
+            {
+                "runs": runs,
+                "median": [{**row.__dict__, "ratio": row.ratio} for row in rows],
+                "each_run": [
+                    [{**row.__dict__, "ratio": row.ratio} for row in run] for run in all_runs
+                ],
+            },
+            indent=2,
+        ),
     )
     console.print(f"results: {out}")
-    return bench.rows
+    return rows
+
+
+def median_rows(runs: list[list[Row]]) -> list[Row]:
+    if len(runs) == 1:
+        return runs[0]
+    rows = []
+    for index, first in enumerate(runs[0]):
+        same = [run[index] for run in runs if index < len(run)]
+        baselines = [r.baseline for r in same if r.baseline is not None]
+        rows.append(
+            Row(
+                first.scenario,
+                first.measured,
+                statistics.median(r.value for r in same),
+                statistics.median(baselines) if baselines else None,
+                first.unit,
+                first.target,
+            )
+        )
+    return rows
 
 
 def write_results(path: Path, content: str) -> None:
@@ -716,8 +753,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ops.bench")
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
     parser.add_argument("--scale", type=int, default=1000, help="records per unit of work")
+    parser.add_argument("--runs", type=int, default=1, help="repeat and report medians")
     args = parser.parse_args(argv)
-    asyncio.run(run_bench(args.scenario or list(SCENARIOS), args.scale))
+    asyncio.run(run_bench(args.scenario or list(SCENARIOS), args.scale, args.runs))
 
 
 if __name__ == "__main__":

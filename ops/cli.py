@@ -212,6 +212,7 @@ def token(
 def bench(
     scenario: Annotated[list[str] | None, typer.Option(help="Run only these (repeat)")] = None,
     scale: Annotated[int, typer.Option(help="Records per unit of work")] = 1000,
+    runs: Annotated[int, typer.Option(help="Repeat and report the median of each row")] = 1,
 ) -> None:
     """Measure every stage against a baseline run in the same process; table, JSON, PNG."""
     from ops.bench import SCENARIOS, run_bench
@@ -219,7 +220,7 @@ def bench(
     unknown = set(scenario or []) - set(SCENARIOS)
     if unknown:
         _fail(f"unknown scenario(s) {sorted(unknown)}; choose from {sorted(SCENARIOS)}")
-    asyncio.run(run_bench(scenario or list(SCENARIOS), scale))
+    asyncio.run(run_bench(scenario or list(SCENARIOS), scale, runs))
 
 
 def main() -> None:

@@ -1,0 +1,24 @@
+"""The benchmark's arithmetic: ratios and medians over runs."""
+
+from __future__ import annotations
+
+from ops.bench import Row, median_rows, percentile
+
+
+def test_median_of_runs_and_ratio() -> None:
+    runs = [
+        [Row("worker", "rec/s", 100.0, 200.0, "rec/s")],
+        [Row("worker", "rec/s", 300.0, 250.0, "rec/s")],
+        [Row("worker", "rec/s", 200.0, 400.0, "rec/s")],
+    ]
+    [row] = median_rows(runs)
+    assert row.value == 200.0
+    assert row.baseline == 250.0
+    assert row.ratio == 0.8
+    assert median_rows(runs[:1]) == runs[0]
+
+
+def test_percentile() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 51.0
+    assert percentile(values, 0.99) == 100.0
