@@ -139,7 +139,9 @@ class JwksKeys:
 
     async def key_for(self, kid: str | None, alg: str) -> PyJWK | None:
         if self._stale():
-            await self.refresh(force=not self._keys)
+            # Only the very first load skips the cooldown: an identity provider that is down
+            # must not be asked again on every request.
+            await self.refresh(force=self._attempted_at == float("-inf"))
         key = self._pick(kid, alg)
         if key is None:
             await self.refresh()  # rotation: at most once per cooldown

@@ -55,7 +55,7 @@ async def intake_services(settings: Settings | None = None) -> IntakeServices:
     publisher = SettlementPublisher(settings)
     await publisher.start()
     verifier = TokenVerifier(
-        JwksKeys(settings.jwks_url),
+        JwksKeys(settings.jwks_url, cooldown_s=settings.jwks_refresh_cooldown_s),
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
         leeway_s=settings.jwt_leeway_s,

@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway_s: int = Field(30, ge=0, le=30)
+    jwks_refresh_cooldown_s: float = Field(30.0, ge=0)
 
     message_signing_keys: Annotated[SecretStr | None, NoDecode] = None
     encryption_keys: Annotated[SecretStr | None, NoDecode] = None

@@ -3,6 +3,7 @@ body limits and security events — against the real intake over HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -262,3 +263,48 @@ async def test_repeated_failures_raise_a_security_alert(
     assert "security_alert" in text
     assert "repeated_authentication_failures" in text
     assert "not-a-token" not in text  # the presented credential is never logged
+
+
+async def test_jwks_from_url_rotation_and_cooldown(
+    pipeline_factory: PipelineFactory, tmp_path: Path
+) -> None:
+    """Keys come from the identity provider's JWKS URL; a rotated key is picked up, and a
+    flood of unknown kids cannot make every request fetch the JWKS."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from tests.conftest import Server
+
+    keys = Keys(tmp_path)
+    served = json.loads(keys.path.read_text())
+    fetches = 0
+
+    async def jwks(_: Request) -> JSONResponse:
+        nonlocal fetches
+        fetches += 1
+        return JSONResponse(served)
+
+    idp = await Server(Starlette(routes=[Route("/jwks.json", jwks)])).start()
+    try:
+        pipe: Pipeline = await pipeline_factory(
+            worker=False, jwks_url=f"{idp.url}/jwks.json", jwks_refresh_cooldown_s=1.0
+        )
+        assert (await post_with(pipe, keys.token())).status_code == 202
+        before = fetches
+        for _ in range(20):
+            assert (await post_with(pipe, keys.token(kid="forged-kid"))).status_code == 401
+        assert fetches - before <= 1, "unknown kids must not hammer the identity provider"
+
+        rotated = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = json.loads(RSAAlgorithm.to_jwk(rotated.public_key()))
+        jwk.update(kid="rsa-2", alg="RS256", use="sig")
+        served["keys"].append(jwk)
+        await asyncio.sleep(1.1)  # past the cooldown
+        assert (await post_with(pipe, keys.token(key=rotated, kid="rsa-2"))).status_code in (
+            202,
+            409,
+        )
+    finally:
+        await idp.stop()
