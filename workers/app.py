@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -120,6 +121,25 @@ async def record_lag(consumer: Any) -> None:
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(highwater - position)
 
 
+def bind_health_port(settings: Settings) -> socket.socket | None:
+    """The metrics/health port; a busy port is logged, never a reason to stop delivering."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.worker_metrics_host, settings.worker_metrics_port))
+    except OSError as exc:
+        sock.close()
+        log.error(  # noqa: TRY400 - a busy port is a configuration fact, not a crash
+            "metrics_port_unavailable",
+            port=settings.worker_metrics_port,
+            error=str(exc),
+            consequence="no /metrics or /healthz on this worker",
+        )
+        return None
+    sock.set_inheritable(True)
+    return sock
+
+
 def health_app(upstream: UpstreamClient) -> Starlette:
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse(
@@ -189,7 +209,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             lifespan="off",
         )
     )
-    http_task = asyncio.create_task(server.serve())
+    health_socket = bind_health_port(settings)
+    http_task = asyncio.create_task(
+        server.serve(sockets=[health_socket]) if health_socket else asyncio.sleep(0)
+    )
     checkpoints = asyncio.create_task(checkpoint_loop(engine, settings))
     await broker.start()
     log.info(

@@ -229,3 +229,23 @@ async def test_signed_message_injected_without_signature_is_dead_lettered(
     assert headers["error.reason"] == "invalid_signature"
     await asyncio.sleep(0.5)
     assert pipeline.sim.posts == 0
+
+
+async def test_two_workers_sharing_a_metrics_port_both_keep_delivering(
+    pipeline: Pipeline,
+) -> None:
+    from workers.app import run_worker
+
+    second_stop = asyncio.Event()
+    second = asyncio.create_task(run_worker(pipeline.settings, second_stop))
+    try:
+        client = pipeline.client()
+        run = samples.run_id()
+        records = samples.mixed_batch(run, 40, contracts=20, prefix="TWO")
+        response = await submit_batch(client, run, records)
+        batch = await pipeline.wait_final(client, response.json()["batch_id"])
+        assert batch["counts"] == {"delivered": 40}
+        assert not second.done(), "the second worker stopped over a busy metrics port"
+    finally:
+        second_stop.set()
+        await asyncio.wait_for(second, 30)
