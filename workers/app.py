@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 import uvicorn
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import Consumer, KafkaMessage
@@ -36,6 +37,7 @@ from runtime.settings import Settings
 from schemas.records import CanonicalRecord
 from workers import metrics
 from workers.delivery import Forwarder
+from workers.offsets import OffsetTracker
 from workers.upstream import UpstreamClient
 
 log = structlog.get_logger("etrm.worker")
@@ -64,8 +66,8 @@ def reconciliation_publisher(broker: KafkaBroker, settings: Settings) -> Any:
 
 
 def max_poll_interval_ms(settings: Settings) -> int:
-    # A batch holds its poll until every message is final, retries included; the group must
-    # not evict a worker that is honestly waiting out the retry budget.
+    # Polling pauses only while the in-flight limit is reached; if every record in flight is
+    # waiting out its retry budget, the group must not evict the worker for it.
     budget = settings.upstream_retry_budget_s + settings.upstream_timeout_s * 2 + 60
     return int(budget * 1000)
 
@@ -73,7 +75,56 @@ def max_poll_interval_ms(settings: Settings) -> int:
 BatchHandler = Callable[[Any], Awaitable[None]]
 
 
-def wire_subscriber(broker: KafkaBroker, settings: Settings, process: BatchHandler) -> None:
+class Committer:
+    """Commits, per partition, the offsets the forwarder reports as finished; forgets a
+    partition when the group takes it away (its new owner re-reads from the last commit)."""
+
+    INTERVAL_S = 0.2
+
+    def __init__(self, offsets: OffsetTracker) -> None:
+        self.offsets = offsets
+        self.consumer: Any = None
+
+    async def commit(self) -> None:
+        ready = self.offsets.committable()
+        if not ready or self.consumer is None:
+            return
+        try:
+            await self.consumer.commit(
+                {
+                    TopicPartition(topic, partition): offset
+                    for (topic, partition), offset in ready.items()
+                }
+            )
+            metrics.BATCHES.inc()
+        except Exception as exc:  # e.g. a rebalance took the partitions away meanwhile
+            log.warning("commit_failed", error=type(exc).__name__)
+        await record_lag(self.consumer)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.INTERVAL_S)
+            await self.commit()
+
+
+class ForgetRevoked(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, committer: Committer) -> None:
+        self.committer = committer
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.committer.commit()  # what is finished is committed before it is handed on
+        self.committer.offsets.forget((tp.topic, tp.partition) for tp in revoked)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        return None
+
+
+def wire_subscriber(
+    broker: KafkaBroker,
+    settings: Settings,
+    process: BatchHandler,
+    committer: Committer | None = None,
+) -> None:
     subscriber = broker.subscriber(
         *settings.topics,
         batch=True,
@@ -85,12 +136,17 @@ def wire_subscriber(broker: KafkaBroker, settings: Settings, process: BatchHandl
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_ms,
         max_poll_interval_ms=max_poll_interval_ms(settings),
+        listener=ForgetRevoked(committer) if committer else None,
         title="on_settlements",
         description="Settlement records from the priority and standard lanes",
     )
 
     @subscriber
     async def on_settlements(_: list[bytes], message: KafkaMessage, consumer: Consumer) -> None:
+        # Manual acknowledgement: offsets are committed by the Committer as records finish,
+        # never by FastStream for the whole poll.
+        if committer is not None:
+            committer.consumer = consumer
         records: Any = message.raw_message
         try:
             await process(records)
@@ -101,13 +157,6 @@ def wire_subscriber(broker: KafkaBroker, settings: Settings, process: BatchHandl
             await asyncio.sleep(INFRA_RETRY_DELAY_S)
             with contextlib.suppress(Exception):
                 await message.nack()
-            return
-        try:
-            await message.ack()
-            metrics.BATCHES.inc()
-        except Exception as exc:  # e.g. a rebalance took the partitions away meanwhile
-            log.warning("commit_failed", error=type(exc).__name__)
-        await record_lag(consumer)
 
 
 async def record_lag(consumer: Any) -> None:
@@ -192,8 +241,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         concurrency=settings.worker_concurrency,
         drift_threshold=settings.drift_threshold,
         cipher=PayloadCipher(settings.encryption_keyring()),
+        max_in_flight=4 * settings.worker_max_records,
     )
-    wire_subscriber(broker, settings, forwarder.process)
+    committer = Committer(forwarder.offsets)
+    wire_subscriber(broker, settings, forwarder.process, committer)
     forwarder.writer.start()
     if stop is None:  # run as a process: stop on SIGINT/SIGTERM
         stop = asyncio.Event()
@@ -214,6 +265,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         server.serve(sockets=[health_socket]) if health_socket else asyncio.sleep(0)
     )
     checkpoints = asyncio.create_task(checkpoint_loop(engine, settings))
+    commits = asyncio.create_task(committer.run())
     await broker.start()
     log.info(
         "worker_started",
@@ -225,10 +277,16 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         await stop.wait()
     finally:
         log.info("worker_stopping")
+        commits.cancel()
+        if committer.consumer is not None:  # stop fetching, finish what is in flight
+            with contextlib.suppress(Exception):
+                committer.consumer.pause(*committer.consumer.assignment())
+        await forwarder.drain(timeout=min(30.0, settings.upstream_timeout_s + 5))
+        await forwarder.stop_chains()
+        with contextlib.suppress(Exception):
+            await committer.commit()
         await broker.stop()
         await forwarder.writer.stop()
-        with contextlib.suppress(Exception):
-            await forwarder.writer.flush()
         server.should_exit = True
         checkpoints.cancel()
         with contextlib.suppress(asyncio.CancelledError):

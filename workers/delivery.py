@@ -1,12 +1,15 @@
-"""Forwarding one polled batch: every message reaches a final state before the batch is done.
+"""Forwarding consumed records to the upstream, pipelined across polls.
 
 Rules kept here:
 - a message whose signature or shape is bad is dead-lettered, never delivered;
-- the ledger is asked once per batch which messages are new, in flight or already final;
-- messages of one contract go upstream one after another in offset order; different contracts
-  go concurrently, at most `concurrency` at a time;
+- the ledger is asked once per poll which messages are new, in flight or already final;
+- messages of one contract go upstream one after another in offset order, across polls;
+  different contracts go concurrently, at most `concurrency` at a time, so one contract
+  waiting out its retry budget never holds back the others;
 - a lower revision than one the upstream already took ends `superseded` without being sent;
-- a dead letter is on the reconciliation topic (acknowledged) before the ledger says so.
+- a dead letter is on the reconciliation topic (acknowledged) before the ledger says so;
+- an offset becomes committable only when its record's final state is written to the ledger,
+  and only together with every offset before it (workers.offsets).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections import defaultdict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +44,7 @@ from schemas.envelope import (
 )
 from schemas.records import CanonicalRecord
 from workers import metrics
+from workers.offsets import OffsetTracker
 from workers.rules import drift, is_superseded
 from workers.upstream import DeliveryResult, UpstreamClient
 
@@ -68,38 +72,51 @@ class _Parsed:
 
 
 class OutcomeWriter:
-    """Buffers outcomes and writes them in one statement per flush (at batch end, and every
-    `interval` seconds while a batch is long-running, so the API shows progress)."""
+    """Group commit for outcomes: whatever is pending is written in one statement, then the
+    next group; each outcome's future resolves once its row is committed. A failed write is
+    retried until it succeeds (offsets wait for it, nothing is lost)."""
 
-    def __init__(
-        self, engine: AsyncEngine, actor: Actor, cipher: PayloadCipher, interval: float = 0.25
-    ) -> None:
+    RETRY_DELAY_S = 1.0
+
+    def __init__(self, engine: AsyncEngine, actor: Actor, cipher: PayloadCipher) -> None:
         self._engine = engine
         self._actor = actor
         self._cipher = cipher
-        self._pending: list[Outcome] = []
-        self._interval = interval
-        self._lock = asyncio.Lock()
+        self._pending: list[tuple[Outcome, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, outcome: Outcome) -> None:
-        self._pending.append(outcome)
+    def add(self, outcome: Outcome) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((outcome, future))
+        self._wake.set()
+        return future
 
     async def flush(self) -> None:
-        async with self._lock:
-            pending, self._pending = self._pending, []
-            try:
-                await store.write_outcomes(self._engine, pending, self._actor, self._cipher)
-            except Exception:
-                self._pending[:0] = pending
-                raise
+        if not self._pending:
+            return
+        group, self._pending = self._pending, []
+        try:
+            await store.write_outcomes(
+                self._engine, [o for o, _ in group], self._actor, self._cipher
+            )
+        except Exception:
+            self._pending[:0] = group
+            raise
+        for _, future in group:
+            if not future.done():
+                future.set_result(None)
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
-            if self._pending:
-                with contextlib.suppress(Exception):  # the batch-end flush reports errors
-                    await self.flush()
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception as exc:
+                log.warning("outcome_write_failed_will_retry", error=type(exc).__name__)
+                await asyncio.sleep(self.RETRY_DELAY_S)
+                self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -122,6 +139,7 @@ class Forwarder:
         concurrency: int,
         drift_threshold: Decimal,
         cipher: PayloadCipher,
+        max_in_flight: int = 2000,
     ) -> None:
         self._cipher = cipher
         self._engine = engine
@@ -130,42 +148,105 @@ class Forwarder:
         self._keys = signing_keys
         self._slots = asyncio.Semaphore(concurrency)
         self._threshold = drift_threshold
+        self._max_in_flight = max_in_flight
         self.actor = Actor("worker", f"{socket.gethostname()}:{os.getpid()}")
         self.writer = OutcomeWriter(engine, self.actor, cipher)
+        self.offsets = OffsetTracker()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._chains: dict[str, deque[tuple[_Parsed, Claim]]] = {}
+        self._in_flight_ids: set[str] = set()
+        # Highest revision the upstream took per identity, as this worker saw it; the ledger's
+        # answer at claim time can be older than a delivery still being written.
+        self._highest: OrderedDict[str, int] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- entry point ---------------------------------------------------------------------------
 
     async def process(self, records: Sequence[ConsumedRecord]) -> None:
+        """Take one poll into the pipeline; returns once it is claimed and dispatched (and
+        waits first while too many records are in flight, so memory stays bounded)."""
+        while self.offsets.in_flight >= self._max_in_flight:
+            self._room.clear()
+            await self._room.wait()
         parsed: list[_Parsed] = []
-        untrusted: list[dict[str, Any]] = []
+        untrusted: list[tuple[ConsumedRecord, dict[str, Any]]] = []
+        duplicates: list[ConsumedRecord] = []
         seen: set[str] = set()
         for record in records:
             item = await self._parse(record, untrusted)
-            # The same message twice in one poll (a resubmission, a replay) is forwarded once.
-            if item is not None and item.incoming.message_id not in seen:
-                seen.add(item.incoming.message_id)
+            if item is None:
+                continue
+            message_id = item.incoming.message_id
+            # The same message twice (a resubmission, a replay) is forwarded once: the later
+            # copy's offset finishes with nothing to do.
+            if message_id in seen or message_id in self._in_flight_ids:
+                duplicates.append(record)
+            else:
+                seen.add(message_id)
                 parsed.append(item)
         if untrusted:
-            await store.record_untrusted_dead_letters(self._engine, untrusted, self._cipher)
-        if not parsed:
-            return
-        claims = await store.claim_batch(
-            self._engine, [p.incoming for p in parsed], self.actor, self._cipher
+            await store.record_untrusted_dead_letters(
+                self._engine, [row for _, row in untrusted], self._cipher
+            )
+        claims = (
+            await store.claim_batch(
+                self._engine, [p.incoming for p in parsed], self.actor, self._cipher
+            )
+            if parsed
+            else {}
         )
-        chains: dict[str, list[_Parsed]] = defaultdict(list)
+        for record in records:
+            self.offsets.track((record.topic, record.partition), record.offset)
+        for record, _ in untrusted:
+            self._finished(record)
+        for record in duplicates:
+            self._finished(record)
         for item in parsed:
-            chains[item.incoming.contract_id].append(item)
-        try:
-            async with asyncio.TaskGroup() as group:
-                for chain in chains.values():
-                    group.create_task(self._run_chain(chain, claims))
-        finally:
+            claim = claims[item.incoming.message_id]
+            if claim.status == "final":
+                self._finished(item.record)
+                continue
+            self._in_flight_ids.add(item.incoming.message_id)
+            contract = item.incoming.contract_id
+            chain = self._chains.get(contract)
+            if chain is None:
+                chain = self._chains[contract] = deque()
+                task = asyncio.create_task(self._run_chain(contract, chain))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            chain.append((item, claim))
+
+    def _finished(self, record: ConsumedRecord) -> None:
+        self.offsets.finish((record.topic, record.partition), record.offset)
+        if self.offsets.in_flight < self._max_in_flight:
+            self._room.set()
+
+    def _after_write(self, item: _Parsed, written: asyncio.Future[None]) -> None:
+        def done(_: asyncio.Future[None]) -> None:
+            self._in_flight_ids.discard(item.incoming.message_id)
+            self._finished(item.record)
+
+        written.add_done_callback(done)
+
+    async def drain(self, timeout: float) -> None:
+        """On shutdown: let running chains finish (bounded), then write what they produced."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+        with contextlib.suppress(Exception):
             await self.writer.flush()
+
+    async def stop_chains(self) -> None:
+        """Chains still waiting (e.g. out a retry budget) stop; their records are not committed
+        and are read again by whoever owns the partition next."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- parsing and trust ---------------------------------------------------------------------
 
     async def _parse(
-        self, record: ConsumedRecord, untrusted: list[dict[str, Any]]
+        self, record: ConsumedRecord, untrusted: list[tuple[ConsumedRecord, dict[str, Any]]]
     ) -> _Parsed | None:
         headers = header_map(record.headers)
         value = record.value or b""
@@ -214,58 +295,68 @@ class Forwarder:
             offset=record.offset,
         )
         untrusted.append(
-            self._dead_letter_row(record, headers, reason, None, problem, 0, now, now, None)
+            (
+                record,
+                self._dead_letter_row(record, headers, reason, None, problem, 0, now, now, None),
+            )
         )
         return None
 
     # -- one contract's chain ------------------------------------------------------------------
 
-    async def _run_chain(self, chain: list[_Parsed], claims: dict[str, Claim]) -> None:
-        async with self._slots:
-            highest: dict[str, int | None] = {}
-            for item in chain:
-                msg = item.incoming
-                claim = claims[msg.message_id]
-                if claim.status == "final":
-                    continue
-                best = highest.get(msg.identity, claim.max_accepted_revision)
-                if claim.status == "conflict":
-                    await self._fail(
-                        item,
-                        "invalid_message",
-                        None,
-                        "revision_conflict: same identity and revision with other content",
-                        claim.attempts,
-                        None,
-                    )
-                    continue
-                if is_superseded(msg.revision, best):
-                    self._finish(
-                        msg,
-                        "superseded",
-                        claim.attempts,
-                        f"revision {msg.revision} < delivered revision {best}",
-                    )
-                    continue
-                result = await self._upstream.deliver(
-                    msg.value,
-                    msg.message_id,
-                    msg.trace_id,
-                    prior_attempts=claim.attempts,
-                    on_retry=self._progress(msg.message_id),
-                )
-                if result.outcome == "delivered":
-                    self._delivered(msg, result)
-                    highest[msg.identity] = max(best or 0, msg.revision)
-                else:
-                    await self._fail(
-                        item,
-                        result.outcome,
-                        result.status,
-                        result.error or "",
-                        result.attempts,
-                        result,
-                    )
+    async def _run_chain(self, contract: str, chain: deque[tuple[_Parsed, Claim]]) -> None:
+        """One contract's records, one after another, for as long as more keep arriving."""
+        try:
+            async with self._slots:
+                while chain:
+                    item, claim = chain[0]
+                    written = await self._forward(item, claim)
+                    self._after_write(item, written)
+                    chain.popleft()
+        finally:
+            if self._chains.get(contract) is chain:
+                del self._chains[contract]
+            if chain:  # cancelled on shutdown: re-read after restart, nothing is committed
+                log.info("chain_stopped", contract_id=contract, pending=len(chain))
+
+    async def _forward(self, item: _Parsed, claim: Claim) -> asyncio.Future[None]:
+        msg = item.incoming
+        if claim.status == "conflict":
+            return await self._fail(
+                item,
+                "invalid_message",
+                None,
+                "revision_conflict: same identity and revision with other content",
+                claim.attempts,
+                None,
+            )
+        best = max(claim.max_accepted_revision or 0, self._highest.get(msg.identity, 0)) or None
+        if is_superseded(msg.revision, best):
+            return self._finish(
+                msg,
+                "superseded",
+                claim.attempts,
+                f"revision {msg.revision} < delivered revision {best}",
+            )
+        result = await self._upstream.deliver(
+            msg.value,
+            msg.message_id,
+            msg.trace_id,
+            prior_attempts=claim.attempts,
+            on_retry=self._progress(msg.message_id),
+        )
+        if result.outcome == "delivered":
+            self._remember(msg.identity, msg.revision)
+            return self._delivered(msg, result)
+        return await self._fail(
+            item, result.outcome, result.status, result.error or "", result.attempts, result
+        )
+
+    def _remember(self, identity: str, revision: int) -> None:
+        self._highest[identity] = max(revision, self._highest.get(identity, 0))
+        self._highest.move_to_end(identity)
+        if len(self._highest) > 100_000:
+            self._highest.popitem(last=False)
 
     def _progress(self, message_id: str) -> Callable[[int, str], Awaitable[None]]:
         async def hook(attempts: int, error: str) -> None:
@@ -298,11 +389,13 @@ class Forwarder:
             **extra,
         )
 
-    def _finish(self, msg: Incoming, state: str, attempts: int, detail: str) -> None:
+    def _finish(
+        self, msg: Incoming, state: str, attempts: int, detail: str
+    ) -> asyncio.Future[None]:
         self._outcome(msg, state, attempts)
-        self.writer.add(Outcome(msg.message_id, state, attempts, detail=detail))
+        return self.writer.add(Outcome(msg.message_id, state, attempts, detail=detail))
 
-    def _delivered(self, msg: Incoming, result: DeliveryResult) -> None:
+    def _delivered(self, msg: Incoming, result: DeliveryResult) -> asyncio.Future[None]:
         variance = None
         if result.reconciled_position_mwh is not None:
             variance = drift(msg.position_mwh, result.reconciled_position_mwh, self._threshold)
@@ -334,7 +427,7 @@ class Forwarder:
         self._outcome(
             msg, outcome.state, result.attempts, upstream_transaction_id=result.transaction_id
         )
-        self.writer.add(outcome)
+        return self.writer.add(outcome)
 
     async def _fail(
         self,
@@ -344,14 +437,14 @@ class Forwarder:
         error: str,
         attempts: int,
         result: DeliveryResult | None,
-    ) -> None:
+    ) -> asyncio.Future[None]:
         now = datetime.now(UTC)
         first = result.first_attempt_at if result else now
         last = result.last_attempt_at if result else now
         await self._dead_letter(item.record, reason, status, error, attempts, first, last)
         headers = header_map(item.record.headers)
         self._outcome(item.incoming, "dead_lettered", attempts, reason=reason, status=status)
-        self.writer.add(
+        return self.writer.add(
             Outcome(
                 item.incoming.message_id,
                 "dead_lettered",

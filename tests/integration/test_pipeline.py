@@ -249,3 +249,28 @@ async def test_two_workers_sharing_a_metrics_port_both_keep_delivering(
     finally:
         second_stop.set()
         await asyncio.wait_for(second, 30)
+
+
+async def test_a_record_waiting_out_its_retries_does_not_hold_back_other_contracts(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    pipe: Pipeline = await pipeline_factory(
+        sim={"down_contracts": ["OUTAGE-*"]},
+        upstream_max_attempts=1000,
+        upstream_retry_budget_s=60.0,
+    )
+    client = pipe.client()
+    run = samples.run_id()
+    stuck = await submit_batch(client, run, [samples.otc_confirmation(run, "OUTAGE-HOL-01")])
+    await asyncio.sleep(1.0)  # the stuck record is in its retry loop
+    later = await submit_batch(
+        client, run, [samples.otc_confirmation(run, f"OTC-HOL-{i:04d}") for i in range(5)]
+    )
+    others = await pipe.wait_final(client, later.json()["batch_id"], timeout=20)
+    assert others["counts"] == {"delivered": 5}
+    waiting = (await client.get(stuck.json()["status_url"])).json()
+    assert waiting["counts"] == {"delivering": 1}
+
+    pipe.sim.config.down_contracts = []  # the upstream recovers for that contract too
+    recovered = await pipe.wait_final(client, stuck.json()["batch_id"], timeout=20)
+    assert recovered["counts"] == {"delivered": 1}
