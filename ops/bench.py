@@ -245,7 +245,11 @@ async def reset_sim(url: str) -> None:
 
 
 async def effects_rate(
-    url: str, expected: int, timeout: float, process: subprocess.Popen[bytes] | None = None
+    url: str,
+    expected: int,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    task: asyncio.Task[None] | None = None,
 ) -> float:
     """Records/s between the first and the last effect the simulator saw."""
     deadline = time.monotonic() + timeout
@@ -257,6 +261,9 @@ async def effects_rate(
             raise TimeoutError(f"only {stats['effects']} of {expected} effects")
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"worker exited with {process.returncode}")
+        if task is not None and task.done():
+            task.result()  # raises what stopped the baseline
+            raise RuntimeError("baseline consumer stopped early")
         await asyncio.sleep(0.2)
     span = stats["last_effect_at"] - stats["first_effect_at"]
     return (expected - 1) / span if span > 0 else float("inf")
@@ -290,16 +297,18 @@ async def baseline_consumer(settings: Settings, expected: int, concurrency: int)
         slots = asyncio.Semaphore(concurrency)
 
         async def post(value: bytes, key: str) -> None:
+            headers = {
+                "Authorization": f"Bearer {token}",
+                "Idempotency-Key": key,
+                "Content-Type": "application/json",
+            }
             async with slots:
-                await http.post(
-                    url,
-                    content=value,
-                    headers={
-                        "Authorization": f"Bearer {token}",
-                        "Idempotency-Key": key,
-                        "Content-Type": "application/json",
-                    },
-                )
+                for _ in range(5):  # even a floor has to survive a dropped connection
+                    try:
+                        await http.post(url, content=value, headers=headers)
+                        return
+                    except httpx.HTTPError:
+                        await asyncio.sleep(0.1)
 
         await consumer.start()
         done = 0
@@ -336,7 +345,7 @@ async def worker_throughput(
         settings = bench.settings(sim_url, worker_concurrency=concurrency)
         await bench.preload(settings, bench.envelopes(records, contracts), partitions)
         baseline_task = asyncio.create_task(baseline_consumer(settings, records, concurrency))
-        baseline = await effects_rate(sim_url, records, timeout=600)
+        baseline = await effects_rate(sim_url, records, timeout=600, task=baseline_task)
         await baseline_task
         await reset_sim(sim_url)
         worker = bench.spawn(["worker"], settings_env(settings))
