@@ -51,9 +51,14 @@ class Row:
     baseline: float | None
     unit: str
     target: str = ""
+    # Over several runs: the median of each run's own ratio (noise cancels within a run,
+    # which a ratio of medians taken from different runs would not do).
+    median_ratio: float | None = None
 
     @property
     def ratio(self) -> float | None:
+        if self.median_ratio is not None:
+            return self.median_ratio
         if self.baseline in (None, 0):
             return None
         assert self.baseline is not None
@@ -738,6 +743,7 @@ def median_rows(runs: list[list[Row]]) -> list[Row]:
     for index, first in enumerate(runs[0]):
         same = [run[index] for run in runs if index < len(run)]
         baselines = [r.baseline for r in same if r.baseline is not None]
+        ratios = [r.ratio for r in same if r.ratio is not None]
         rows.append(
             Row(
                 first.scenario,
@@ -746,6 +752,7 @@ def median_rows(runs: list[list[Row]]) -> list[Row]:
                 statistics.median(baselines) if baselines else None,
                 first.unit,
                 first.target,
+                statistics.median(ratios) if ratios else None,
             )
         )
     return rows

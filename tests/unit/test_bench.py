@@ -14,7 +14,7 @@ def test_median_of_runs_and_ratio() -> None:
     [row] = median_rows(runs)
     assert row.value == 200.0
     assert row.baseline == 250.0
-    assert row.ratio == 0.8
+    assert row.ratio == 0.5  # the median of the runs' own ratios (0.5, 1.2, 0.5)
     assert median_rows(runs[:1]) == runs[0]
 
 
