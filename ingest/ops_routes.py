@@ -17,7 +17,6 @@ from ingest.problems import Problem
 from ledger import reconciliation as recon
 from ops.operations import OperationRefused, Operations, replay_id_valid
 
-router = APIRouter()
 Text = Annotated[str, Field(min_length=1, max_length=1000)]
 
 
@@ -69,6 +68,7 @@ def num(value: Decimal | None) -> str | None:
 
 
 def build_router() -> APIRouter:
+    router = APIRouter()  # one per app: routes must not pile up when several apps are built
     from ingest.app import PrincipalDep, ServicesDep, actor_of, require
 
     def ops(svc: Any) -> Operations:
