@@ -67,6 +67,53 @@ def num(value: Decimal | None) -> str | None:
     return None if value is None else f"{value:f}"
 
 
+DEAD_LETTER_FIELDS = (
+    "dead_letter_id",
+    "message_id",
+    "desk",
+    "settlement_run_id",
+    "contract_id",
+    "reason",
+    "status",
+    "error_status",
+    "attempts",
+    "last_error",
+    "first_attempt_at",
+    "last_attempt_at",
+    "created_at",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+)
+HOLD_FIELDS = (
+    "hold_id",
+    "message_id",
+    "desk",
+    "contract_id",
+    "submitted_position_mwh",
+    "reconciled_position_mwh",
+    "variance",
+    "state",
+    "created_at",
+    "decided_at",
+    "decided_by",
+    "decision_reason",
+)
+
+
+def json_row(row: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """A ledger row as the API shows it: UTC timestamps with Z, decimals as exact strings."""
+    out: dict[str, Any] = {}
+    for name in fields:
+        value = row[name]
+        if isinstance(value, datetime):
+            value = z(value)
+        elif isinstance(value, Decimal):
+            value = num(value)
+        out[name] = value
+    return out
+
+
 def build_router() -> APIRouter:
     router = APIRouter()  # one per app: routes must not pile up when several apps are built
     from ingest.app import PrincipalDep, ServicesDep, actor_of, require
@@ -98,27 +145,7 @@ def build_router() -> APIRouter:
         except ValueError:
             raise Problem(400, "malformed_cursor", "cursor is not one this API gave") from None
         return {
-            "items": [
-                {
-                    "dead_letter_id": i["dead_letter_id"],
-                    "message_id": i["message_id"],
-                    "desk": i["desk"],
-                    "settlement_run_id": i["settlement_run_id"],
-                    "contract_id": i["contract_id"],
-                    "reason": i["reason"],
-                    "status": i["status"],
-                    "error_status": i["error_status"],
-                    "attempts": i["attempts"],
-                    "last_error": i["last_error"],
-                    "first_attempt_at": z(i["first_attempt_at"]),
-                    "last_attempt_at": z(i["last_attempt_at"]),
-                    "created_at": z(i["created_at"]),
-                    "source_topic": i["source_topic"],
-                    "source_partition": i["source_partition"],
-                    "source_offset": i["source_offset"],
-                }
-                for i in items
-            ],
+            "items": [json_row(i, DEAD_LETTER_FIELDS) for i in items],
             "next_cursor": next_cursor,
         }
 
@@ -214,25 +241,7 @@ def build_router() -> APIRouter:
     ) -> Any:
         require(who, "ops:read")
         rows = await recon.list_holds(svc.engine, state=state, desk=desk, limit=limit)
-        return {
-            "items": [
-                {
-                    "hold_id": h["hold_id"],
-                    "message_id": h["message_id"],
-                    "desk": h["desk"],
-                    "contract_id": h["contract_id"],
-                    "submitted_position_mwh": num(h["submitted_position_mwh"]),
-                    "reconciled_position_mwh": num(h["reconciled_position_mwh"]),
-                    "variance": num(h["variance"]),
-                    "state": h["state"],
-                    "created_at": z(h["created_at"]),
-                    "decided_at": z(h["decided_at"]),
-                    "decided_by": h["decided_by"],
-                    "decision_reason": h["decision_reason"],
-                }
-                for h in rows
-            ]
-        }
+        return {"items": [json_row(h, HOLD_FIELDS) for h in rows]}
 
     async def decide(
         request: Request, hold_id: str, decision: str, body: Decision, svc: Any, who: Principal

@@ -44,18 +44,23 @@ async def _wait_final(
     return batches
 
 
+def dev_token(env: dict[str, str], subject: str, desk: str, scopes: str) -> str:
+    """A token from the dev stack's own signing key (see `etrm-sync dev`)."""
+    return mint_token(
+        Path(env["ETRM_DEV_JWT_PRIVATE_KEY"]),
+        issuer=env["ETRM_JWT_ISSUER"],
+        audience=env["ETRM_JWT_AUDIENCE"],
+        subject=subject,
+        desk=desk,
+        scopes=scopes.split(),
+    )
+
+
 async def run_demo(env: dict[str, str], console: Console | None = None) -> int:
     console = console or Console()
     if not console.is_terminal:
         console.width = max(console.width, 150)
-    token = mint_token(
-        Path(env["ETRM_DEV_JWT_PRIVATE_KEY"]),
-        issuer=env["ETRM_JWT_ISSUER"],
-        audience=env["ETRM_JWT_AUDIENCE"],
-        subject="demo-trader",
-        desk="power-east",
-        scopes=["settlements:write", "settlements:read"],
-    )
+    token = dev_token(env, "demo-trader", "power-east", "settlements:write settlements:read")
     base = f"http://{env['ETRM_INTAKE_HOST']}:{env['ETRM_INTAKE_PORT']}"
     run = samples.run_id()
     tag = uuid.uuid4().hex[:6].upper()
@@ -161,14 +166,7 @@ async def _operations_follow_up(
 ) -> None:
     """The ops desk's side: the maintenance window ends, the dead letter is replayed, the
     drift hold is reviewed and released."""
-    ops_token = mint_token(
-        Path(env["ETRM_DEV_JWT_PRIVATE_KEY"]),
-        issuer=env["ETRM_JWT_ISSUER"],
-        audience=env["ETRM_JWT_AUDIENCE"],
-        subject="ops-demo",
-        desk="ops",
-        scopes=["ops:read", "ops:replay", "ops:holds"],
-    )
+    ops_token = dev_token(env, "ops-demo", "ops", "ops:read ops:replay ops:holds")
     ops_headers = {"Authorization": f"Bearer {ops_token}"}
     await http.patch(f"{env['ETRM_UPSTREAM_URL']}/_sim/config", json={"down_contracts": []})
     console.print("\n[bold]Operations[/]: the upstream's maintenance window is over.")
