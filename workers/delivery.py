@@ -156,6 +156,7 @@ class Forwarder:
         self._room.set()
         self._chains: dict[str, deque[tuple[_Parsed, Claim]]] = {}
         self._in_flight_ids: set[str] = set()
+        self._followers: dict[str, list[ConsumedRecord]] = {}
         # Highest revision the upstream took per identity, as this worker saw it; the ledger's
         # answer at claim time can be older than a delivery still being written.
         self._highest: OrderedDict[str, int] = OrderedDict()
@@ -171,17 +172,18 @@ class Forwarder:
             await self._room.wait()
         parsed: list[_Parsed] = []
         untrusted: list[tuple[ConsumedRecord, dict[str, Any]]] = []
-        duplicates: list[ConsumedRecord] = []
+        duplicates: list[tuple[str, ConsumedRecord]] = []
         seen: set[str] = set()
         for record in records:
             item = await self._parse(record, untrusted)
             if item is None:
                 continue
             message_id = item.incoming.message_id
-            # The same message twice (a resubmission, a replay) is forwarded once: the later
-            # copy's offset finishes with nothing to do.
+            # The same message twice (a resubmission, a replay, a re-read after a rebalance)
+            # is forwarded once; the later copy's offset finishes when the first copy's final
+            # state is written, never before.
             if message_id in seen or message_id in self._in_flight_ids:
-                duplicates.append(record)
+                duplicates.append((message_id, record))
             else:
                 seen.add(message_id)
                 parsed.append(item)
@@ -200,12 +202,12 @@ class Forwarder:
             self.offsets.track((record.topic, record.partition), record.offset)
         for record, _ in untrusted:
             self._finished(record)
-        for record in duplicates:
-            self._finished(record)
+        for message_id, record in duplicates:
+            self._followers.setdefault(message_id, []).append(record)
         for item in parsed:
             claim = claims[item.incoming.message_id]
             if claim.status == "final":
-                self._finished(item.record)
+                self._release(item)
                 continue
             self._in_flight_ids.add(item.incoming.message_id)
             contract = item.incoming.contract_id
@@ -222,12 +224,16 @@ class Forwarder:
         if self.offsets.in_flight < self._max_in_flight:
             self._room.set()
 
-    def _after_write(self, item: _Parsed, written: asyncio.Future[None]) -> None:
-        def done(_: asyncio.Future[None]) -> None:
-            self._in_flight_ids.discard(item.incoming.message_id)
-            self._finished(item.record)
+    def _release(self, item: _Parsed) -> None:
+        """The record and any later copies of the same message are finished."""
+        message_id = item.incoming.message_id
+        self._in_flight_ids.discard(message_id)
+        self._finished(item.record)
+        for follower in self._followers.pop(message_id, []):
+            self._finished(follower)
 
-        written.add_done_callback(done)
+    def _after_write(self, item: _Parsed, written: asyncio.Future[None]) -> None:
+        written.add_done_callback(lambda _: self._release(item))
 
     async def drain(self, timeout: float) -> None:
         """On shutdown: let running chains finish (bounded), then write what they produced."""
