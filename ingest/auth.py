@@ -28,14 +28,6 @@ _KEY_ALGORITHMS = {"RSA": {"RS256"}, "EC": {"ES256"}, "OKP": {"EdDSA"}}
 MAX_TOKEN_BYTES = 8 * 1024
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "exp", "iat")
 FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c")
-SCOPES = (
-    "settlements:write",
-    "settlements:read",
-    "ops:read",
-    "ops:replay",
-    "ops:holds",
-    "audit:read",
-)
 
 log = structlog.get_logger("etrm.security")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -477,7 +477,6 @@ class Outcome:
     hold: dict[str, Any] | None = None
     dead_letter: dict[str, Any] | None = None
     record_event: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 async def write_outcomes(

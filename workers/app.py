@@ -96,7 +96,7 @@ class Committer:
                     for (topic, partition), offset in ready.items()
                 }
             )
-            metrics.BATCHES.inc()
+            metrics.OFFSET_COMMITS.inc()
         except Exception as exc:  # e.g. a rebalance took the partitions away meanwhile
             log.warning("commit_failed", error=type(exc).__name__)
         await record_lag(self.consumer)

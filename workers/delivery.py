@@ -429,7 +429,7 @@ class Forwarder:
                 "reconciled": result.reconciled_position_mwh,
                 "variance": variance,
             }
-            metrics.HOLDS_OPEN.inc()
+            metrics.HOLDS_OPENED.inc()
         self._outcome(
             msg, outcome.state, result.attempts, upstream_transaction_id=result.transaction_id
         )

@@ -13,8 +13,8 @@ UPSTREAM_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 TOKEN_RENEWALS = Counter("etrm_worker_token_renewals_total", "Upstream access tokens obtained")
-HOLDS_OPEN = Gauge("etrm_worker_holds_opened", "Holds opened by this worker since start")
+HOLDS_OPENED = Counter("etrm_worker_holds_opened_total", "Drift holds opened by this worker")
 CONSUMER_LAG = Gauge(
     "etrm_worker_consumer_lag", "Records behind the high watermark", ["topic", "partition"]
 )
-BATCHES = Counter("etrm_worker_polled_batches_total", "Polled batches finished and committed")
+OFFSET_COMMITS = Counter("etrm_worker_offset_commits_total", "Offset commits of finished records")

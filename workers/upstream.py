@@ -162,13 +162,11 @@ class _Final(Exception):
         result_kind: str,
         error: str | None,
         status: int | None,
-        body: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(error)
         self.kind = result_kind
         self.error = error
         self.status = status
-        self.body = body or {}
 
 
 ProgressHook = Callable[[int, str], Awaitable[None]]
