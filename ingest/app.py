@@ -18,7 +18,6 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Annotated, Any
 
 import structlog
@@ -42,7 +41,7 @@ from ledger.store import AcceptedMessage
 from ops.operations import Operations
 from runtime.settings import Settings
 from schemas.envelope import Envelope, FieldError, envelope_for, validate_record
-from schemas.records import CanonicalRecord, SourceRecord
+from schemas.records import CanonicalRecord, SourceRecord, iso_z
 
 MAX_BATCH = 5000
 MAX_REPORTED_ERRORS = 200
@@ -71,12 +70,6 @@ class IntakeServices:
     operations: Operations
     rate_limiter: DeskRateLimiter
     alarm: FailureAlarm
-
-
-def utc_z(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment.tzinfo else moment.isoformat()
 
 
 async def services(request: Request) -> IntakeServices:  # async: no thread-pool hop
@@ -648,7 +641,7 @@ def create_app(build: Any = None, body_limit: int | None = None) -> FastAPI:
             "batch_id": batch["batch_id"],
             "desk": batch["desk"],
             "settlement_run_id": batch["settlement_run_id"],
-            "created_at": utc_z(batch["created_at"]),
+            "created_at": iso_z(batch["created_at"]),
             "counts": counts,
             "messages": messages,
         }
@@ -676,7 +669,7 @@ def create_app(build: Any = None, body_limit: int | None = None) -> FastAPI:
             "last_error": message["last_error"],
             "trace_id": message["trace_id"],
             "history": [
-                {"state": h["state"], "at": utc_z(h["at"]), "detail": h["detail"]}
+                {"state": h["state"], "at": iso_z(h["at"]), "detail": h["detail"]}
                 for h in message["history"]
             ],
         }

@@ -4,7 +4,7 @@ Operators' `ops:*` scopes see every desk; a desk token gets 403 here, never data
 """
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -16,6 +16,7 @@ from ingest.auth import Principal
 from ingest.problems import Problem
 from ledger import reconciliation as recon
 from ops.operations import OperationRefused, Operations, replay_id_valid
+from schemas.records import iso_z
 
 Text = Annotated[str, Field(min_length=1, max_length=1000)]
 
@@ -57,10 +58,6 @@ class Approval(_Body):
 
 class Decision(_Body):
     reason: Text
-
-
-def z(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment else None
 
 
 def num(value: Decimal | None) -> str | None:
@@ -107,7 +104,7 @@ def json_row(row: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
     for name in fields:
         value = row[name]
         if isinstance(value, datetime):
-            value = z(value)
+            value = iso_z(value)
         elif isinstance(value, Decimal):
             value = num(value)
         out[name] = value
@@ -226,9 +223,9 @@ def build_router() -> APIRouter:
             "approved_by": replay["approved_by"],
             "desks": replay["desks"],
             "progress": replay["progress"],
-            "created_at": z(replay["created_at"]),
-            "approved_at": z(replay["approved_at"]),
-            "completed_at": z(replay["completed_at"]),
+            "created_at": iso_z(replay["created_at"]),
+            "approved_at": iso_z(replay["approved_at"]),
+            "completed_at": iso_z(replay["completed_at"]),
         }
 
     @router.get("/v1/holds")

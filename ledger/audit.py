@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from schemas.records import iso_z
+
 GENESIS = "0" * 64
 _LOCK_KEY = 0x45545241554449  # "ETRAUDI": one chain, one writer at a time
 
@@ -68,14 +70,10 @@ _COLUMNS = (
 )
 
 
-def utc_text(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def row_hash(row: dict[str, Any]) -> str:
     """SHA-256 over the canonical encoding of every field but `hash`, previous hash included."""
     fields = [row[c] for c in _COLUMNS[:-1]]
-    fields[1] = utc_text(fields[1]) if isinstance(fields[1], datetime) else fields[1]
+    fields[1] = iso_z(fields[1]) if isinstance(fields[1], datetime) else fields[1]
     return hashlib.sha256(orjson.dumps(fields)).hexdigest()
 
 

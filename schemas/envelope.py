@@ -11,14 +11,14 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
 from schemas.normalize import NormalizationError, normalize
-from schemas.records import SOURCE_MODELS, CanonicalRecord, Market
+from schemas.records import SOURCE_MODELS, CanonicalRecord, Market, iso_z
 
 SCHEMA_VERSION = "1"
 # Headers covered by the signature, in this order; replay headers are added by operators later
@@ -164,10 +164,6 @@ def cap_text(value: str, limit: int = ERROR_TEXT_LIMIT) -> str:
     if len(encoded) <= limit:
         return value
     return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
-
-
-def iso_z(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import re
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import (
     AfterValidator,
@@ -263,6 +263,17 @@ class CanonicalRecord(_CanonicalFields):
 def full_scale(value: Decimal, places: int) -> str:
     """`125.5` at 3 places -> "125.500"; negative zero is written as zero."""
     return f"{value.quantize(Decimal(1).scaleb(-places)) + 0:f}"
+
+
+@overload
+def iso_z(moment: datetime) -> str: ...
+@overload
+def iso_z(moment: None) -> None: ...
+def iso_z(moment: datetime | None) -> str | None:
+    """API, header and audit timestamps: UTC `YYYY-MM-DDTHH:MM:SS.ffffffZ` (CONTRACT §3)."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def utc_text(moment: datetime) -> str:
