@@ -11,6 +11,7 @@ Rules kept here (CONTRACT §3):
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import time
@@ -318,8 +319,8 @@ async def _accept(
             "the records could not be recorded as accepted; retry with the same Idempotency-Key",
             headers={"Retry-After": "30"},
         ) from None
-    for envelope in envelopes:
-        ACCEPTED.labels(who.desk, envelope.lane).inc()
+    for lane, count in collections.Counter(e.lane for e in envelopes).items():
+        ACCEPTED.labels(who.desk, lane).inc(count)
     log.info(
         "accepted",
         desk=who.desk,

@@ -88,6 +88,7 @@ class JwksKeys:
         self._loaded_at = 0.0
         self._attempted_at = float("-inf")
         self._file_mtime = 0.0
+        self._file_checked = 0.0
         self._lock = asyncio.Lock()
 
     async def _fetch(self) -> dict[str, Any]:
@@ -123,6 +124,10 @@ class JwksKeys:
         if not self._keys:
             return True
         if not self._is_url:
+            now = time.monotonic()
+            if now - self._file_checked < 1.0:  # one stat a second, not one per request
+                return False
+            self._file_checked = now
             try:
                 return Path(self._source).stat().st_mtime != self._file_mtime
             except OSError:
