@@ -8,7 +8,6 @@ prints a table and writes JSON to bench-results/. Also runnable as `python -m op
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import secrets
@@ -33,9 +32,9 @@ from ingest.publisher import SettlementPublisher
 from ledger.db import migrate
 from ops import samples
 from ops.devkeys import generate_signing_key, mint_token
-from ops.stack import Broker, Database, free_port
+from ops.stack import Broker, Database, free_port, isolated_settings
 from runtime.kafka import all_topics, ensure_topics, make_producer
-from runtime.settings import Settings, load_settings, settings_env
+from runtime.settings import Settings, settings_env
 from schemas.envelope import Envelope, envelope_for, validate_record
 from workers.upstream import HttpPool
 
@@ -79,9 +78,9 @@ class Bench:
     # -- infrastructure ------------------------------------------------------------------------
 
     async def up(self) -> None:
-        self.broker = Broker(free_port(), self.root / "tansu.log").start()
+        self.broker = await asyncio.to_thread(Broker(free_port(), self.root / "tansu.log").start)
         if not self.database_url:
-            self.database = Database(self.root / "pg", free_port()).start()
+            self.database = await asyncio.to_thread(Database(self.root / "pg", free_port()).start)
             self.database_url = self.database.url
         await migrate(self.database_url)
 
@@ -97,28 +96,17 @@ class Bench:
 
     def settings(self, sim_url: str, **overrides: Any) -> Settings:
         assert self.broker is not None
-        tag = uuid.uuid4().hex[:8]
-        values: dict[str, Any] = {
-            "kafka_bootstrap_servers": self.broker.bootstrap,
-            "kafka_enable_idempotence": False,
-            "kafka_group_id": f"bench-{tag}",
-            "kafka_session_timeout_ms": 2000,
-            "kafka_heartbeat_interval_ms": 500,
-            "topic_priority": f"b{tag}.priority",
-            "topic_standard": f"b{tag}.standard",
-            "topic_reconciliation": f"b{tag}.reconciliation",
-            "database_url": self.database_url,
-            "worker_metrics_port": free_port(),
-            "upstream_url": sim_url,
-            "upstream_token_url": f"{sim_url}/oauth/token",
-            "upstream_client_id": "bench",
-            "upstream_client_secret": self.client_secret,
-            "upstream_signing_secret": self.signing_secret,
-            "message_signing_keys": f"b1={secrets.token_urlsafe(24)}",
-            "encryption_keys": f"e1={base64.b64encode(secrets.token_bytes(32)).decode()}",
-        }
-        values.update(overrides)
-        return load_settings(**values)
+        return isolated_settings(
+            self.broker.bootstrap,
+            self.database_url,
+            "bench",
+            upstream_url=sim_url,
+            upstream_token_url=f"{sim_url}/oauth/token",
+            upstream_client_id="bench",
+            upstream_client_secret=self.client_secret,
+            upstream_signing_secret=self.signing_secret,
+            **overrides,
+        )
 
     def spawn(self, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
@@ -130,13 +118,13 @@ class Bench:
         self.processes.append(process)
         return process
 
-    def stop(self, process: subprocess.Popen[bytes]) -> None:
+    async def stop(self, process: subprocess.Popen[bytes]) -> None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(20)
+            await asyncio.to_thread(process.wait, 20)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait()
+            await asyncio.to_thread(process.wait)
 
     async def simulator(self, latency_ms: float) -> tuple[str, subprocess.Popen[bytes]]:
         port = free_port()
@@ -357,9 +345,9 @@ async def worker_throughput(
         try:
             measured = await effects_rate(sim_url, records, timeout=600, process=worker)
         finally:
-            bench.stop(worker)
+            await bench.stop(worker)
     finally:
-        bench.stop(sim)
+        await bench.stop(sim)
     return Row(
         f"{label}, {latency_ms:.0f} ms upstream, C={concurrency}",
         "records/s delivered",
@@ -470,8 +458,8 @@ async def scenario_intake(bench: Bench, scale: int) -> list[Row]:
                 )
             )
     finally:
-        bench.stop(intake)
-        bench.stop(sim)
+        await bench.stop(intake)
+        await bench.stop(sim)
     return rows
 
 
@@ -527,9 +515,9 @@ async def scenario_latency(bench: Bench, scale: int) -> list[Row]:
                 await http.patch(f"{sim_url}/_sim/config", json=config)
                 distributions[label] = await single_latencies(url, token, count, rate=40)
     finally:
-        bench.stop(worker)
-        bench.stop(intake)
-        bench.stop(sim)
+        await bench.stop(worker)
+        await bench.stop(intake)
+        await bench.stop(sim)
     healthy = distributions["healthy"]
     rows = []
     for label, values in distributions.items():
@@ -600,7 +588,7 @@ async def scenario_scale_out(bench: Bench, scale: int) -> list[Row]:
                 )
             finally:
                 for process in processes:
-                    bench.stop(process)
+                    await bench.stop(process)
         rows.append(
             Row(
                 "scale out: 2 workers vs 1, 4 partitions, 20 ms upstream",
@@ -612,7 +600,7 @@ async def scenario_scale_out(bench: Bench, scale: int) -> list[Row]:
             )
         )
     finally:
-        bench.stop(sim)
+        await bench.stop(sim)
     return rows
 
 
@@ -633,9 +621,9 @@ async def scenario_memory(bench: Bench, scale: int) -> list[Row]:
                 await asyncio.sleep(0.25)
             drained = (await sim_stats(sim_url))["effects"]
         finally:
-            bench.stop(worker)
+            await bench.stop(worker)
     finally:
-        bench.stop(sim)
+        await bench.stop(sim)
     return [
         Row(
             f"worker peak RSS draining a {backlog:,}-record backlog for 45 s",

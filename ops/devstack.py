@@ -28,7 +28,8 @@ from rich.table import Table
 from ledger.db import migrate
 from ops.devkeys import generate_signing_key, mint_token
 from ops.stack import Broker, Database, free_port
-from runtime.kafka import ensure_topics
+from runtime.kafka import all_topics, ensure_topics
+from runtime.settings import load_settings
 
 STATE_DIR = Path(".etrm-dev")
 ISSUER = "https://idp.etrm-sync.dev"
@@ -147,10 +148,13 @@ class DevStack:
         started = time.monotonic()
         self.state.mkdir(parents=True, exist_ok=True)
         kafka_port = free_port(9092)
-        self.broker = Broker(kafka_port, self.state / "tansu.log").start()
+        # Starting the servers waits on subprocesses: keep that off the event loop.
+        self.broker = await asyncio.to_thread(Broker(kafka_port, self.state / "tansu.log").start)
         database_url = os.environ.get("ETRM_DATABASE_URL")
         if not database_url:
-            self.database = Database(self.state / "pg", free_port(55432)).start()
+            self.database = await asyncio.to_thread(
+                Database(self.state / "pg", free_port(55432)).start
+            )
             database_url = self.database.url
         intake_port, sim_port, metrics_port = free_port(8080), free_port(8090), free_port(9108)
         self.env = dev_environment(
@@ -164,15 +168,8 @@ class DevStack:
         (self.state / "env").write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
         (self.state / "env").chmod(0o600)
         await migrate(database_url)
-        await ensure_topics(
-            self.broker.bootstrap,
-            [
-                "settlements.sync.priority",
-                "settlements.sync.standard",
-                "settlements.reconciliation",
-            ],
-            4,
-        )
+        topics = load_settings(kafka_bootstrap_servers=self.broker.bootstrap)
+        await ensure_topics(self.broker.bootstrap, all_topics(topics), topics.kafka_partitions)
         sim_args = [f"--{k.replace('_', '-')}={v}" for k, v in DEMO_SIMULATOR.items()]
         self._spawn("mock-etrm", "mock-etrm", "--port", str(sim_port), *sim_args)
         self._spawn("intake", "intake")

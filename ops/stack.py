@@ -7,16 +7,22 @@ the same real components started the same way.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib.resources
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from runtime.settings import Settings, load_settings
 
 PG_SYSTEM_USER = "embedded_postgres"
 PG_DATABASE = "etrm"
@@ -212,3 +218,26 @@ class Database:
     def stop(self) -> None:
         if (self.data_dir / "postmaster.pid").exists():
             self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-m", "fast", "stop", check=False)
+
+
+def isolated_settings(bootstrap: str, database_url: str, prefix: str, **overrides: Any) -> Settings:
+    """Settings for one run against this machine's Tansu and Postgres: topics and consumer
+    group of its own (nothing seen by another run), fresh signing and encryption keys, Tansu's
+    limits respected (no idempotent producer; quick group joins)."""
+    tag = uuid.uuid4().hex[:10]
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": bootstrap,
+        "kafka_enable_idempotence": False,
+        "kafka_group_id": f"{prefix}-{tag}",
+        "kafka_session_timeout_ms": 2000,
+        "kafka_heartbeat_interval_ms": 500,
+        "topic_priority": f"{prefix}{tag}.priority",
+        "topic_standard": f"{prefix}{tag}.standard",
+        "topic_reconciliation": f"{prefix}{tag}.reconciliation",
+        "database_url": database_url,
+        "worker_metrics_port": free_port(),
+        "message_signing_keys": f"k1={secrets.token_urlsafe(24)}",
+        "encryption_keys": f"e1={base64.b64encode(secrets.token_bytes(32)).decode()}",
+    }
+    values.update(overrides)
+    return load_settings(**values)

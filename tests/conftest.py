@@ -27,10 +27,10 @@ from ingest.app import create_app
 from ledger.db import migrate
 from ops.devkeys import generate_signing_key, mint_token
 from ops.simulator import SimConfig, SimState, create_simulator
-from ops.stack import Broker, Database, free_port
+from ops.stack import Broker, Database, free_port, isolated_settings
 from runtime.bootstrap import EmbeddedServer, intake_services
 from runtime.kafka import all_topics, ensure_topics
-from runtime.settings import Settings, load_settings, settings_env
+from runtime.settings import Settings, settings_env
 from workers.app import run_worker
 
 ISSUER = "https://idp.test.etrm-sync"
@@ -73,20 +73,9 @@ def infra() -> Iterator[Infra]:
 
 
 def make_settings(infra: Infra, **overrides: Any) -> Settings:
-    tag = uuid.uuid4().hex[:10]
     values: dict[str, Any] = {
-        "kafka_bootstrap_servers": infra.broker.bootstrap,
-        "kafka_enable_idempotence": False,
-        "kafka_group_id": f"workers-{tag}",
-        "kafka_session_timeout_ms": 2000,
-        "kafka_heartbeat_interval_ms": 500,
         "kafka_publish_timeout_s": 3.0,
-        "topic_priority": f"t{tag}.priority",
-        "topic_standard": f"t{tag}.standard",
-        "topic_reconciliation": f"t{tag}.reconciliation",
-        "database_url": infra.database_url,
         "database_pool_size": 5,
-        "worker_metrics_port": free_port(),
         "worker_concurrency": 16,
         "upstream_client_id": "etrm-sync-test",
         "upstream_client_secret": secrets.token_urlsafe(16),
@@ -99,11 +88,10 @@ def make_settings(infra: Infra, **overrides: Any) -> Settings:
         "jwks_url": str(infra.jwks),
         "jwt_issuer": ISSUER,
         "jwt_audience": AUDIENCE,
-        "message_signing_keys": f"k1={secrets.token_urlsafe(24)}",
         "encryption_keys": f"e1={infra.encryption_key}",
     }
     values.update(overrides)
-    return load_settings(**values)
+    return isolated_settings(infra.broker.bootstrap, infra.database_url, "t", **values)
 
 
 class Server:
