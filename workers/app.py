@@ -176,6 +176,9 @@ def bind_health_port(settings: Settings) -> socket.socket | None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((settings.worker_metrics_host, settings.worker_metrics_port))
+        # Listen now: with SO_REUSEADDR a second bind can succeed and only listen() finds
+        # the port taken, which would otherwise surface later inside the HTTP server.
+        sock.listen(128)
     except OSError as exc:
         sock.close()
         log.error(  # noqa: TRY400 - a busy port is a configuration fact, not a crash
