@@ -27,6 +27,8 @@ ALLOWED_ALGORITHMS = ("RS256", "ES256", "EdDSA")
 _KEY_ALGORITHMS = {"RSA": {"RS256"}, "EC": {"ES256"}, "OKP": {"EdDSA"}}
 MAX_TOKEN_BYTES = 8 * 1024
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "exp", "iat")
+# Scopes matched exactly: a made-up `ops:anything` grants nothing.
+OPERATOR_SCOPES = frozenset({"ops:read", "ops:replay", "ops:holds", "ops:upstream"})
 FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c")
 
 log = structlog.get_logger("etrm.security")
@@ -43,7 +45,7 @@ class Principal:
 
     @property
     def is_operator(self) -> bool:
-        return any(s.startswith("ops:") for s in self.scopes)
+        return not self.scopes.isdisjoint(OPERATOR_SCOPES)
 
     def sees_desk(self, desk: str) -> bool:
         return desk == self.desk or self.is_operator

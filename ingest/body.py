@@ -1,7 +1,9 @@
 """Reading a request body: size limit, JSON media type, strict JSON.
 
-Numbers are read from their text as Decimal (never a binary float); NaN/Infinity and duplicate
-object keys are refused as schema violations (422); text that is not JSON at all is a 400.
+Numbers are read from their text as Decimal (never a binary float). NaN/Infinity are read as
+the Decimal values they name, so the record's own validation refuses them with the record index
+and field like any other schema error (422); duplicate object keys are a 422; text that is not
+JSON at all is a 400.
 """
 
 from __future__ import annotations
@@ -19,10 +21,6 @@ class _SchemaViolation(ValueError):
     pass
 
 
-def _no_constants(name: str) -> Any:
-    raise _SchemaViolation(f"{name} is not a number that can be settled")
-
-
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -37,7 +35,7 @@ def parse_json(raw: bytes) -> Any:
         return json.loads(
             raw,
             parse_float=Decimal,
-            parse_constant=_no_constants,
+            parse_constant=Decimal,
             object_pairs_hook=_unique_keys,
         )
     except _SchemaViolation as exc:

@@ -3,6 +3,7 @@ a body size cap on every route, and repeated authentication failures raising an 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
@@ -90,7 +91,15 @@ class FailureAlarm:
 
 
 class BodyLimit:
-    """413 for any request body over the limit, declared or streamed, on every route."""
+    """413 for any request body over the limit, declared or streamed, on every route.
+
+    The body is read (and thrown away) before the 413 is sent, up to DRAIN_LIMIT: a client
+    still writing its body when the server answers and closes would see a reset connection
+    instead of the answer.
+    """
+
+    DRAIN_LIMIT = 64 * 1024 * 1024
+    DRAIN_SECONDS = 30.0
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -102,6 +111,7 @@ class BodyLimit:
             return
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self._drain(receive, int(value))
                 await _reject(send, self.limit)
                 return
         seen = 0
@@ -116,6 +126,18 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+    async def _drain(self, receive: Receive, declared: int) -> None:
+        if declared > self.DRAIN_LIMIT:
+            return
+        deadline = time.monotonic() + self.DRAIN_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
 
 
 async def _reject(send: Send, limit: int) -> None:

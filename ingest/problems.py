@@ -1,10 +1,15 @@
-"""RFC 9457 problem details: the one builder every error response goes through."""
+"""RFC 9457 problem details: the one builder every error response goes through. Every string in
+a problem is made safe to render (a lone surrogate or NUL from a hostile request is escaped,
+never a reason for a 500)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi.responses import JSONResponse
+
+from schemas.api import ProblemDetails
+from schemas.text import cap_text
 
 PROBLEM_TYPE = "https://etrm-sync.dev/problems/"
 
@@ -45,6 +50,16 @@ _TITLES = {
 }
 
 
+def _safe(value: Any) -> Any:
+    if isinstance(value, str):
+        return cap_text(value, 1024)
+    if isinstance(value, dict):
+        return {_safe(k): _safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_safe(v) for v in value]
+    return value
+
+
 def problem_response(problem: Problem, trace_id: str | None = None) -> JSONResponse:
     body: dict[str, Any] = {
         "type": PROBLEM_TYPE + problem.code,
@@ -57,8 +72,20 @@ def problem_response(problem: Problem, trace_id: str | None = None) -> JSONRespo
         body["trace_id"] = trace_id
     body.update(problem.extra)
     return JSONResponse(
-        body,
+        _safe(body),
         status_code=problem.status,
         headers=problem.headers,
         media_type="application/problem+json",
     )
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI: these statuses answer problem+json."""
+    return {
+        status: {
+            "model": ProblemDetails,
+            "description": _TITLES.get(status, "Error"),
+            "content": {"application/problem+json": {}},
+        }
+        for status in statuses
+    }

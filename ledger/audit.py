@@ -1,11 +1,16 @@
-"""The tamper-evident audit trail: one append-only row per message state change and per
-operator action, each chained to the previous one by SHA-256 over a canonical encoding.
+"""The tamper-evident audit trail: one append-only row per state change and per operator
+action, chained by SHA-256 in the order a single sequencer gives them.
 
-Rules kept here:
-- rows are appended under one transaction-scoped advisory lock, so the chain has one order;
-- the hash covers every field of the row plus the previous hash, so changing, removing or
-  reordering any row breaks verification from that row on;
-- the database refuses UPDATE, DELETE and TRUNCATE on the table (triggers, migration 0001).
+Rules kept here (as a transparency log's sequencer does, e.g. Trillian):
+- whoever acts appends its rows inside its own transaction, without a lock and without waiting
+  for anyone; a row is durable the moment that transaction commits;
+- one sequencer at a time (a transaction-scoped advisory lock: any process may take the turn)
+  gives committed rows their sequence number and chain hash, in batches; a row must be
+  sequenced within the merge delay, and `verify` reports any that is not;
+- the hash covers every field of the row plus the previous hash, so changing, removing,
+  inserting or reordering any sequenced row breaks verification from that row on;
+- the database refuses UPDATE (except the sequencer's one write of the chain columns), DELETE
+  and TRUNCATE on the table (triggers, migrations 0001 and 0002).
 """
 
 from __future__ import annotations
@@ -23,37 +28,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ledger.rows import Actor, AuditEvent
 from schemas.records import iso_z
+from schemas.text import cap_text
 
 GENESIS = "0" * 64
-_LOCK_KEY = 0x45545241554449  # "ETRAUDI": one chain, one writer at a time
+_SEQUENCER_LOCK = 0x45545241554449  # "ETRAUDI": one sequencer at a time
+DETAIL_LIMIT = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Actor:
-    """Who did it: a trader or operator (from their token), a worker, or the system."""
-
-    kind: str  # 'trader', 'operator', 'worker', 'system'
-    name: str
-    desk: str | None = None
-    token_id: str | None = None
-    address: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AuditEvent:
-    actor: Actor
-    action: str
-    state: str | None = None
-    message_id: str | None = None
-    batch_id: str | None = None
-    subject_id: str | None = None
-    detail: str | None = None
-
-
-_COLUMNS = (
-    "seq",
-    "at",
+_CONTENT = (
     "actor_kind",
     "actor",
     "desk",
@@ -65,64 +49,52 @@ _COLUMNS = (
     "batch_id",
     "subject_id",
     "detail",
-    "prev_hash",
-    "hash",
 )
+_HASHED = ("seq", "at", *_CONTENT, "prev_hash")
 
 
 def row_hash(row: dict[str, Any]) -> str:
-    """SHA-256 over the canonical encoding of every field but `hash`, previous hash included."""
-    fields = [row[c] for c in _COLUMNS[:-1]]
+    """SHA-256 over the canonical encoding of the row's place (seq), time, content and the
+    previous hash."""
+    fields = [row[c] for c in _HASHED]
     fields[1] = iso_z(fields[1]) if isinstance(fields[1], datetime) else fields[1]
     return hashlib.sha256(orjson.dumps(fields)).hexdigest()
 
 
+def _content(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "actor_kind": event.actor.kind,
+        "actor": cap_text(event.actor.name, 256),
+        "desk": event.actor.desk,
+        "token_id": event.actor.token_id,
+        "source_address": event.actor.address,
+        "action": event.action,
+        "state": event.state,
+        "message_id": event.message_id,
+        "batch_id": event.batch_id,
+        "subject_id": event.subject_id,
+        "detail": cap_text(event.detail, DETAIL_LIMIT) if event.detail is not None else None,
+    }
+
+
 async def append(conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
-    """Append events to the chain inside the caller's transaction."""
+    """Append events inside the caller's transaction: one statement, no lock."""
     if not events:
         return
-    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
-    last = (
-        await conn.execute(text("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"))
-    ).first()
-    seq, prev = (last.seq, last.hash) if last is not None else (0, GENESIS)
+    rows = [_content(e) for e in events]
     now = datetime.now(UTC)
-    rows: list[dict[str, Any]] = []
-    for event in events:
-        seq += 1
-        row = {
-            "seq": seq,
-            "at": now,
-            "actor_kind": event.actor.kind,
-            "actor": event.actor.name,
-            "desk": event.actor.desk,
-            "token_id": event.actor.token_id,
-            "source_address": event.actor.address,
-            "action": event.action,
-            "state": event.state,
-            "message_id": event.message_id,
-            "batch_id": event.batch_id,
-            "subject_id": event.subject_id,
-            "detail": event.detail,
-            "prev_hash": prev,
-        }
-        row["hash"] = prev = row_hash(row)
-        rows.append(row)
     await conn.execute(
         text(
-            """
-            INSERT INTO audit_log (seq, at, actor_kind, actor, desk, token_id, source_address,
-                action, state, message_id, batch_id, subject_id, detail, prev_hash, hash)
-            SELECT * FROM unnest(
-                CAST(:seq AS bigint[]), CAST(:at AS timestamptz[]), CAST(:actor_kind AS text[]),
-                CAST(:actor AS text[]), CAST(:desk AS text[]), CAST(:token_id AS text[]),
-                CAST(:source_address AS text[]), CAST(:action AS text[]),
-                CAST(:state AS text[]), CAST(:message_id AS text[]), CAST(:batch_id AS text[]),
-                CAST(:subject_id AS text[]), CAST(:detail AS text[]),
-                CAST(:prev_hash AS text[]), CAST(:hash AS text[]))
+            f"""
+            INSERT INTO audit_log (at, {", ".join(_CONTENT)})
+            SELECT CAST(:at AS timestamptz), * FROM unnest(
+                CAST(:actor_kind AS text[]), CAST(:actor AS text[]), CAST(:desk AS text[]),
+                CAST(:token_id AS text[]), CAST(:source_address AS text[]),
+                CAST(:action AS text[]), CAST(:state AS text[]), CAST(:message_id AS text[]),
+                CAST(:batch_id AS text[]), CAST(:subject_id AS text[]), CAST(:detail AS text[]))
             """
         ),
-        {column: [row[column] for row in rows] for column in _COLUMNS},
+        {"at": now, **{column: [row[column] for row in rows] for column in _CONTENT}},
     )
 
 
@@ -147,6 +119,73 @@ def state_events(
     ]
 
 
+# -- the sequencer ---------------------------------------------------------------------------
+
+
+async def sequence(engine: AsyncEngine, limit: int = 5000) -> int:
+    """Give committed, unsequenced rows their place in the chain; 0 when another process holds
+    the sequencer's turn or nothing is waiting."""
+    async with engine.begin() as conn:
+        turn = await conn.scalar(
+            text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _SEQUENCER_LOCK}
+        )
+        if not turn:
+            return 0
+        waiting = [
+            dict(r._mapping)
+            for r in await conn.execute(
+                text(
+                    f"SELECT id, at, {', '.join(_CONTENT)} FROM audit_log WHERE hash IS NULL "
+                    "ORDER BY id LIMIT :limit"
+                ),
+                {"limit": limit},
+            )
+        ]
+        if not waiting:
+            return 0
+        head = (
+            await conn.execute(
+                text(
+                    "SELECT seq, hash FROM audit_log WHERE seq IS NOT NULL "
+                    "ORDER BY seq DESC LIMIT 1"
+                )
+            )
+        ).first()
+        seq, prev = (int(head.seq), str(head.hash)) if head is not None else (0, GENESIS)
+        for row in waiting:
+            seq += 1
+            row["seq"], row["prev_hash"] = seq, prev
+            row["hash"] = prev = row_hash(row)
+        await conn.execute(
+            text(
+                """
+                UPDATE audit_log a SET seq = s.seq, prev_hash = s.prev_hash, hash = s.hash
+                  FROM unnest(CAST(:ids AS bigint[]), CAST(:seqs AS bigint[]),
+                              CAST(:prevs AS text[]), CAST(:hashes AS text[]))
+                       AS s(id, seq, prev_hash, hash)
+                 WHERE a.id = s.id AND a.hash IS NULL
+                """
+            ),
+            {
+                "ids": [r["id"] for r in waiting],
+                "seqs": [r["seq"] for r in waiting],
+                "prevs": [r["prev_hash"] for r in waiting],
+                "hashes": [r["hash"] for r in waiting],
+            },
+        )
+        return len(waiting)
+
+
+async def sequence_all(engine: AsyncEngine) -> int:
+    """Sequence until nothing is waiting (tests, `audit verify`, shutdown)."""
+    total = 0
+    while True:
+        done = await sequence(engine)
+        if done == 0:
+            return total
+        total += done
+
+
 @dataclass(frozen=True, slots=True)
 class Verification:
     rows: int
@@ -154,21 +193,25 @@ class Verification:
     head_hash: str
     first_bad_seq: int | None
     problem: str | None
+    unsequenced_late: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.first_bad_seq is None
+        return self.first_bad_seq is None and self.unsequenced_late == 0
 
 
-async def verify(engine: AsyncEngine, page: int = 5000) -> Verification:
-    """Walk the whole chain; name the first row that does not verify."""
+async def verify(
+    engine: AsyncEngine, *, merge_delay_s: float = 60.0, page: int = 5000
+) -> Verification:
+    """Walk the whole chain; name the first row that does not verify, and count rows left
+    unsequenced longer than the merge delay."""
     prev, expected_seq, count = GENESIS, 1, 0
     async with engine.connect() as conn:
         after = 0
         while True:
             result = await conn.execute(
                 text(
-                    f"SELECT {', '.join(_COLUMNS)} FROM audit_log WHERE seq > :after "
+                    f"SELECT {', '.join(_HASHED)}, hash FROM audit_log WHERE seq > :after "
                     "ORDER BY seq LIMIT :page"
                 ),
                 {"after": after, "page": page},
@@ -189,7 +232,21 @@ async def verify(engine: AsyncEngine, page: int = 5000) -> Verification:
                         count, after, prev, row["seq"], "row content does not match its hash"
                     )
                 prev, after, expected_seq = row["hash"], row["seq"], expected_seq + 1
-    return Verification(count, after, prev, None, None)
+        late = await conn.scalar(
+            text(
+                "SELECT count(*) FROM audit_log WHERE hash IS NULL "
+                "AND at < now() - make_interval(secs => :delay)"
+            ),
+            {"delay": merge_delay_s},
+        )
+    return Verification(
+        count,
+        after,
+        prev,
+        None,
+        f"{late} row(s) unsequenced past the merge delay" if late else None,
+        int(late or 0),
+    )
 
 
 # -- signed checkpoints ------------------------------------------------------------------------
@@ -205,11 +262,17 @@ def key_id(public: Ed25519PublicKey) -> str:
 
 
 async def write_checkpoint(engine: AsyncEngine, signer: Ed25519PrivateKey) -> int | None:
-    """Sign the current head; the key stays with the process, only the signature is stored."""
+    """Sign the head of the sequenced chain; the key stays with the process, only the
+    signature is stored."""
     async with engine.begin() as conn:
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SEQUENCER_LOCK})
         head = (
-            await conn.execute(text("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"))
+            await conn.execute(
+                text(
+                    "SELECT seq, hash FROM audit_log WHERE seq IS NOT NULL "
+                    "ORDER BY seq DESC LIMIT 1"
+                )
+            )
         ).first()
         if head is None:
             return None

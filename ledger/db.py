@@ -20,7 +20,14 @@ class SchemaBehind(RuntimeError):
 
 
 def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    # Bound parameters never reach an error message or a log: they carry record contents.
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        hide_parameters=True,
+    )
 
 
 def alembic_config(url: str) -> Config:
@@ -49,3 +56,22 @@ async def ensure_schema_current(engine: AsyncEngine) -> None:
             f"database schema is at {revision or 'nothing'}, this code needs {head}: "
             "run `etrm-sync migrate`"
         )
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when an error means the database is away (restarting, unreachable, connections
+    lost), as opposed to a statement it refused."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout | OSError | TimeoutError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        name = type(exc.orig).__name__ if exc.orig is not None else ""
+        return any(
+            word in name
+            for word in ("Connection", "CannotConnectNow", "AdminShutdown", "CrashShutdown")
+        )
+    return type(exc).__module__.startswith("asyncpg") and "Connection" in type(exc).__name__

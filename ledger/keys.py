@@ -8,7 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import audit
-from ledger.audit import Actor, AuditEvent
+from ledger.rows import Actor, AuditEvent
 from ledger.crypto import PayloadCipher
 
 # (table, id column, value column, key-id column)

@@ -1,40 +1,56 @@
-"""Dead letters, replays and holds: the SQL behind the operations desk's daily work.
+"""Dead letters, replays, parked records and holds: the SQL behind the operations desk.
 
-Rules kept here:
-- a dead letter is replayed at most once at a time (a partial unique index on pending replay
-  items) and marked `replayed` only after its record is back on the broker;
-- before a replayed record is published, its message goes from `dead_lettered` back to
-  `queued`, so the worker picks it up again; nothing else ever leaves a final state;
-- a hold is decided once (`open` -> `released` | `rejected`), with its message, in one
-  transaction, with its audit record.
+Rules kept here (issue #6 cases 8, 11, 12, 14):
+- an operator action takes effect once, whoever races it: a dead letter is claimed by one
+  replay (`open` -> `replaying`), a hold is decided once (`open` -> `released` | `rejected`),
+  a dead letter is discarded once; the loser of a race is told so, nothing is published twice;
+- a replay re-queues a record under a publication of its own before that copy is published, and
+  resets its retry budget; the copies published earlier are stale from then on; an interrupted
+  replay resumes (lease) and publishes what is still pending — a replay whose publish fails is
+  still running, never "done with nothing on the broker";
+- replayed records go out in the order they were first accepted, not the order they failed;
+- a rejected hold is a dead letter in the ledger first (the outbox publishes it);
+- parked records continue, in order, under a continuation of their own once nothing earlier
+  of their contract is open any more (the head delivered, or its dead letter discarded).
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import audit
-from ledger.audit import Actor, AuditEvent
 from ledger.crypto import PayloadCipher
-from ledger.store import insert_dead_letters
+from ledger.delivery import insert_dead_letters
+from ledger.rows import Actor, AuditEvent, DeadLetterRow
+from schemas.states import (
+    REPLAYABLE_REASONS,
+    DeadLetterReason,
+    MessageState,
+    Publication,
+    ReplayState,
+    sql_values,
+)
 
-# A record the upstream refused or never took can be sent again. Not replayable: a bad
-# signature or shape (nothing trustworthy to send) and a rejected drift hold (the upstream
-# already booked it; a correction is a new revision from the desk).
-REPLAYABLE_REASONS = ("upstream_rejected", "retries_exhausted", "token_unavailable")
 FILTER_KEYS = ("desk", "settlement_run_id", "contract_id", "reason", "status", "since", "until")
 
 _DEAD_LETTER_COLUMNS = """
-    dead_letter_id, message_id, desk, settlement_run_id, contract_id, reason, status,
-    error_status, attempts, last_error, first_attempt_at, last_attempt_at, source_topic,
-    source_partition, source_offset, created_at
+    d.dead_letter_id, d.message_id, d.desk, d.settlement_run_id, d.contract_id, d.reason,
+    d.status, d.error_status, d.attempts, d.last_error, d.first_attempt_at, d.last_attempt_at,
+    d.source_topic, d.source_partition, d.source_offset, d.created_at
+"""
+# Records of a contract parked behind this dead letter's record.
+_PARKED_BEHIND = """
+    (SELECT count(*) FROM messages p
+      WHERE p.state = 'parked' AND d.message_id IS NOT NULL AND p.parked_behind = d.message_id
+        AND d.status IN ('open', 'replaying')) AS parked
 """
 
 
@@ -53,13 +69,13 @@ class DeadLetterFilter:
         for name in ("desk", "settlement_run_id", "contract_id", "reason", "status"):
             value = getattr(self, name)
             if value is not None:
-                clauses.append(f"{name} = :{name}")
+                clauses.append(f"d.{name} = :{name}")
                 params[name] = value
         if self.since is not None:
-            clauses.append("created_at >= :since")
+            clauses.append("d.created_at >= :since")
             params["since"] = self.since
         if self.until is not None:
-            clauses.append("created_at < :until")
+            clauses.append("d.created_at < :until")
             params["until"] = self.until
         return " AND ".join(clauses), params
 
@@ -71,7 +87,9 @@ def encode_cursor(created_at: datetime, dead_letter_id: str) -> str:
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    moment, _, dead_letter_id = raw.partition("|")
+    moment, sep, dead_letter_id = raw.partition("|")
+    if not sep:
+        raise ValueError("malformed cursor")
     return datetime.fromisoformat(moment), dead_letter_id
 
 
@@ -81,13 +99,13 @@ async def list_dead_letters(
     clause, params = where.where()
     if cursor:
         after_at, after_id = decode_cursor(cursor)
-        clause += " AND (created_at, dead_letter_id) > (:after_at, :after_id)"
+        clause += " AND (d.created_at, d.dead_letter_id) > (:after_at, :after_id)"
         params.update(after_at=after_at, after_id=after_id)
     async with engine.connect() as conn:
         rows = await conn.execute(
             text(
-                f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE {clause} "
-                "ORDER BY created_at, dead_letter_id LIMIT :limit"
+                f"SELECT {_DEAD_LETTER_COLUMNS}, {_PARKED_BEHIND} FROM dead_letters d "
+                f"WHERE {clause} ORDER BY d.created_at, d.dead_letter_id LIMIT :limit"
             ),
             {**params, "limit": limit + 1},
         )
@@ -104,8 +122,9 @@ async def get_dead_letter(engine: AsyncEngine, dead_letter_id: str) -> dict[str,
         row = (
             await conn.execute(
                 text(
-                    f"SELECT {_DEAD_LETTER_COLUMNS}, kafka_headers FROM dead_letters "
-                    "WHERE dead_letter_id = :id"
+                    f"SELECT {_DEAD_LETTER_COLUMNS}, {_PARKED_BEHIND}, d.kafka_headers, "
+                    "d.published_at, d.replay_id, d.closed_at, d.closed_by, d.close_reason "
+                    "FROM dead_letters d WHERE d.dead_letter_id = :id"
                 ),
                 {"id": dead_letter_id},
             )
@@ -125,6 +144,15 @@ class ReplayCandidate:
     reason: str
 
 
+_CANDIDATES = f"""
+    SELECT d.dead_letter_id, d.message_id, d.desk, d.contract_id, d.reason, m.accept_seq
+      FROM dead_letters d JOIN messages m ON m.message_id = d.message_id
+     WHERE {{clause}} AND d.status = 'open'
+       AND d.reason IN {sql_values(REPLAYABLE_REASONS)}
+       AND m.state = 'dead_lettered' AND m.dead_letter_id = d.dead_letter_id
+"""
+
+
 async def replay_candidates(
     engine: AsyncEngine,
     *,
@@ -132,56 +160,67 @@ async def replay_candidates(
     where: DeadLetterFilter | None,
     limit: int = 100_000,
 ) -> list[ReplayCandidate]:
-    """Open, replayable dead letters in the order they were dead-lettered (which keeps each
-    contract's order), one per message."""
+    """Open, replayable dead letters — each record's current one — in the order their records
+    were first accepted (which keeps every contract's order)."""
     clause, params = (where or DeadLetterFilter()).where()
     if message_ids is not None:
-        clause += " AND message_id = ANY(CAST(:ids AS text[]))"
+        clause += " AND d.message_id = ANY(CAST(:ids AS text[]))"
         params["ids"] = list(message_ids)
     async with engine.connect() as conn:
         rows = await conn.execute(
-            text(
-                f"""
-                SELECT DISTINCT ON (message_id) dead_letter_id, message_id, desk, contract_id,
-                       reason, created_at, source_offset
-                  FROM dead_letters
-                 WHERE {clause} AND status = 'open' AND message_id IS NOT NULL
-                   AND reason IN {REPLAYABLE_REASONS!r}
-                 ORDER BY message_id, created_at DESC
-                 LIMIT :limit
-                """
-            ),
+            text(_CANDIDATES.format(clause=clause) + " ORDER BY m.accept_seq LIMIT :limit"),
             {**params, "limit": limit},
         )
-        found = sorted(rows, key=lambda r: (r.created_at, r.source_offset))
-    return [
-        ReplayCandidate(r.dead_letter_id, r.message_id, r.desk, r.contract_id, r.reason)
-        for r in found
-    ]
+        return [
+            ReplayCandidate(r.dead_letter_id, r.message_id, r.desk, r.contract_id, r.reason)
+            for r in rows
+        ]
 
 
 async def create_replay(
     engine: AsyncEngine,
     *,
     replay_id: str,
-    needs_approval: bool,
     reason: str,
     actor: Actor,
-    items: Sequence[ReplayCandidate],
-) -> None:
-    desks = sorted({i.desk for i in items})
+    candidates: Sequence[ReplayCandidate],
+    approval_threshold: int,
+) -> tuple[list[ReplayCandidate], bool]:
+    """Claim the candidates' dead letters for this replay (those another replay took
+    meanwhile are left out) and record it; returns what it holds and whether it needs a
+    second operator. Nothing is recorded when nothing could be claimed."""
     async with engine.begin() as conn:
+        claimed = {
+            r.dead_letter_id
+            for r in await conn.execute(
+                text(
+                    """
+                    UPDATE dead_letters SET status = 'replaying', replay_id = :id
+                     WHERE dead_letter_id = ANY(CAST(:ids AS text[])) AND status = 'open'
+                    RETURNING dead_letter_id
+                    """
+                ),
+                {"id": replay_id, "ids": [c.dead_letter_id for c in candidates]},
+            )
+        }
+        items = [c for c in candidates if c.dead_letter_id in claimed]
+        if not items:
+            await conn.rollback()
+            return [], False
+        desks = sorted({i.desk for i in items})
+        needs_approval = len(items) > approval_threshold or len(desks) > 1
         await conn.execute(
             text(
                 """
-                INSERT INTO replays (replay_id, state, reason, requested_by, requested_desk,
-                                     item_count, desks)
-                VALUES (:id, :state, :reason, :by, :desk, :count, CAST(:desks AS text[]))
+                INSERT INTO replays (replay_id, kind, state, reason, requested_by,
+                                     requested_desk, item_count, desks)
+                VALUES (:id, 'replay', :state, :reason, :by, :desk, :count,
+                        CAST(:desks AS text[]))
                 """
             ),
             {
                 "id": replay_id,
-                "state": "pending_approval" if needs_approval else "approved",
+                "state": ReplayState.PENDING_APPROVAL if needs_approval else ReplayState.APPROVED,
                 "reason": reason,
                 "by": actor.name,
                 "desk": actor.desk or "",
@@ -211,17 +250,20 @@ async def create_replay(
                     actor,
                     "replay.requested",
                     subject_id=replay_id,
-                    detail=f"{len(items)} dead letter(s) from {', '.join(desks) or 'no desk'}; "
+                    detail=f"{len(items)} dead letter(s) from {', '.join(desks)}; "
                     f"reason: {reason}; needs approval: {needs_approval}",
                 )
             ],
         )
+    return items, needs_approval
 
 
-class ReplayRefused(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
+class Refused(Exception):
+    """An operator action that cannot take effect: (HTTP-free) code and detail."""
+
+    def __init__(self, code: str, detail: str) -> None:
         super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        self.code, self.detail = code, detail
 
 
 async def approve_replay(
@@ -235,15 +277,14 @@ async def approve_replay(
             )
         ).first()
         if row is None:
-            raise ReplayRefused(404, "not_found", "no such replay")
-        if row.requested_by == actor.name:
-            raise ReplayRefused(
-                403,
+            raise Refused("not_found", "no such replay")
+        if row.requested_by.casefold() == actor.name.casefold():
+            raise Refused(
                 "four_eyes",
                 "a replay must be approved by a different operator than the one who requested it",
             )
-        if row.state != "pending_approval":
-            raise ReplayRefused(409, "not_pending", f"replay is {row.state}, not awaiting approval")
+        if row.state != ReplayState.PENDING_APPROVAL:
+            raise Refused("not_pending", f"replay is {row.state}, not awaiting approval")
         await conn.execute(
             text(
                 "UPDATE replays SET state = 'approved', approved_by = :by, "
@@ -275,66 +316,140 @@ async def take_replay(engine: AsyncEngine, replay_id: str, lease_s: float) -> bo
         return taken.first() is not None
 
 
-async def pending_replay_items(
-    engine: AsyncEngine, replay_id: str, limit: int, cipher: PayloadCipher
-) -> list[dict[str, Any]]:
-    async with engine.connect() as conn:
-        rows = await conn.execute(
-            text(
-                """
-                SELECT i.ord, i.dead_letter_id, i.message_id, d.kafka_key, d.kafka_value,
-                       d.value_kid,
-                       d.kafka_headers, d.source_topic, d.status AS dead_letter_status,
-                       (SELECT count(*) FROM replay_items p
-                         WHERE p.message_id = i.message_id AND p.state = 'published')
-                           AS earlier_replays
-                  FROM replay_items i JOIN dead_letters d USING (dead_letter_id)
-                 WHERE i.replay_id = :id AND i.state = 'pending'
-                 ORDER BY i.ord LIMIT :limit
-                """
-            ),
-            {"id": replay_id, "limit": limit},
-        )
-        items = [dict(r._mapping) for r in rows]
-    for item in items:
-        item["kafka_value"] = cipher.open(
-            item.pop("value_kid"), item["kafka_value"], item["dead_letter_id"]
-        )
-    return items
-
-
-async def requeue_for_replay(
-    engine: AsyncEngine, replay_id: str, message_ids: Sequence[str], actor: Actor, lease_s: float
-) -> None:
-    """Before publishing: dead-lettered messages go back to `queued` so a worker takes them."""
+async def renew_replay(engine: AsyncEngine, replay_id: str, lease_s: float) -> None:
     async with engine.begin() as conn:
-        result = await conn.execute(
-            text(
-                """
-                UPDATE messages SET state = 'queued', updated_at = now()
-                 WHERE message_id = ANY(CAST(:ids AS text[])) AND state = 'dead_lettered'
-                RETURNING message_id
-                """
-            ),
-            {"ids": list(message_ids)},
-        )
         await conn.execute(
             text(
                 "UPDATE replays SET lease_until = now() + make_interval(secs => :lease) "
-                "WHERE replay_id = :id"
+                "WHERE replay_id = :id AND state = 'running'"
             ),
             {"id": replay_id, "lease": lease_s},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Republish:
+    """One record to put back on its lane under a replay's (or continuation's) publication."""
+
+    ord: int
+    message_id: str
+    dead_letter_id: str | None
+    topic: str
+    contract_id: str
+    desk: str
+    trader: str
+    trace_id: str
+    batch_id: str | None
+    value: bytes
+    replay_count: int
+
+
+async def requeue_chunk(
+    engine: AsyncEngine,
+    replay_id: str,
+    kind: Publication,
+    limit: int,
+    cipher: PayloadCipher,
+    actor: Actor,
+) -> list[Republish]:
+    """The next pending items of a replay, re-queued under its publication (a fresh retry
+    budget), in acceptance order; items whose record moved on meanwhile are skipped."""
+    came_from = MessageState.DEAD_LETTERED if kind is Publication.REPLAY else MessageState.PARKED
+    async with engine.begin() as conn:
+        items = (
+            await conn.execute(
+                text(
+                    """
+                    SELECT ord, dead_letter_id, message_id FROM replay_items
+                     WHERE replay_id = :id AND state = 'pending' ORDER BY ord LIMIT :limit
+                    """
+                ),
+                {"id": replay_id, "limit": limit},
+            )
+        ).all()
+        if not items:
+            return []
+        requeued = {
+            r.message_id: r
+            for r in await conn.execute(
+                text(
+                    """
+                    UPDATE messages m
+                       SET state = 'queued', publication = :id, publication_kind = :kind,
+                           queued_at = now(), attempts = 0, budget_used_s = 0,
+                           first_attempt_at = NULL, lease_until = NULL, parked_behind = NULL,
+                           updated_at = now()
+                      FROM unnest(CAST(:mids AS text[]), CAST(:dls AS text[])) AS i(mid, dl)
+                     WHERE m.message_id = i.mid
+                       AND ((m.state = :came_from
+                             AND (i.dl IS NULL OR m.dead_letter_id = i.dl))
+                            OR (m.publication = :id AND m.state = 'queued'))
+                    RETURNING m.message_id, m.topic, m.contract_id, m.desk, m.trader,
+                              m.trace_id, m.batch_id, m.payload, m.payload_kid
+                    """
+                ),
+                {
+                    "id": replay_id,
+                    "kind": str(kind),
+                    "came_from": str(came_from),
+                    "mids": [i.message_id for i in items],
+                    "dls": [i.dead_letter_id for i in items],
+                },
+            )
+        }
+        skipped = [i.ord for i in items if i.message_id not in requeued]
+        if skipped:
+            await conn.execute(
+                text(
+                    "UPDATE replay_items SET state = 'skipped' "
+                    "WHERE replay_id = :id AND ord = ANY(CAST(:ords AS int[]))"
+                ),
+                {"id": replay_id, "ords": skipped},
+            )
+        counts = {
+            r.message_id: int(r.n)
+            for r in await conn.execute(
+                text(
+                    """
+                    SELECT message_id, count(*) AS n FROM replay_items
+                     WHERE message_id = ANY(CAST(:mids AS text[])) AND state = 'published'
+                     GROUP BY message_id
+                    """
+                ),
+                {"mids": list(requeued)},
+            )
+        }
         await audit.append(
             conn,
             audit.state_events(
-                actor, "queued", [r.message_id for r in result], detail=f"replay {replay_id}"
+                actor, MessageState.QUEUED, list(requeued), detail=f"{kind} {replay_id}"
             ),
         )
+    return [
+        Republish(
+            ord=i.ord,
+            message_id=i.message_id,
+            dead_letter_id=i.dead_letter_id,
+            topic=(r := requeued[i.message_id]).topic,
+            contract_id=r.contract_id,
+            desk=r.desk,
+            trader=r.trader,
+            trace_id=r.trace_id,
+            batch_id=r.batch_id,
+            value=cipher.open(r.payload_kid, r.payload, i.message_id),
+            replay_count=counts.get(i.message_id, 0) + 1,
+        )
+        for i in items
+        if i.message_id in requeued
+    ]
 
 
-async def mark_replayed(
-    engine: AsyncEngine, replay_id: str, items: Sequence[dict[str, Any]], actor: Actor
+async def mark_republished(
+    engine: AsyncEngine,
+    replay_id: str,
+    items: Sequence[Republish],
+    actor: Actor,
+    lease_s: float,
 ) -> None:
     async with engine.begin() as conn:
         await conn.execute(
@@ -344,24 +459,31 @@ async def mark_replayed(
                  WHERE replay_id = :id AND ord = ANY(CAST(:ords AS int[]))
                 """
             ),
-            {"id": replay_id, "ords": [i["ord"] for i in items]},
+            {"id": replay_id, "ords": [i.ord for i in items]},
         )
         await conn.execute(
             text(
                 "UPDATE dead_letters SET status = 'replayed' "
-                "WHERE dead_letter_id = ANY(CAST(:ids AS text[]))"
+                "WHERE dead_letter_id = ANY(CAST(:ids AS text[])) AND status = 'replaying'"
             ),
-            {"ids": [i["dead_letter_id"] for i in items]},
+            {"ids": [i.dead_letter_id for i in items if i.dead_letter_id]},
+        )
+        await conn.execute(
+            text(
+                "UPDATE replays SET lease_until = now() + make_interval(secs => :lease) "
+                "WHERE replay_id = :id AND state = 'running'"
+            ),
+            {"id": replay_id, "lease": lease_s},
         )
         await audit.append(
             conn,
             [
                 AuditEvent(
                     actor,
-                    "dead_letter.replayed",
-                    message_id=i["message_id"],
-                    subject_id=i["dead_letter_id"],
-                    detail=f"replay {replay_id}",
+                    "dead_letter.replayed" if i.dead_letter_id else "message.continued",
+                    message_id=i.message_id,
+                    subject_id=i.dead_letter_id or replay_id,
+                    detail=f"publication {replay_id}",
                 )
                 for i in items
             ],
@@ -370,14 +492,18 @@ async def mark_replayed(
 
 async def finish_replay(engine: AsyncEngine, replay_id: str, actor: Actor) -> None:
     async with engine.begin() as conn:
-        await conn.execute(
+        done = await conn.execute(
             text(
                 "UPDATE replays SET state = 'completed', completed_at = now(), "
-                "lease_until = NULL WHERE replay_id = :id AND state = 'running'"
+                "lease_until = NULL WHERE replay_id = :id AND state = 'running' RETURNING kind"
             ),
             {"id": replay_id},
         )
-        await audit.append(conn, [AuditEvent(actor, "replay.completed", subject_id=replay_id)])
+        row = done.first()
+        if row is not None:
+            await audit.append(
+                conn, [AuditEvent(actor, f"{row.kind}.completed", subject_id=replay_id)]
+            )
 
 
 async def get_replay(engine: AsyncEngine, replay_id: str) -> dict[str, Any] | None:
@@ -394,11 +520,21 @@ async def get_replay(engine: AsyncEngine, replay_id: str) -> dict[str, Any] | No
             {"id": replay_id},
         )
         counts: dict[str, int] = {state: n for state, n in grouped}  # noqa: C416 - typed rows
+        outcome = await conn.execute(
+            text(
+                """
+                SELECT m.state, count(*) FROM replay_items i JOIN messages m USING (message_id)
+                 WHERE i.replay_id = :id GROUP BY m.state
+                """
+            ),
+            {"id": replay_id},
+        )
         result = dict(row._mapping)
         result["progress"] = {
             "published": counts.get("published", 0),
             "pending": counts.get("pending", 0),
         }
+        result["outcome"] = {state: int(n) for state, n in outcome}
         return result
 
 
@@ -411,6 +547,120 @@ async def runnable_replays(engine: AsyncEngine) -> list[str]:
             )
         )
         return [r.replay_id for r in rows]
+
+
+# -- parked records continue ------------------------------------------------------------------
+
+
+async def continue_parked(engine: AsyncEngine, job_id: str, actor: Actor) -> int:
+    """Parked records with nothing earlier of their contract open any more (no open dead
+    letter, no replay in progress) go on under a continuation of their own; returns how many."""
+    async with engine.begin() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    """
+                    SELECT p.message_id FROM messages p
+                     WHERE p.state = 'parked'
+                       AND NOT EXISTS (
+                           SELECT 1 FROM messages q
+                             LEFT JOIN dead_letters d ON d.dead_letter_id = q.dead_letter_id
+                            WHERE q.desk = p.desk AND q.contract_id = p.contract_id
+                              AND q.accept_seq < p.accept_seq
+                              AND ((q.state = 'dead_lettered'
+                                    AND d.status IN ('open', 'replaying'))
+                                   OR (q.state IN ('queued', 'delivering')
+                                       AND q.publication_kind = 'replay')))
+                     ORDER BY p.accept_seq
+                     LIMIT 5000
+                     FOR UPDATE OF p SKIP LOCKED
+                    """
+                )
+            )
+        ).all()
+        if not rows:
+            return 0
+        ids = [r.message_id for r in rows]
+        await conn.execute(
+            text(
+                """
+                INSERT INTO replays (replay_id, kind, state, reason, requested_by,
+                                     requested_desk, item_count, desks)
+                SELECT :id, 'continuation', 'approved',
+                       'nothing earlier of their contract is open any more', :by, '',
+                       :count, array_agg(DISTINCT desk)
+                  FROM messages WHERE message_id = ANY(CAST(:ids AS text[]))
+                """
+            ),
+            {"id": job_id, "by": actor.name, "count": len(ids), "ids": ids},
+        )
+        await conn.execute(
+            text(
+                """
+                INSERT INTO replay_items (replay_id, ord, message_id)
+                SELECT :id, ord, message_id
+                  FROM unnest(CAST(:ids AS text[])) WITH ORDINALITY AS t(message_id, ord)
+                """
+            ),
+            {"id": job_id, "ids": ids},
+        )
+        await audit.append(
+            conn,
+            [
+                AuditEvent(
+                    actor,
+                    "continuation.requested",
+                    subject_id=job_id,
+                    detail=f"{len(ids)} parked record(s) continue",
+                )
+            ],
+        )
+        return len(ids)
+
+
+# -- discard ----------------------------------------------------------------------------------
+
+
+async def discard(
+    engine: AsyncEngine, dead_letter_id: str, actor: Actor, reason: str
+) -> dict[str, Any]:
+    """Close an open dead letter without delivery (its record stays dead-lettered)."""
+    async with engine.begin() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    """
+                    UPDATE dead_letters
+                       SET status = 'discarded', closed_at = now(), closed_by = :by,
+                           close_reason = :reason
+                     WHERE dead_letter_id = :id AND status = 'open'
+                    RETURNING dead_letter_id, message_id
+                    """
+                ),
+                {"id": dead_letter_id, "by": actor.name, "reason": reason},
+            )
+        ).first()
+        if row is None:
+            status = await conn.scalar(
+                text("SELECT status FROM dead_letters WHERE dead_letter_id = :id"),
+                {"id": dead_letter_id},
+            )
+            if status is None:
+                raise Refused("not_found", "no such dead letter")
+            raise Refused("not_open", f"dead letter is {status}, not open")
+        await audit.append(
+            conn,
+            [
+                AuditEvent(
+                    actor,
+                    "dead_letter.discarded",
+                    message_id=row.message_id,
+                    subject_id=dead_letter_id,
+                    detail=reason,
+                )
+            ],
+        )
+        return dict(row._mapping)
 
 
 # -- holds ----------------------------------------------------------------------------------
@@ -432,8 +682,8 @@ async def list_holds(
             text(
                 f"""
                 SELECT hold_id, message_id, desk, contract_id, submitted_position_mwh,
-                       reconciled_position_mwh, variance, state, created_at, decided_at,
-                       decided_by, decision_reason
+                       reconciled_position_mwh, variance, reason, state, created_at,
+                       decided_at, decided_by, decision_reason
                   FROM holds WHERE {" AND ".join(clauses)}
                  ORDER BY created_at LIMIT :limit
                 """
@@ -443,69 +693,62 @@ async def list_holds(
         return [dict(r._mapping) for r in rows]
 
 
-async def hold_for_decision(
-    engine: AsyncEngine, hold_id: str, cipher: PayloadCipher
-) -> dict[str, Any] | None:
-    async with engine.connect() as conn:
-        row = (
-            await conn.execute(
-                text(
-                    """
-                SELECT h.hold_id, h.state, h.message_id, h.desk, h.contract_id, m.payload,
-                       m.payload_kid,
-                       m.trader, m.trace_id, m.batch_id, m.topic, m.source_partition,
-                       m.source_offset, m.settlement_run_id, m.attempts, m.first_attempt_at,
-                       m.last_attempt_at, h.submitted_position_mwh, h.reconciled_position_mwh,
-                       h.variance
-                  FROM holds h JOIN messages m USING (message_id)
-                 WHERE h.hold_id = :id
-                """
-                ),
-                {"id": hold_id},
-            )
-        ).first()
-    if row is None:
-        return None
-    hold = dict(row._mapping)
-    hold["payload"] = cipher.open(hold.pop("payload_kid"), hold["payload"], hold["message_id"])
-    return hold
-
-
 async def decide_hold(
     engine: AsyncEngine,
     hold_id: str,
     decision: str,
     actor: Actor,
     reason: str,
-    dead_letter: dict[str, Any] | None,
     cipher: PayloadCipher,
-) -> bool:
-    """`released` or `rejected`; False when the hold was already decided."""
+    new_dead_letter_id: str,
+    sign: Callable[[bytes, dict[str, str]], str],
+) -> dict[str, Any]:
+    """`released` or `rejected`, once; a rejection is a `drift_rejected` dead letter in the
+    same transaction (published by the outbox afterwards), its identity headers signed by
+    `sign` as the intake signs them."""
     async with engine.begin() as conn:
-        decided = (
+        hold = (
             await conn.execute(
                 text(
                     """
-                UPDATE holds SET state = :decision, decided_at = now(), decided_by = :by,
-                       decision_reason = :reason
-                 WHERE hold_id = :id AND state = 'open'
-                RETURNING message_id
-                """
+                    UPDATE holds SET state = :decision, decided_at = now(), decided_by = :by,
+                           decision_reason = :reason
+                     WHERE hold_id = :id AND state = 'open'
+                    RETURNING hold_id, message_id, desk, contract_id, submitted_position_mwh,
+                              reconciled_position_mwh, variance
+                    """
                 ),
                 {"decision": decision, "by": actor.name, "reason": reason, "id": hold_id},
             )
         ).first()
-        if decided is None:
-            return False
-        await conn.execute(
-            text(
-                "UPDATE messages SET state = :decision, updated_at = now() "
-                "WHERE message_id = :mid AND state = 'held'"
-            ),
-            {"decision": decision, "mid": decided.message_id},
-        )
-        if dead_letter is not None:
-            await insert_dead_letters(conn, [dead_letter], cipher)
+        if hold is None:
+            state = await conn.scalar(
+                text("SELECT state FROM holds WHERE hold_id = :id"), {"id": hold_id}
+            )
+            if state is None:
+                raise Refused("not_found", "no such hold")
+            raise Refused("already_decided", f"hold is already {state}")
+        message = (
+            await conn.execute(
+                text(
+                    """
+                    UPDATE messages SET state = :decision, updated_at = now(),
+                           dead_letter_id = CASE WHEN :decision = 'rejected' THEN :dl
+                                                 ELSE dead_letter_id END
+                     WHERE message_id = :mid AND state = 'held'
+                    RETURNING message_id, settlement_run_id, trader, trace_id, batch_id, topic,
+                              source_partition, source_offset, attempts, first_attempt_at,
+                              last_attempt_at, payload, payload_kid
+                    """
+                ),
+                {"decision": decision, "mid": hold.message_id, "dl": new_dead_letter_id},
+            )
+        ).first()
+        dead_letter_id = None
+        if decision == "rejected" and message is not None:
+            dead_letter_id = new_dead_letter_id
+            row = _drift_rejection(hold, message, reason, new_dead_letter_id, cipher, sign)
+            await insert_dead_letters(conn, [row], cipher)
         await audit.append(
             conn,
             [
@@ -514,10 +757,64 @@ async def decide_hold(
                     actor,
                     f"message.{decision}",
                     state=decision,
-                    message_id=decided.message_id,
+                    message_id=hold.message_id,
                     subject_id=hold_id,
                     detail=reason,
                 ),
             ],
         )
-        return True
+        return {
+            "hold_id": hold_id,
+            "message_id": hold.message_id,
+            "state": decision,
+            "dead_letter_id": dead_letter_id,
+        }
+
+
+def _num(value: Decimal | None) -> str:
+    return "unknown" if value is None else f"{value:f}"
+
+
+def _drift_rejection(
+    hold: Any,
+    message: Any,
+    reason: str,
+    dead_letter_id: str,
+    cipher: PayloadCipher,
+    sign: Callable[[bytes, dict[str, str]], str],
+) -> DeadLetterRow:
+    identity = {
+        "message_id": hold.message_id,
+        "desk": hold.desk,
+        "trader": message.trader,
+        "trace_id": message.trace_id,
+        "schema_version": "1",
+    }
+    if message.batch_id:
+        identity["batch_id"] = message.batch_id
+    value = cipher.open(message.payload_kid, message.payload, hold.message_id)
+    identity["signature"] = sign(value, identity)
+    return DeadLetterRow(
+        dead_letter_id=dead_letter_id,
+        dedupe_key=f"hold:{hold.hold_id}",
+        reason=DeadLetterReason.DRIFT_REJECTED,
+        error_status=None,
+        attempts=message.attempts,
+        last_error=(
+            f"reconciled {_num(hold.reconciled_position_mwh)} vs submitted "
+            f"{_num(hold.submitted_position_mwh)} (variance {_num(hold.variance)}); "
+            f"rejected: {reason}"
+        ),
+        first_attempt_at=message.first_attempt_at,
+        last_attempt_at=message.last_attempt_at,
+        source_topic=message.topic,
+        source_partition=message.source_partition or 0,
+        source_offset=message.source_offset or 0,
+        kafka_key=hold.contract_id.encode(),
+        kafka_value=value,
+        headers=[(k, v.encode()) for k, v in identity.items()],
+        message_id=hold.message_id,
+        desk=hold.desk,
+        settlement_run_id=message.settlement_run_id,
+        contract_id=hold.contract_id,
+    )

@@ -6,6 +6,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from ledger.tables import metadata
+
 config = context.config
 
 
@@ -13,16 +15,15 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from runtime.settings import get_settings
+    from runtime.settings import DatabaseSettings, load
 
-    settings = get_settings()
-    settings.require("database_url")
-    assert settings.database_url is not None
-    return settings.database_url
+    return load(DatabaseSettings).database_url
 
 
 def _run(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=None, transaction_per_migration=True)
+    context.configure(
+        connection=connection, target_metadata=metadata, transaction_per_migration=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from runtime.settings import SettingsError, get_settings
+from runtime.settings import SettingsError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -33,13 +33,22 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _dev_tools() -> None:
+    """The dev stack, simulator, demo and bench ship with the source, not the package."""
+    try:
+        import ops.dev  # noqa: F401
+    except ImportError:
+        _fail("development tools are not installed here (run from a checkout: uv run etrm-sync …)")
+
+
 @app.command()
 def dev(
     demo: Annotated[bool, typer.Option(help="Run the demo once the stack is up")] = False,
     once: Annotated[bool, typer.Option(help="Stop after start-up (and the demo)")] = False,
 ) -> None:
     """Everything on this machine: broker, database, simulator, intake, worker."""
-    from ops.devstack import run_dev
+    _dev_tools()
+    from ops.dev.devstack import run_dev
     from runtime.logging import configure_logging
 
     configure_logging("dev", "WARNING")
@@ -49,8 +58,9 @@ def dev(
 @app.command()
 def demo() -> None:
     """Submit sample batches to a running `etrm-sync dev` stack and show what became of them."""
-    from ops.demo import run_demo
-    from ops.devstack import read_dev_env
+    _dev_tools()
+    from ops.dev.demo import run_demo
+    from ops.dev.devstack import read_dev_env
 
     env = {**read_dev_env(), **{k: v for k, v in os.environ.items() if k.startswith("ETRM_")}}
     if "ETRM_DEV_JWT_PRIVATE_KEY" not in env:
@@ -65,20 +75,16 @@ def intake() -> None:
 
     import uvicorn
 
-    from ingest.app import create_app
     from ingest.tls import ClientCertProtocol
-    from runtime.bootstrap import INTAKE_REQUIRED
+    from ops.bootstrap import intake_app
     from runtime.logging import configure_logging
+    from runtime.settings import IntakeSettings, load
 
-    try:
-        settings = get_settings()
-        settings.require(*INTAKE_REQUIRED)
-    except SettingsError as exc:
-        _fail(str(exc))
+    settings = load(IntakeSettings)
     configure_logging("intake")
     client_ca = settings.tls_client_ca if settings.tls_cert else None
     uvicorn.run(
-        create_app(),
+        intake_app(settings),
         host=settings.intake_host,
         port=settings.intake_port,
         log_level="warning",
@@ -94,15 +100,11 @@ def intake() -> None:
 @app.command()
 def worker() -> None:
     """Consume both lanes and deliver to the ETRM upstream."""
-    from runtime.bootstrap import WORKER_REQUIRED
+    from ops.bootstrap import run_worker
     from runtime.logging import configure_logging
-    from workers.app import run_worker
+    from runtime.settings import WorkerSettings, load
 
-    try:
-        settings = get_settings()
-        settings.require(*WORKER_REQUIRED)
-    except SettingsError as exc:
-        _fail(str(exc))
+    settings = load(WorkerSettings)
     configure_logging("worker")
     asyncio.run(run_worker(settings))
 
@@ -111,13 +113,9 @@ def worker() -> None:
 def migrate() -> None:
     """Bring the database schema to the newest revision (alembic upgrade head)."""
     from ledger.db import migrate as run_migrations
+    from runtime.settings import DatabaseSettings, load
 
-    try:
-        settings = get_settings()
-        settings.require("database_url")
-    except SettingsError as exc:
-        _fail(str(exc))
-    assert settings.database_url is not None
+    settings = load(DatabaseSettings)
     asyncio.run(run_migrations(settings.database_url))
     Console().print("database schema is current")
 
@@ -143,23 +141,18 @@ def mock_etrm(
     token_ttl_s: Annotated[int, typer.Option()] = 300,
 ) -> None:
     """The ETRM simulator (token endpoint, Idempotency-Key dedup, faults, drift)."""
+    _dev_tools()
     import uvicorn
 
-    from ops.simulator import SimConfig, create_simulator
-
-    settings = get_settings()
+    from ops.dev.simulator import SimConfig, create_simulator
 
     def globs(raw: str) -> list[str]:
         return [g.strip() for g in raw.split(",") if g.strip()]
 
     config = SimConfig(
-        client_id=settings.upstream_client_id or "etrm-sync",
-        client_secret=settings.secret("upstream_client_secret")
-        if settings.upstream_client_secret
-        else "dev-client-secret",
-        signing_secret=settings.secret("upstream_signing_secret")
-        if settings.upstream_signing_secret
-        else "",
+        client_id=os.environ.get("ETRM_UPSTREAM_CLIENT_ID", "etrm-sync"),
+        client_secret=os.environ.get("ETRM_UPSTREAM_CLIENT_SECRET", "dev-client-secret"),
+        signing_secret=os.environ.get("ETRM_UPSTREAM_SIGNING_SECRET", ""),
         latency_ms=latency_ms,
         error_rate=error_rate,
         outage=outage,
@@ -186,8 +179,9 @@ def token(
     ttl: Annotated[int, typer.Option(help="Lifetime in seconds")] = 3600,
 ) -> None:
     """Mint a development token signed with the dev stack's key."""
-    from ops.devkeys import mint_token
-    from ops.devstack import read_dev_env
+    _dev_tools()
+    from ops.dev.devkeys import mint_token
+    from ops.dev.devstack import read_dev_env
 
     env = {**read_dev_env(), **{k: v for k, v in os.environ.items() if k.startswith("ETRM_")}}
     key = env.get("ETRM_DEV_JWT_PRIVATE_KEY")
@@ -215,7 +209,8 @@ def bench(
     runs: Annotated[int, typer.Option(help="Repeat and report the median of each row")] = 1,
 ) -> None:
     """Measure every stage against a baseline run in the same process; table, JSON, PNG."""
-    from ops.bench import SCENARIOS, run_bench
+    _dev_tools()
+    from ops.dev.bench import SCENARIOS, run_bench
 
     unknown = set(scenario or []) - set(SCENARIOS)
     if unknown:

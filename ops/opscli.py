@@ -24,8 +24,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ledger import reconciliation as recon
-from ops.operations import OperationRefused, Operations, operator_actor
-from runtime.settings import SettingsError, get_settings
+from operations.service import OperationRefused, Operations, operator_actor
+from runtime.settings import OperatorSettings, SettingsError, load
 
 dlq = typer.Typer(no_args_is_help=True, help="The reconciliation queue (dead letters).")
 holds = typer.Typer(no_args_is_help=True, help="Drift holds awaiting review.")
@@ -45,13 +45,13 @@ def _operator(name: str | None) -> str:
 
 @asynccontextmanager
 async def _operations() -> AsyncIterator[Operations]:
-    from runtime.bootstrap import close_ops, ops_services
+    from ops.bootstrap import close_operator, operator_services
 
-    ops = await ops_services(get_settings())
+    ops = await operator_services(load(OperatorSettings))
     try:
         yield ops
     finally:
-        await close_ops(ops)
+        await close_operator(ops)
 
 
 def _run(work: Callable[[Operations], Awaitable[T]]) -> T:
@@ -65,7 +65,7 @@ def _run(work: Callable[[Operations], Awaitable[T]]) -> T:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     except OperationRefused as exc:
-        console.print(f"[red]refused ({exc.status} {exc.code}):[/] {exc.detail}")
+        console.print(f"[red]refused ({exc.code}):[/] {exc.detail}")
         raise typer.Exit(1) from None
 
 
@@ -192,19 +192,26 @@ def dlq_replay(
         if approve:
             await ops.approve_replay(approve, actor, reason)
         if replay_id is None:
-            if not reason:
-                raise OperationRefused(422, "reason_required", "--reason is required")
             where = (
                 None
                 if message_id
                 else _filter(desk, run, contract, reason_filter, None, since, until)
             )
-            result = await ops.request_replay(
-                actor, message_ids=message_id, where=where, reason=reason, dry_run=dry_run
+            if dry_run:
+                return await ops.preview_replay(message_ids=message_id, where=where)
+            if not reason:
+                raise OperationRefused("reason_required", "--reason is required")
+            created = await ops.request_replay(
+                actor, message_ids=message_id, where=where, reason=reason
             )
-            if dry_run or result["state"] != "approved":
-                return result
-            replay_id = result["replay_id"]
+            if created.state != "approved":
+                return {
+                    "replay_id": created.replay_id,
+                    "state": created.state,
+                    "count": created.count,
+                    "needs_approval": created.needs_approval,
+                }
+            replay_id = created.replay_id
         with Progress(console=console, disable=as_json) as bar:
             task = bar.add_task("replaying", total=None)
             ran = await ops.run_replay(
@@ -239,6 +246,32 @@ def dlq_replay(
     console.print(
         f"replay {result['replay_id']}: {result.get('state')}, progress {result.get('progress')}"
     )
+
+
+@dlq.command("discard")
+def dlq_discard(
+    dead_letter_id: str,
+    reason: Annotated[str, typer.Option(help="Why (required, audited)")],
+    operator: OperatorOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Close a dead letter without delivery; parked records of its contract continue."""
+    actor = operator_actor(_operator(operator))
+
+    async def work(ops: Operations) -> dict[str, Any]:
+        result = await ops.discard(dead_letter_id, actor, reason)
+        if result["continuation_id"]:
+            await ops.run_replay(result["continuation_id"], actor)
+        return result
+
+    result = _run(work)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print(
+            f"dead letter {dead_letter_id}: discarded; {result['continued']} parked record(s) "
+            "continue"
+        )
 
 
 @holds.command("list")
@@ -301,11 +334,9 @@ keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys for payloads 
 
 async def _engine() -> Any:
     from ledger.db import ensure_schema_current, make_engine
+    from runtime.settings import DatabaseSettings
 
-    settings = get_settings()
-    settings.require("database_url")
-    assert settings.database_url is not None
-    engine = make_engine(settings.database_url, 2)
+    engine = make_engine(load(DatabaseSettings).database_url, 2)
     await ensure_schema_current(engine)
     return engine
 
@@ -318,8 +349,9 @@ def audit_verify(as_json: JsonOpt = False) -> None:
     async def work() -> dict[str, Any]:
         engine = await _engine()
         try:
+            await audit.sequence_all(engine)  # anything appended but not chained yet
             chain = await audit.verify(engine)
-            public = get_settings().audit_verifier()
+            public = load(OperatorSettings).audit_verifier()
             checkpoints, problems = (
                 await audit.verify_checkpoints(engine, public) if public else (0, [])
             )
@@ -332,6 +364,7 @@ def audit_verify(as_json: JsonOpt = False) -> None:
             "head_hash": chain.head_hash,
             "first_bad_seq": chain.first_bad_seq,
             "problem": chain.problem,
+            "unsequenced_late": chain.unsequenced_late,
             "checkpoints_verified": checkpoints if public else None,
             "checkpoint_problems": problems,
         }
@@ -351,6 +384,8 @@ def audit_verify(as_json: JsonOpt = False) -> None:
             console.print(
                 f"[red]audit trail broken at row {result['first_bad_seq']}[/]: {result['problem']}"
             )
+        elif result["problem"]:
+            console.print(f"[red]{result['problem']}")
         for problem in result["checkpoint_problems"]:
             console.print(f"[red]{problem}")
     if not result["ok"]:
@@ -362,7 +397,7 @@ def audit_checkpoint() -> None:
     """Sign the current head of the chain now (ETRM_AUDIT_SIGNING_KEY)."""
     from ledger import audit
 
-    signer = get_settings().audit_signer()
+    signer = load(OperatorSettings).audit_signer()
     if signer is None:
         console.print("[red]error:[/] ETRM_AUDIT_SIGNING_KEY is not set")
         raise typer.Exit(2)
@@ -383,7 +418,7 @@ def keys_rotate(operator: OperatorOpt = None, as_json: JsonOpt = False) -> None:
     from ledger.crypto import PayloadCipher
     from ledger.keys import rotate
 
-    settings = get_settings()
+    settings = load(OperatorSettings)
     cipher = PayloadCipher(settings.encryption_keyring())
     actor = operator_actor(_operator(operator))
 

@@ -1,4 +1,5 @@
-"""Kafka plumbing shared by intake, workers and tools: explicit topic creation and producers.
+"""Kafka plumbing shared by intake, workers and operators: explicit topic creation, producers,
+and publishing that counts only what the broker acknowledged.
 
 Topics are created explicitly (never auto-created, which would give them the broker's default
 partition count). The idempotent producer is a setting: on for Apache Kafka, off for Tansu.
@@ -6,14 +7,25 @@ partition count). The idempotent producer is a setting: on for Apache Kafka, off
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from runtime.settings import Settings
+from runtime.settings import KafkaSettings
+
+log = structlog.get_logger("etrm.kafka")
+
+# (topic, key, value, headers)
+OutgoingRecord = tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes | None]]]
+
+
+class PublishFailed(Exception):
+    """The broker did not acknowledge every record in time."""
 
 
 async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
@@ -29,11 +41,7 @@ async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int) -
         await admin.close()
 
 
-def all_topics(settings: Settings) -> list[str]:
-    return [settings.topic_priority, settings.topic_standard, settings.topic_reconciliation]
-
-
-def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
+def make_producer(settings: KafkaSettings, **overrides: object) -> AIOKafkaProducer:
     options: dict[str, object] = {
         "bootstrap_servers": settings.kafka_bootstrap_servers,
         "acks": "all",
@@ -45,3 +53,63 @@ def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)
+
+
+class KafkaPublisher:
+    """One producer per process, started on first use (the broker may come later)."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._settings = settings
+        self.timeout_s = settings.kafka_publish_timeout_s
+        self._producer: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+
+    async def _ready(self) -> AIOKafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        async with self._lock:
+            if self._producer is None:
+                producer = make_producer(self._settings)
+                try:
+                    await producer.start()
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        await producer.stop()
+                    raise
+                self._producer = producer
+            return self._producer
+
+    async def start(self) -> None:
+        with contextlib.suppress(Exception):  # the broker may come later; /readyz tells
+            await asyncio.wait_for(self._ready(), self.timeout_s)
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+            self._producer = None
+
+    async def ping(self) -> None:
+        producer = await asyncio.wait_for(self._ready(), 2.0)
+        await asyncio.wait_for(producer.client.fetch_all_metadata(), 2.0)
+
+    async def send_all(self, records: Sequence[OutgoingRecord], *, what: str = "") -> None:
+        """Send every record and wait until the broker acknowledged all of them (acks=all);
+        PublishFailed when that does not happen within the publish timeout."""
+        if not records:
+            return
+
+        async def send() -> None:
+            producer = await self._ready()
+            # The producer batches records per partition; one awaited ack per batch.
+            pending = [
+                await producer.send(topic, value=value, key=key, headers=list(headers))
+                for topic, key, value, headers in records
+            ]
+            await asyncio.gather(*pending)
+
+        try:
+            await asyncio.wait_for(send(), self.timeout_s)
+        except Exception as exc:
+            log.warning("publish_failed", error=type(exc).__name__, records=len(records), what=what)
+            raise PublishFailed(type(exc).__name__) from None

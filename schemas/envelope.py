@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,12 +19,16 @@ from pydantic import ValidationError
 
 from schemas.normalize import NormalizationError, normalize
 from schemas.records import SOURCE_MODELS, CanonicalRecord, Market, iso_z
+from schemas.text import cap_text, header_text
 
 SCHEMA_VERSION = "1"
 # Headers covered by the signature, in this order; replay headers are added by operators later
 # and are covered too when present.
 SIGNED_HEADERS = ("message_id", "desk", "trader", "trace_id", "schema_version")
-OPTIONAL_SIGNED_HEADERS = ("batch_id", "replay_of", "replay_count")
+# `batch_id` names the accepted request that published a copy, `replay_id` the operator's replay
+# (or the continuation of parked records) that re-published it: together they say which copy
+# of a record is the live one (see `publication_of`).
+OPTIONAL_SIGNED_HEADERS = ("batch_id", "replay_of", "replay_count", "replay_id")
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -156,16 +160,6 @@ def verify_message(
     return None
 
 
-ERROR_TEXT_LIMIT = 2048
-
-
-def cap_text(value: str, limit: int = ERROR_TEXT_LIMIT) -> str:
-    encoded = value.encode("utf-8")
-    if len(encoded) <= limit:
-        return value
-    return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
-
-
 @dataclass(frozen=True, slots=True)
 class DeadLetterError:
     """Why a record is on the reconciliation topic (CONTRACT §5 `error.*` / `source.*`)."""
@@ -174,20 +168,21 @@ class DeadLetterError:
     status: int | None
     message: str
     attempts: int
-    first_attempt_at: datetime
-    last_attempt_at: datetime
+    first_attempt_at: datetime | None
+    last_attempt_at: datetime | None
     topic: str
     partition: int
     offset: int
 
-    def headers(self) -> list[tuple[str, bytes]]:
+    def headers(self, dead_letter_id: str) -> list[tuple[str, bytes]]:
         return [
+            ("dead_letter_id", dead_letter_id.encode()),
             ("error.reason", self.reason.encode()),
             ("error.status", str(self.status or "").encode()),
             ("error.message", cap_text(self.message).encode()),
             ("error.attempts", str(self.attempts).encode()),
-            ("error.first_attempt_at", iso_z(self.first_attempt_at).encode()),
-            ("error.last_attempt_at", iso_z(self.last_attempt_at).encode()),
+            ("error.first_attempt_at", (iso_z(self.first_attempt_at) or "").encode()),
+            ("error.last_attempt_at", (iso_z(self.last_attempt_at) or "").encode()),
             ("source.topic", self.topic.encode()),
             ("source.partition", str(self.partition).encode()),
             ("source.offset", str(self.offset).encode()),
@@ -198,5 +193,17 @@ def kafka_headers(headers: Mapping[str, str]) -> list[tuple[str, bytes]]:
     return [(k, v.encode()) for k, v in headers.items()]
 
 
-def header_map(raw: Iterable[tuple[str, bytes]] | Sequence[tuple[str, bytes]]) -> dict[str, str]:
-    return {k: v.decode("utf-8", "replace") for k, v in raw}
+def header_map(raw: Iterable[tuple[str, bytes | None]]) -> dict[str, str]:
+    """Headers as text; any bytes at all (invalid UTF-8, NUL, a null value) decode without error.
+    A name given twice keeps its first value (what the signature was computed over)."""
+    result: dict[str, str] = {}
+    for name, value in raw:
+        if name not in result:
+            result[name] = header_text(value)
+    return result
+
+
+def publication_of(headers: Mapping[str, str]) -> str | None:
+    """Which publication a copy belongs to: a replay (or continuation) names itself in
+    `replay_id`; a desk's accepted request in `batch_id`."""
+    return headers.get("replay_id") or headers.get("batch_id")

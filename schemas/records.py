@@ -43,6 +43,13 @@ class Market(StrEnum):
 ISO_MARKETS = frozenset({Market.ISO_DAY_AHEAD, Market.ISO_REAL_TIME})
 
 
+# Bounds on the decimal text itself, before any arithmetic: a settlement quantity has at most
+# a few dozen digits, so `1e-999999999999` or a thousand-digit number is refused outright
+# instead of being rounded or underflowed into something the desk did not send.
+MAX_DIGITS = 40
+MAX_EXPONENT = 40
+
+
 def _to_decimal(value: Any) -> Decimal:
     """Accept a JSON number (already a Decimal or int from the parser) or a decimal string."""
     if isinstance(value, bool):
@@ -51,12 +58,12 @@ def _to_decimal(value: Any) -> Decimal:
         # The intake parser never produces floats; a float here means someone bypassed it.
         raise ValueError("binary floating point is not accepted for money or energy")
     if isinstance(value, int):
-        return Decimal(value)
-    if isinstance(value, Decimal):
+        result = Decimal(value)
+    elif isinstance(value, Decimal):
         result = value
     elif isinstance(value, str):
         text = value.strip()
-        if not _DECIMAL_TEXT.match(text):
+        if len(text) > 2 * MAX_DIGITS or not _DECIMAL_TEXT.match(text):
             raise ValueError("must be a finite decimal number")
         try:
             result = Decimal(text)
@@ -66,13 +73,26 @@ def _to_decimal(value: Any) -> Decimal:
         raise ValueError("must be a decimal number or a decimal string")
     if not result.is_finite():
         raise ValueError("NaN and Infinity are not accepted")
+    _, digits, exponent = result.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    if len(digits) > MAX_DIGITS or abs(exponent) > MAX_EXPONENT:
+        raise ValueError(f"at most {MAX_DIGITS} digits and an exponent within ±{MAX_EXPONENT}")
     return result
+
+
+def decimal_places(value: Decimal) -> int:
+    """Decimal places that carry a digit (`1.500` has 1), exactly, without rounding."""
+    _, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    significant = "".join(map(str, digits)).rstrip("0")
+    if not significant:
+        return 0  # zero, at any scale
+    return max(0, -(exponent + len(digits) - len(significant)))
 
 
 def _places(limit: int) -> Any:
     def check(value: Decimal) -> Decimal:
-        exponent = value.normalize().as_tuple().exponent
-        if isinstance(exponent, int) and -exponent > limit:
+        if decimal_places(value) > limit:
             raise ValueError(f"at most {limit} decimal places")
         return value
 

@@ -22,34 +22,60 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from ingest.app import create_app
 from ledger.db import migrate
-from ops.devkeys import generate_signing_key, mint_token
-from ops.simulator import SimConfig, SimState, create_simulator
-from ops.stack import Broker, Database, free_port, isolated_settings
-from runtime.bootstrap import EmbeddedServer, intake_services
-from runtime.kafka import all_topics, ensure_topics
-from runtime.settings import Settings, settings_env
-from workers.app import run_worker
+from ops.bootstrap import intake_app, run_worker
+from ops.dev.devkeys import generate_signing_key, mint_token
+from ops.dev.simulator import SimConfig, SimState, create_simulator
+from ops.dev.stack import Broker, Database, free_port, isolated_settings
+from runtime.kafka import ensure_topics
+from runtime.servers import EmbeddedServer
+from runtime.settings import StackSettings, settings_env
 
 ISSUER = "https://idp.test.etrm-sync"
 AUDIENCE = "etrm-sync-test"
-FINAL = {"delivered", "held", "dead_lettered", "superseded", "released", "rejected"}
+FINAL = {"delivered", "held", "dead_lettered", "superseded", "released", "rejected", "parked"}
+
+
+TEMPLATE_DB = "etrm_test_template"
 
 
 @dataclass
 class Infra:
     broker: Broker
-    database_url: str
+    server_url: str  # the server's maintenance database
     keys_dir: Path
     private_key: Path
     jwks: Path
-    # One payload key for the whole session: rows of every test stay readable by every test
-    # (key rotation is tested by adding a newer key in front of it).
+    # The database of the current test (each pipeline gets a fresh one, see `fresh_database`).
+    database_url: str = ""
     encryption_key: str = field(
         default_factory=lambda: base64.b64encode(secrets.token_bytes(32)).decode()
     )
+
+
+def _database_url(server_url: str, name: str) -> str:
+    return str(make_url(server_url).set(database=name).render_as_string(hide_password=False))
+
+
+async def _admin(server_url: str, *statements: str) -> None:
+    engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+async def fresh_database(infra: Infra) -> str:
+    """A database of its own for one test, cloned from the migrated template: background
+    loops (outbox, sweepers, republisher) of one test never see another test's rows."""
+    name = f"etrm_t_{uuid.uuid4().hex[:12]}"
+    await _admin(infra.server_url, f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+    return _database_url(infra.server_url, name)
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +87,10 @@ def infra() -> Iterator[Infra]:
     if not url:
         database = Database(root / "pg", free_port()).start()
         url = database.url
-    asyncio.run(migrate(url))
+    asyncio.run(
+        _admin(url, f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}"', f'CREATE DATABASE "{TEMPLATE_DB}"')
+    )
+    asyncio.run(migrate(_database_url(url, TEMPLATE_DB)))
     private_key, jwks = generate_signing_key(root / "keys")
     try:
         yield Infra(broker, url, root / "keys", private_key, jwks)
@@ -72,7 +101,7 @@ def infra() -> Iterator[Infra]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def make_settings(infra: Infra, **overrides: Any) -> Settings:
+def make_settings(infra: Infra, **overrides: Any) -> StackSettings:
     values: dict[str, Any] = {
         "kafka_publish_timeout_s": 3.0,
         "database_pool_size": 5,
@@ -83,6 +112,9 @@ def make_settings(infra: Infra, **overrides: Any) -> Settings:
         "upstream_timeout_s": 2.0,
         "upstream_max_attempts": 4,
         "upstream_retry_budget_s": 10.0,
+        "upstream_url": "http://127.0.0.1:9",  # replaced by the simulator's address
+        "upstream_token_url": "http://127.0.0.1:9/oauth/token",
+        "delivery_lease_s": 10.0,
         "upstream_backoff_base_s": 0.05,
         "upstream_backoff_cap_s": 0.2,
         "jwks_url": str(infra.jwks),
@@ -136,7 +168,7 @@ class Server:
 @dataclass
 class Pipeline:
     infra: Infra
-    settings: Settings
+    settings: StackSettings
     sim: SimState
     sim_server: Server
     intake: Server
@@ -220,14 +252,15 @@ async def pipeline_factory(infra: Infra) -> AsyncIterator[PipelineFactory]:
         intake_config: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> Pipeline:
+        infra.database_url = await fresh_database(infra)
         settings = make_settings(infra, **overrides)
         await ensure_topics(
-            settings.kafka_bootstrap_servers, all_topics(settings), settings.kafka_partitions
+            settings.kafka_bootstrap_servers, settings.all_topics, settings.kafka_partitions
         )
         sim_config = SimConfig(
-            client_id=settings.upstream_client_id or "",
-            client_secret=settings.secret("upstream_client_secret"),
-            signing_secret=settings.secret("upstream_signing_secret"),
+            client_id=settings.upstream_client_id,
+            client_secret=settings.upstream_client_secret.get_secret_value(),
+            signing_secret=settings.upstream_signing_secret.get_secret_value(),
             **(sim or {}),
         )
         sim_app = create_simulator(sim_config)
@@ -239,12 +272,7 @@ async def pipeline_factory(infra: Infra) -> AsyncIterator[PipelineFactory]:
             }
         )
 
-        async def services() -> Any:
-            return await intake_services(settings)
-
-        intake = await Server(
-            create_app(services, settings.max_body_bytes), **(intake_config or {})
-        ).start()
+        intake = await Server(intake_app(settings), **(intake_config or {})).start()
         pipe = Pipeline(infra, settings, sim_app.state.sim, sim_server, intake)
         made.append(pipe)
         if worker:
@@ -259,6 +287,10 @@ async def pipeline_factory(infra: Infra) -> AsyncIterator[PipelineFactory]:
             await pipe.stop_worker()
         await pipe.intake.stop()
         await pipe.sim_server.stop()
+    for pipe in made:
+        name = make_url(pipe.settings.database_url).database
+        with contextlib.suppress(Exception):
+            await _admin(infra.server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -1,19 +1,25 @@
-"""The worker process: a FastStream Kafka broker with one batch subscriber on both lanes, a
-publisher to the reconciliation topic, and a small HTTP port for /healthz and /metrics.
+"""The worker process: a FastStream Kafka broker with one batch subscriber per lane (so a
+standard-lane backlog never stands in front of real-time prices), the delivery pipeline, the
+committer, housekeeping, and a small HTTP port for /healthz and /metrics.
 
-Acknowledgement is manual: a polled batch is committed only after every message in it reached a
-final state (delivered, held, superseded or dead-lettered — the dead letter acknowledged by the
-broker). On an infrastructure error the batch is rewound (nack) and read again; the ledger and
-the upstream's Idempotency-Key make the second pass free of second effects.
+Rules kept here:
+- acknowledgement is manual (AckPolicy.MANUAL): FastStream never commits; the committer
+  commits, per partition, only offsets the pipeline reports settled (workers.offsets);
+- the subscriber's handler never waits on anything: it tracks and routes the poll and
+  returns, so a rebalance cannot interleave with it; when too many records are unsettled the
+  lane's partitions are paused (the consumer keeps polling and heartbeating) and resumed
+  once records settle;
+- on revocation what is settled is committed first, then the partition's chains stop at their
+  next safe point; on assignment tracking restarts at the consumer's position.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -21,30 +27,26 @@ import uvicorn
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import Consumer, KafkaMessage
+from faststream.kafka.annotations import KafkaMessage
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ledger import audit
-from ledger.crypto import PayloadCipher
-from ledger.db import ensure_schema_current, make_engine
-from runtime.bootstrap import WORKER_REQUIRED, EmbeddedServer, upstream_client, upstream_http
-from runtime.kafka import all_topics, ensure_topics
-from runtime.settings import Settings
-from schemas.records import CanonicalRecord
+from runtime.servers import EmbeddedServer
+from runtime.settings import WorkerSettings
 from workers import metrics
-from workers.delivery import Forwarder
-from workers.offsets import OffsetTracker
-from workers.upstream import UpstreamClient
+from workers.pipeline import Pipeline
 
 log = structlog.get_logger("etrm.worker")
-INFRA_RETRY_DELAY_S = 1.0
+COMMIT_INTERVAL_S = 0.2
+# Unsettled records a lane may hold before its partitions pause; and, behind one that is
+# stuck, settled offsets it may keep in memory.
+HELD_BACK_FACTOR = 20
 
 
-def build_broker(settings: Settings) -> KafkaBroker:
+def build_broker(settings: WorkerSettings) -> KafkaBroker:
     return KafkaBroker(
         settings.kafka_bootstrap_servers,
         acks="all",
@@ -54,79 +56,103 @@ def build_broker(settings: Settings) -> KafkaBroker:
     )
 
 
-def reconciliation_publisher(broker: KafkaBroker, settings: Settings) -> Any:
-    return broker.publisher(
-        settings.topic_reconciliation,
-        title="to_reconciliation",
-        description="Dead letters: the original key, value (canonical record) and headers, "
-        "plus error.reason/status/message/attempts/first_attempt_at/last_attempt_at and "
-        "source.topic/partition/offset (CONTRACT §5).",
-        schema=CanonicalRecord,
-    )
+def max_poll_interval_ms(settings: WorkerSettings) -> int:
+    # The handler returns at once; a paused lane still polls. This only bounds a stuck loop.
+    return int((settings.upstream_timeout_s * 2 + 300) * 1000)
 
 
-def max_poll_interval_ms(settings: Settings) -> int:
-    # Polling pauses only while the in-flight limit is reached; if every record in flight is
-    # waiting out its retry budget, the group must not evict the worker for it.
-    budget = settings.upstream_retry_budget_s + settings.upstream_timeout_s * 2 + 60
-    return int(budget * 1000)
+class Lane:
+    """One lane's subscriber and the consumer FastStream made for it."""
 
+    def __init__(self, name: str, topic: str, cap: int) -> None:
+        self.name = name
+        self.topic = topic
+        self.cap = cap
+        self.subscriber: Any = None
+        self.paused = False
 
-BatchHandler = Callable[[Any], Awaitable[None]]
+    @property
+    def consumer(self) -> Any:
+        return getattr(self.subscriber, "consumer", None)
 
 
 class Committer:
-    """Commits, per partition, the offsets the forwarder reports as finished; forgets a
-    partition when the group takes it away (its new owner re-reads from the last commit)."""
+    """Commits, per partition, the offsets the pipeline reports settled."""
 
-    INTERVAL_S = 0.2
+    def __init__(self, pipeline: Pipeline, lanes: dict[str, Lane]) -> None:
+        self.pipeline = pipeline
+        self.by_topic = {lane.topic: lane for lane in lanes.values()}
 
-    def __init__(self, offsets: OffsetTracker) -> None:
-        self.offsets = offsets
-        self.consumer: Any = None
-
-    async def commit(self) -> None:
-        ready = self.offsets.committable()
-        if not ready or self.consumer is None:
+    async def commit(self, points: dict[tuple[str, int], int] | None = None) -> None:
+        ready = self.pipeline.offsets.committable() if points is None else points
+        if not ready:
             return
-        try:
-            await self.consumer.commit(
-                {
-                    TopicPartition(topic, partition): offset
-                    for (topic, partition), offset in ready.items()
-                }
-            )
-            metrics.OFFSET_COMMITS.inc()
-        except Exception as exc:  # e.g. a rebalance took the partitions away meanwhile
-            log.warning("commit_failed", error=type(exc).__name__)
-        await record_lag(self.consumer)
+        by_lane: dict[str, dict[TopicPartition, int]] = {}
+        for (topic, partition), offset in ready.items():
+            lane = self.by_topic.get(topic)
+            if lane is not None:
+                by_lane.setdefault(lane.name, {})[TopicPartition(topic, partition)] = offset
+        for name, offsets in by_lane.items():
+            consumer = self.by_topic_lane(name).consumer
+            if consumer is None:
+                continue
+            try:
+                await consumer.commit(offsets)
+                metrics.OFFSET_COMMITS.inc()
+            except Exception as exc:  # e.g. a rebalance took the partitions away meanwhile
+                log.warning("commit_failed", lane=name, error=type(exc).__name__)
+
+    def by_topic_lane(self, name: str) -> Lane:
+        return next(lane for lane in self.by_topic.values() if lane.name == name)
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.INTERVAL_S)
+            await asyncio.sleep(COMMIT_INTERVAL_S)
             await self.commit()
+            for lane in self.by_topic.values():
+                if lane.consumer is not None:
+                    await record_lag(lane.consumer)
 
 
-class ForgetRevoked(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, committer: Committer) -> None:
+class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, lane: Lane, pipeline: Pipeline, committer: Committer) -> None:
+        self.lane = lane
+        self.pipeline = pipeline
         self.committer = committer
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.committer.commit()  # what is finished is committed before it is handed on
-        self.committer.offsets.forget((tp.topic, tp.partition) for tp in revoked)
+        keys = [(tp.topic, tp.partition) for tp in revoked]
+        points = self.pipeline.offsets.commit_points()
+        # What is settled is committed before the partition is handed on.
+        await self.committer.commit({k: v for k, v in points.items() if k in keys})
+        self.pipeline.revoke(keys)
+        log.info("partitions_revoked", lane=self.lane.name, partitions=len(keys))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        return None
+        consumer = self.lane.consumer
+        for tp in assigned:
+            position = 0
+            for attempt in range(5):
+                try:
+                    position = await consumer.position(tp)
+                    break
+                except Exception as exc:
+                    log.warning("position_unknown", partition=str(tp), error=type(exc).__name__)
+                    await asyncio.sleep(0.2 * (attempt + 1))
+            self.pipeline.assign((tp.topic, tp.partition), position)
+        self.lane.paused = False
+        log.info("partitions_assigned", lane=self.lane.name, partitions=len(assigned))
 
 
-def wire_subscriber(
+def wire_lane(
     broker: KafkaBroker,
-    settings: Settings,
-    process: BatchHandler,
-    committer: Committer | None = None,
+    settings: WorkerSettings,
+    lane: Lane,
+    handle: Callable[[Lane, Any], Awaitable[None]],
+    listener: ConsumerRebalanceListener | None,
 ) -> None:
     subscriber = broker.subscriber(
-        *settings.topics,
+        lane.topic,
         batch=True,
         group_id=settings.kafka_group_id,
         ack_policy=AckPolicy.MANUAL,
@@ -136,27 +162,58 @@ def wire_subscriber(
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_ms,
         max_poll_interval_ms=max_poll_interval_ms(settings),
-        listener=ForgetRevoked(committer) if committer else None,
-        title="on_settlements",
-        description="Settlement records from the priority and standard lanes",
+        listener=listener,
+        title=f"on_{lane.name}_lane",
+        description=f"Settlement records of the {lane.name} lane",
     )
+    lane.subscriber = subscriber
 
     @subscriber
-    async def on_settlements(_: list[bytes], message: KafkaMessage, consumer: Consumer) -> None:
-        # Manual acknowledgement: offsets are committed by the Committer as records finish,
-        # never by FastStream for the whole poll.
-        if committer is not None:
-            committer.consumer = consumer
-        records: Any = message.raw_message
-        try:
-            await process(records)
-        except Exception as exc:
-            log.exception(
-                "batch_failed_will_reread", error=type(exc).__name__, records=len(records)
-            )
-            await asyncio.sleep(INFRA_RETRY_DELAY_S)
-            with contextlib.suppress(Exception):
-                await message.nack()
+    async def on_settlements(message: KafkaMessage) -> None:
+        # The raw records, not decoded bodies: a value that is not a settlement record must
+        # still reach the pipeline (and become a dead letter there), never fail the poll.
+        await handle(lane, message.raw_message)
+
+
+def make_handler(pipeline: Pipeline) -> Callable[[Lane, Any], Awaitable[None]]:
+    async def handle(lane: Lane, records: Any) -> None:
+        # No await in here: the whole poll is tracked and routed before anything else runs.
+        seeks = pipeline.accept(records)
+        consumer = lane.consumer
+        if consumer is None:
+            return
+        for (topic, partition), offset in seeks.items():
+            consumer.seek(TopicPartition(topic, partition), offset)
+        apply_backpressure(pipeline, lane)
+
+    return handle
+
+
+def apply_backpressure(pipeline: Pipeline, lane: Lane) -> None:
+    consumer = lane.consumer
+    if consumer is None:
+        return
+    unsettled = pipeline.offsets.in_flight(lane.topic)
+    held = pipeline.offsets.held_back(lane.topic)
+    full = unsettled >= lane.cap or held >= lane.cap * HELD_BACK_FACTOR
+    if full and not lane.paused:
+        consumer.pause(*consumer.assignment())
+        lane.paused = True
+        metrics.LANE_PAUSED.labels(lane.name).set(1)
+    elif lane.paused and unsettled < lane.cap // 2 and held < lane.cap * HELD_BACK_FACTOR // 2:
+        consumer.resume(*consumer.assignment())
+        lane.paused = False
+        metrics.LANE_PAUSED.labels(lane.name).set(0)
+
+
+async def resume_when_settled(pipeline: Pipeline, lanes: dict[str, Lane]) -> None:
+    while True:
+        await pipeline.settled.wait()
+        pipeline.settled.clear()
+        for lane in lanes.values():
+            if lane.paused:
+                apply_backpressure(pipeline, lane)
+        await asyncio.sleep(0.05)
 
 
 async def record_lag(consumer: Any) -> None:
@@ -170,12 +227,12 @@ async def record_lag(consumer: Any) -> None:
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(highwater - position)
 
 
-def bind_health_port(settings: Settings) -> socket.socket | None:
+def bind_health_port(host: str, port: int) -> socket.socket | None:
     """The metrics/health port; a busy port is logged, never a reason to stop delivering."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((settings.worker_metrics_host, settings.worker_metrics_port))
+        sock.bind((host, port))
         # Listen now: with SO_REUSEADDR a second bind can succeed and only listen() finds
         # the port taken, which would otherwise surface later inside the HTTP server.
         sock.listen(128)
@@ -183,7 +240,7 @@ def bind_health_port(settings: Settings) -> socket.socket | None:
         sock.close()
         log.error(  # noqa: TRY400 - a busy port is a configuration fact, not a crash
             "metrics_port_unavailable",
-            port=settings.worker_metrics_port,
+            port=port,
             error=str(exc),
             consequence="no /metrics or /healthz on this worker",
         )
@@ -192,11 +249,9 @@ def bind_health_port(settings: Settings) -> socket.socket | None:
     return sock
 
 
-def health_app(upstream: UpstreamClient) -> Starlette:
+def health_app(token_valid: Callable[[], bool]) -> Starlette:
     async def healthz(_: Request) -> JSONResponse:
-        return JSONResponse(
-            {"status": "ok", "upstream_token_valid": upstream.tokens.valid},
-        )
+        return JSONResponse({"status": "ok", "upstream_token_valid": token_valid()})
 
     async def prometheus(_: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -204,75 +259,47 @@ def health_app(upstream: UpstreamClient) -> Starlette:
     return Starlette(routes=[Route("/healthz", healthz), Route("/metrics", prometheus)])
 
 
-async def checkpoint_loop(engine: Any, settings: Settings) -> None:
-    """Sign the audit chain's head every ETRM_AUDIT_CHECKPOINT_INTERVAL_S, when a key is set."""
-    signer = settings.audit_signer()
-    if signer is None:
-        return
-    while True:
-        await asyncio.sleep(settings.audit_checkpoint_interval_s)
-        try:
-            seq = await audit.write_checkpoint(engine, signer)
-            log.info("audit_checkpoint", seq=seq)
-        except Exception as exc:
-            log.warning("audit_checkpoint_failed", error=type(exc).__name__)
+@dataclass
+class WorkerParts:
+    """Everything a worker runs, built by the composition root (ops.bootstrap)."""
+
+    pipeline: Pipeline
+    housekeeping: Any  # operations.housekeeping.Housekeeping
+    token_valid: Callable[[], bool]
+    close: Callable[[], Awaitable[None]]
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    settings.require(*WORKER_REQUIRED)
-    assert settings.database_url is not None
-    engine = make_engine(settings.database_url, settings.database_pool_size)
-    await ensure_schema_current(engine)
-    await ensure_topics(
-        settings.kafka_bootstrap_servers, all_topics(settings), settings.kafka_partitions
-    )
-    http = upstream_http(settings)
-    upstream = upstream_client(settings, http)
+async def serve(settings: WorkerSettings, parts: WorkerParts, stop: asyncio.Event) -> None:
+    pipeline = parts.pipeline
+    cap = max(1, 4 * settings.worker_max_records)
+    lanes = {name: Lane(name, topic, cap) for name, topic in settings.lanes.items()}
+    committer = Committer(pipeline, lanes)
     broker = build_broker(settings)
-    to_reconciliation = reconciliation_publisher(broker, settings)
-
-    async def publish_dead_letter(
-        key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
-    ) -> None:
-        await to_reconciliation.publish(value, key=key, headers={k: v.decode() for k, v in headers})
-
-    forwarder = Forwarder(
-        engine=engine,
-        upstream=upstream,
-        publish_dead_letter=publish_dead_letter,
-        signing_keys=dict(settings.signing_keys()),
-        concurrency=settings.worker_concurrency,
-        drift_threshold=settings.drift_threshold,
-        cipher=PayloadCipher(settings.encryption_keyring()),
-        max_in_flight=4 * settings.worker_max_records,
-    )
-    committer = Committer(forwarder.offsets)
-    wire_subscriber(broker, settings, forwarder.process, committer)
-    forwarder.writer.start()
-    if stop is None:  # run as a process: stop on SIGINT/SIGTERM
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+    handle = make_handler(pipeline)
+    for lane in lanes.values():
+        wire_lane(broker, settings, lane, handle, Rebalance(lane, pipeline, committer))
     server = EmbeddedServer(
         uvicorn.Config(
-            health_app(upstream),
+            health_app(parts.token_valid),
             host=settings.worker_metrics_host,
             port=settings.worker_metrics_port,
             log_level="warning",
             lifespan="off",
         )
     )
-    health_socket = bind_health_port(settings)
+    health_socket = bind_health_port(settings.worker_metrics_host, settings.worker_metrics_port)
     http_task = asyncio.create_task(
         server.serve(sockets=[health_socket]) if health_socket else asyncio.sleep(0)
     )
-    checkpoints = asyncio.create_task(checkpoint_loop(engine, settings))
-    commits = asyncio.create_task(committer.run())
+    parts.housekeeping.start()
+    background = [
+        asyncio.create_task(committer.run(), name="committer"),
+        asyncio.create_task(resume_when_settled(pipeline, lanes), name="resume"),
+    ]
     await broker.start()
     log.info(
         "worker_started",
-        topics=list(settings.topics),
+        topics=list(settings.lanes.values()),
         group=settings.kafka_group_id,
         concurrency=settings.worker_concurrency,
     )
@@ -280,20 +307,18 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         await stop.wait()
     finally:
         log.info("worker_stopping")
-        commits.cancel()
-        if committer.consumer is not None:  # stop fetching, finish what is in flight
-            with contextlib.suppress(Exception):
-                committer.consumer.pause(*committer.consumer.assignment())
-        await forwarder.drain(timeout=min(30.0, settings.upstream_timeout_s + 5))
-        await forwarder.stop_chains()
+        for lane in lanes.values():  # stop fetching, settle what is in flight
+            if lane.consumer is not None:
+                with contextlib.suppress(Exception):
+                    lane.consumer.pause(*lane.consumer.assignment())
+        await pipeline.stop(timeout=min(30.0, settings.upstream_timeout_s + 5))
         with contextlib.suppress(Exception):
-            await committer.commit()
+            await committer.commit(pipeline.offsets.commit_points())
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await broker.stop()
-        await forwarder.writer.stop()
+        await parts.housekeeping.stop()
         server.should_exit = True
-        checkpoints.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await checkpoints
         await http_task
-        await http.aclose()
-        await engine.dispose()
+        await parts.close()

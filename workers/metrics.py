@@ -3,7 +3,7 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 DELIVERIES = Counter(
-    "etrm_worker_deliveries_total", "Messages that reached a final state", ["outcome"]
+    "etrm_worker_deliveries_total", "Records that reached a settled state", ["outcome"]
 )
 DEAD_LETTERS = Counter("etrm_worker_dead_letters_total", "Dead letters by reason", ["reason"])
 UPSTREAM_ATTEMPTS = Counter("etrm_worker_upstream_attempts_total", "POSTs sent to the upstream")
@@ -17,4 +17,9 @@ HOLDS_OPENED = Counter("etrm_worker_holds_opened_total", "Drift holds opened by 
 CONSUMER_LAG = Gauge(
     "etrm_worker_consumer_lag", "Records behind the high watermark", ["topic", "partition"]
 )
-OFFSET_COMMITS = Counter("etrm_worker_offset_commits_total", "Offset commits of finished records")
+OFFSET_COMMITS = Counter("etrm_worker_offset_commits_total", "Offset commits of settled records")
+LANE_PAUSED = Gauge(
+    "etrm_worker_lane_paused",
+    "1 while a lane's partitions are paused (too much unsettled)",
+    ["lane"],
+)

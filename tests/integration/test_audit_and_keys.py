@@ -17,11 +17,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from ledger import audit
-from ledger.audit import Actor
+from ledger.rows import Actor
 from ledger.crypto import PayloadCipher
 from ledger.db import make_engine
 from ledger.keys import rotate
-from ops import samples
+from schemas import samples
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ async def test_payloads_are_encrypted_and_rotation_keeps_them_readable(
 ) -> None:
     pipe: Pipeline = await pipeline_factory(sim={"reject_contracts": ["REJECT-*"]})
     ids = await deliver_some(pipe, "OTC-ENC-0001", "REJECT-ENC-01")
-    engine = make_engine(pipe.settings.database_url or "")
+    engine = make_engine(pipe.settings.database_url)
     try:
         async with engine.connect() as conn:
             rows = (
@@ -93,23 +93,25 @@ async def test_payloads_are_encrypted_and_rotation_keeps_them_readable(
 
 async def test_audit_chain_verifies_and_names_the_tampered_row(pipeline: Pipeline) -> None:
     ids = await deliver_some(pipeline, "OTC-AUD-0001", "OTC-AUD-0002")
-    engine = make_engine(pipeline.settings.database_url or "")
+    engine = make_engine(pipeline.settings.database_url)
     try:
+        await audit.sequence_all(engine)
         result = await audit.verify(engine)
         assert result.ok, result
-        assert result.rows >= 6
+        assert result.rows >= 5
         async with engine.connect() as conn:
             trail = (
                 await conn.execute(
                     text(
                         "SELECT seq, action, actor_kind, desk, token_id, source_address, detail "
-                        "FROM audit_log WHERE message_id = :id ORDER BY seq"
+                        "FROM audit_log WHERE message_id = :id OR batch_id = "
+                        "(SELECT batch_id FROM messages WHERE message_id = :id) ORDER BY seq"
                     ),
                     {"id": ids[0]},
                 )
             ).all()
         assert [r.action for r in trail] == [
-            "message.queued",
+            "batch.accepted",
             "message.delivering",
             "message.delivered",
         ]
@@ -122,6 +124,7 @@ async def test_audit_chain_verifies_and_names_the_tampered_row(pipeline: Pipelin
         target = trail[1].seq
         for statement in (
             "UPDATE audit_log SET detail = 'x' WHERE seq = :s",
+            "UPDATE audit_log SET hash = NULL, seq = NULL WHERE seq = :s",
             "DELETE FROM audit_log WHERE seq = :s",
             "TRUNCATE audit_log",
         ):
@@ -135,14 +138,12 @@ async def test_audit_chain_verifies_and_names_the_tampered_row(pipeline: Pipelin
                 text("SELECT detail FROM audit_log WHERE seq = :s"), {"s": target}
             )
             await conn.execute(
-                text("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update_delete")
+                text("ALTER TABLE audit_log DISABLE TRIGGER audit_log_sequence_once")
             )
             await conn.execute(
                 text("UPDATE audit_log SET detail = 'nothing to see' WHERE seq = :s"), {"s": target}
             )
-            await conn.execute(
-                text("ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update_delete")
-            )
+            await conn.execute(text("ALTER TABLE audit_log ENABLE TRIGGER audit_log_sequence_once"))
         try:
             tampered = await audit.verify(engine)
             assert not tampered.ok
@@ -163,14 +164,14 @@ async def test_audit_chain_verifies_and_names_the_tampered_row(pipeline: Pipelin
         finally:
             async with engine.begin() as conn:
                 await conn.execute(
-                    text("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update_delete")
+                    text("ALTER TABLE audit_log DISABLE TRIGGER audit_log_sequence_once")
                 )
                 await conn.execute(
                     text("UPDATE audit_log SET detail = :d WHERE seq = :s"),
                     {"d": original, "s": target},
                 )
                 await conn.execute(
-                    text("ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update_delete")
+                    text("ALTER TABLE audit_log ENABLE TRIGGER audit_log_sequence_once")
                 )
         assert (await audit.verify(engine)).ok
     finally:
@@ -179,9 +180,10 @@ async def test_audit_chain_verifies_and_names_the_tampered_row(pipeline: Pipelin
 
 async def test_signed_checkpoints(pipeline: Pipeline) -> None:
     await deliver_some(pipeline, "OTC-CKP-0001")
-    engine = make_engine(pipeline.settings.database_url or "")
+    engine = make_engine(pipeline.settings.database_url)
     signer = Ed25519PrivateKey.generate()
     try:
+        await audit.sequence_all(engine)
         seq = await audit.write_checkpoint(engine, signer)
         assert seq is not None
         count, problems = await audit.verify_checkpoints(engine, signer.public_key())

@@ -7,7 +7,7 @@ import uuid
 import httpx
 import pytest
 
-from ops import samples
+from schemas import samples
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ async def test_missing_expired_and_wrong_audience_tokens_are_401(intake_only: Pi
 
 
 def samples_token_with(pipe: Pipeline, **claims: str) -> str:
-    from ops.devkeys import mint_token
+    from ops.dev.devkeys import mint_token
     from tests.conftest import ISSUER
 
     return mint_token(

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ingest.tls import ClientCertProtocol, thumbprint
-from ops import samples
+from schemas import samples
 from tests.conftest import Pipeline, PipelineFactory
 
 pytestmark = pytest.mark.integration

@@ -18,9 +18,9 @@ from prometheus_client import REGISTRY
 
 from ledger import audit, reconciliation
 from ledger.db import make_engine
-from ops import operations as operations_module
-from ops import samples
-from ops.operations import operator_actor
+from operations.publishing import Republisher
+from operations.service import operator_actor
+from schemas import samples
 from schemas.envelope import sign_message
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
 
@@ -256,8 +256,11 @@ async def test_replay_after_recovery_is_exactly_once(ops_pipeline: Pipeline) -> 
     history = [
         h["state"] for h in (await desk.get(f"/v1/settlements/{message_id}")).json()["history"]
     ]
-    assert history[-3:] == ["queued", "delivering", "delivered"]
-    assert "dead_lettered" in history
+    replayed = history[history.index("dead_lettered") + 1 :]
+    # A rebalance may hand the lease over once more (delivering again), nothing else.
+    assert replayed[0] == "queued"
+    assert replayed[-1] == "delivered"
+    assert set(replayed[1:-1]) == {"delivering"}
 
 
 async def test_replay_of_stale_revision_is_superseded(ops_pipeline: Pipeline) -> None:
@@ -338,8 +341,22 @@ async def test_four_eyes(pipeline_factory: PipelineFactory) -> None:
     assert status["requested_by"] == "op-alice"
 
 
+class CrashAfterPublish(Republisher):
+    """A runner that dies after its second chunk reached the broker, before recording it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.marked = 0
+
+    async def mark(self, job_id: str, items: list[Any], actor: Any) -> None:
+        self.marked += 1
+        if self.marked == 2:
+            raise ConnectionError("intake died")
+        await super().mark(job_id, items, actor)
+
+
 async def test_interrupted_replay_resumes_without_duplicates(
-    pipeline_factory: PipelineFactory, monkeypatch: pytest.MonkeyPatch
+    pipeline_factory: PipelineFactory,
 ) -> None:
     pipe: Pipeline = await pipeline_factory(
         sim={"down_contracts": ["OUTAGE-*"]}, upstream_max_attempts=1
@@ -353,47 +370,39 @@ async def test_interrupted_replay_resumes_without_duplicates(
 
     app: Any = pipe.intake.server.config.app
     svc = app.state.services  # the intake's own service objects
-    ops = svc.operations
-    monkeypatch.setattr(operations_module, "REPLAY_CHUNK", 5)
-    monkeypatch.setattr(operations_module, "REPLAY_LEASE_S", 0.5)
     actor = operator_actor("op-dave")
-    created = await ops.request_replay(
+    created = await svc.operations.request_replay(
         actor,
         message_ids=None,
         where=reconciliation.DeadLetterFilter(settlement_run_id=run),
         reason="bulk",
-        dry_run=False,
     )
-    replay_id = created["replay_id"]
-
-    # Die after the second chunk reached the broker but before it was marked replayed.
-    real_mark = reconciliation.mark_replayed
-    calls = 0
-
-    async def crash_on_second(*args: Any, **kwargs: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise ConnectionError("intake died")
-        await real_mark(*args, **kwargs)
-
-    monkeypatch.setattr(reconciliation, "mark_replayed", crash_on_second)
+    dying = CrashAfterPublish(
+        svc.engine, svc.kafka, svc.cipher, pipe.settings.signing_keys()[0], chunk=5, lease_s=0.5
+    )
     with pytest.raises(ConnectionError):
-        await ops.run_replay(replay_id, actor)
-    monkeypatch.setattr(reconciliation, "mark_replayed", real_mark)
-    await asyncio.sleep(0.6)  # the dead runner's lease runs out
-    assert await ops.run_replay(replay_id, actor)
+        await dying.run(created.replay_id, actor)
+    # Whoever takes over once the dead runner's lease ran out (this test or the intake's
+    # housekeeping) publishes the rest; the chunk published twice is delivered once.
+    survivor = Republisher(svc.engine, svc.kafka, svc.cipher, pipe.settings.signing_keys()[0])
+
+    async def completed() -> bool:
+        await survivor.run(created.replay_id, actor)
+        status = await ops_client(pipe).get(f"/v1/reconciliation/replay/{created.replay_id}")
+        return bool(status.json()["state"] == "completed")
+
+    await wait_for(completed)
 
     async def all_delivered() -> bool:
-        return len(pipe.sim.effects) >= 12
+        final = (await desk.get(f"/v1/batches/{batch.json()['batch_id']}")).json()
+        return bool(final["counts"] == {"delivered": 12})
 
     await wait_for(all_delivered)
-    await asyncio.sleep(1.0)
     keys = Counter(e.idempotency_key for e in pipe.sim.effects)
     assert len(keys) == 12
     assert set(keys.values()) == {1}
-    final = (await desk.get(f"/v1/batches/{batch.json()['batch_id']}")).json()
-    assert final["counts"] == {"delivered": 12}
+    posts = Counter(pipe.sim.posts_by_key)
+    assert all(n <= 2 for n in posts.values()), posts  # at most the dead-lettered POST + one
 
 
 async def test_holds_release_reject_and_scopes(pipeline_factory: PipelineFactory) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from ops import samples
+from schemas import samples
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
 
 pytestmark = pytest.mark.integration
@@ -234,7 +234,7 @@ async def test_signed_message_injected_without_signature_is_dead_lettered(
 async def test_two_workers_sharing_a_metrics_port_both_keep_delivering(
     pipeline: Pipeline,
 ) -> None:
-    from workers.app import run_worker
+    from ops.bootstrap import run_worker
 
     second_stop = asyncio.Event()
     second = asyncio.create_task(run_worker(pipeline.settings, second_stop))

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from ops import samples
+from schemas import samples
 from tests.conftest import AUDIENCE, ISSUER, Pipeline, PipelineFactory
 
 pytestmark = pytest.mark.integration

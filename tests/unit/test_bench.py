@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ops.bench import Row, median_rows, percentile
+from ops.dev.bench import Row, median_rows, percentile
 
 
 def test_median_of_runs_and_ratio() -> None:

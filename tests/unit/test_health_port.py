@@ -3,16 +3,15 @@ HTTP server): the port is claimed — bound and listening — before the worker 
 
 from __future__ import annotations
 
-from ops.stack import free_port
-from runtime.settings import load_settings
+from ops.dev.stack import free_port
 from workers.app import bind_health_port
 
 
 def test_a_taken_metrics_port_is_detected_up_front() -> None:
-    settings = load_settings(worker_metrics_port=free_port())
-    first = bind_health_port(settings)
+    port = free_port()
+    first = bind_health_port("127.0.0.1", port)
     assert first is not None
     try:
-        assert bind_health_port(settings) is None
+        assert bind_health_port("127.0.0.1", port) is None
     finally:
         first.close()

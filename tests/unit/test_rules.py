@@ -1,5 +1,5 @@
-"""Delivery rules: status classification (every status of CONTRACT §4), backoff, revisions,
-drift — and the upstream client against the simulator in memory (no servers)."""
+"""Delivery rules: how every upstream answer of CONTRACT §4 is read (hostile bodies included),
+backoff, Retry-After, revisions, drift — and one POST against the simulator in memory."""
 
 from __future__ import annotations
 
@@ -9,53 +9,107 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from ops.simulator import SimConfig, SimState, create_simulator
+from ops.dev.simulator import SimConfig, SimState, create_simulator
 from workers.rules import (
-    Verdict,
+    AnswerKind,
     backoff_delay,
-    classify,
     drift,
     is_superseded,
     parse_position,
+    read_answer,
     retry_after_seconds,
 )
 from workers.upstream import TokenProvider, UpstreamClient
 
-TXN = {"transaction_id": "TX-1"}
+TXN = b'{"transaction_id": "TX-1"}'
 
 
 @pytest.mark.parametrize(
-    ("status", "body", "verdict"),
+    ("status", "body", "kind"),
     [
-        (201, TXN, Verdict.DELIVERED),
-        (200, TXN, Verdict.DELIVERED),
-        (409, TXN, Verdict.DELIVERED),
-        (409, {"error": "conflict"}, Verdict.PERMANENT),
-        (201, {}, Verdict.PERMANENT),
-        (400, {}, Verdict.PERMANENT),
-        (404, {}, Verdict.PERMANENT),
-        (422, {}, Verdict.PERMANENT),
-        (301, {}, Verdict.PERMANENT),
-        (302, {}, Verdict.PERMANENT),
-        (307, {}, Verdict.PERMANENT),
-        (401, {}, Verdict.UNAUTHORIZED),
-        (408, {}, Verdict.TRANSIENT),
-        (425, {}, Verdict.TRANSIENT),
-        (429, {}, Verdict.TRANSIENT),
-        (500, {}, Verdict.TRANSIENT),
-        (502, {}, Verdict.TRANSIENT),
-        (503, {}, Verdict.TRANSIENT),
-        (504, {}, Verdict.TRANSIENT),
-        (403, {}, Verdict.PERMANENT),
-        (501, {}, Verdict.PERMANENT),
+        (201, TXN, AnswerKind.TAKEN),
+        (200, TXN, AnswerKind.TAKEN),
+        (409, TXN, AnswerKind.TAKEN),
+        (409, b'{"error": "conflict"}', AnswerKind.REJECTED),
+        # Any 2xx: the upstream has it, whatever the body says or fails to say.
+        (201, b"", AnswerKind.TAKEN),
+        (201, b"\x00\xff not json", AnswerKind.TAKEN),
+        (202, b"{}", AnswerKind.TAKEN),
+        (400, b"{}", AnswerKind.REJECTED),
+        (404, b"{}", AnswerKind.REJECTED),
+        (422, b"{}", AnswerKind.REJECTED),
+        (301, b"{}", AnswerKind.REJECTED),
+        (302, b"{}", AnswerKind.REJECTED),
+        (307, b"{}", AnswerKind.REJECTED),
+        (401, b"{}", AnswerKind.UNAUTHORIZED),
+        (408, b"{}", AnswerKind.TRANSIENT),
+        (425, b"{}", AnswerKind.TRANSIENT),
+        (429, b"{}", AnswerKind.TRANSIENT),
+        (500, b"{}", AnswerKind.TRANSIENT),
+        (502, b"{}", AnswerKind.TRANSIENT),
+        (503, b"{}", AnswerKind.TRANSIENT),
+        (504, b"{}", AnswerKind.TRANSIENT),
+        (403, b"{}", AnswerKind.REJECTED),
+        (501, b"{}", AnswerKind.REJECTED),
     ],
 )
-def test_classification(status: int, body: dict[str, str], verdict: Verdict) -> None:
-    assert classify(status, body) is verdict
+def test_classification(status: int, body: bytes, kind: AnswerKind) -> None:
+    assert read_answer(status, body, None, 0.0).kind is kind
 
 
-def test_backoff_is_full_jitter_and_capped() -> None:
+@pytest.mark.parametrize(
+    ("position", "expected", "known"),
+    [
+        ('"153.000"', Decimal("153.000"), "given"),
+        ("153.5", Decimal("153.500"), "given"),
+        ("-12", Decimal("-12.000"), "given"),
+        ('"1e13"', None, "unreadable"),
+        ("10000000000000", None, "unreadable"),
+        ('"NaN"', None, "unreadable"),
+        ("NaN", None, "unreadable"),
+        ('"twelve"', None, "unreadable"),
+        ("true", None, "unreadable"),
+        ("[1]", None, "unreadable"),
+        ("null", None, "absent"),
+    ],
+)
+def test_reconciled_position_is_read_or_declared_unreadable(
+    position: str, expected: Decimal | None, known: str
+) -> None:
+    body = b'{"transaction_id": "TX-1", "reconciled_position_mwh": ' + position.encode() + b"}"
+    answer = read_answer(201, body, None, 0.0)
+    assert answer.kind is AnswerKind.TAKEN
+    assert answer.position == expected
+    assert answer.position_known == known
+
+
+def test_hostile_error_texts_are_capped_and_escaped() -> None:
+    huge = b'{"error": "' + b"x" * 100_000 + b'"}'
+    assert len(read_answer(422, huge, None, 0.0).error.encode()) <= 2048
+    nul = read_answer(422, b'{"error": "bad\\u0000thing\\ud800"}', None, 0.0).error
+    assert "\x00" not in nul
+    nul.encode("utf-8")  # no lone surrogate survives
+    binary = read_answer(500, bytes(range(256)) * 10, None, 0.0).error
+    assert "\x00" not in binary
+    assert len(binary.encode()) <= 2048
+
+
+@given(st.integers(100, 599), st.binary(max_size=300), st.none() | st.text(max_size=40))
+def test_any_answer_is_read_without_error(
+    status: int, body: bytes, retry_after: str | None
+) -> None:
+    answer = read_answer(status, body, retry_after, 0.0)
+    assert answer.kind in AnswerKind
+    answer.error.encode("utf-8")
+    assert "\x00" not in answer.error
+    if answer.retry_after_s is not None:
+        assert answer.retry_after_s >= 0
+
+
+def test_backoff_is_full_jitter_capped_and_honours_retry_after_as_given() -> None:
     rng = random.Random(7)
     for attempt in range(1, 12):
         ceiling = min(60.0, 0.5 * 2 ** (attempt - 1))
@@ -65,7 +119,8 @@ def test_backoff_is_full_jitter_and_capped() -> None:
         assert all(0 <= d <= ceiling for d in delays)
         assert min(delays) < ceiling * 0.2  # full jitter reaches near zero
     assert backoff_delay(1, base=0.5, cap=60, retry_after=7, rng=rng) >= 7
-    assert backoff_delay(1, base=0.5, cap=60, retry_after=10_000, rng=rng) <= 60
+    # Retry-After past the cap is honoured (the record's budget bounds it, not the cap).
+    assert backoff_delay(1, base=0.5, cap=1, retry_after=2, rng=rng) >= 2
 
 
 def test_retry_after_forms() -> None:
@@ -90,77 +145,59 @@ def test_drift_threshold() -> None:
     assert drift(Decimal(0), Decimal("0.001"), threshold) == Decimal("0.001")
 
 
-def test_reconciled_position_number_or_string() -> None:
-    assert parse_position("12.345") == Decimal("12.345")
-    assert parse_position(Decimal("12.5")) == Decimal("12.5")
-    assert parse_position(12) == Decimal(12)
-    assert parse_position("NaN") is None
-    assert parse_position(None) is None
+def test_parse_position_types() -> None:
+    assert parse_position("12.345") == (Decimal("12.345"), "given")
+    assert parse_position(Decimal("12.5")) == (Decimal("12.500"), "given")
+    assert parse_position(12) == (Decimal("12.000"), "given")
+    assert parse_position(None) == (None, "absent")
 
 
 def _client(**sim: Any) -> tuple[UpstreamClient, SimState]:
     app = create_simulator(SimConfig(client_id="c", client_secret="s", signing_secret="sig", **sim))
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim")
     tokens = TokenProvider(http, "http://sim/oauth/token", "c", "s")
-    client = UpstreamClient(
-        http,
-        tokens,
-        base_url="http://sim",
-        signing_secret="sig",
-        max_attempts=4,
-        budget_s=5,
-        backoff_base_s=0.01,
-        backoff_cap_s=0.05,
+    return UpstreamClient(http, tokens, base_url="http://sim", signing_secret="sig"), (
+        app.state.sim
     )
-    return client, app.state.sim
 
 
 BODY = b'{"contract_id":"OTC-1","position_mwh":"10.000","revision":1}'
 
 
-async def test_upstream_protocol_with_simulator() -> None:
-    client, sim = _client(fail_first_attempts=2)
-    result = await client.deliver(BODY, "m-1", "trace")
-    assert result.outcome == "delivered"
-    assert result.attempts == 3
-    again = await client.deliver(BODY, "m-1", "trace")
-    assert again.outcome == "delivered"
-    assert again.transaction_id == result.transaction_id
-    assert sim.duplicate_posts == 1
+async def test_one_post_per_call_with_the_contracts_headers() -> None:
+    client, sim = _client(fail_first_attempts=1)
+    token = await client.token()
+    first = await client.post(BODY, "m-1", "trace", token)
+    assert first.kind is AnswerKind.TRANSIENT
+    assert first.status == 503
+    second = await client.post(BODY, "m-1", "trace", token)
+    assert second.kind is AnswerKind.TAKEN
+    assert second.created
+    again = await client.post(BODY, "m-1", "trace", token)
+    assert again.kind is AnswerKind.TAKEN
+    assert not again.created
+    assert again.transaction_id == second.transaction_id
+    assert sim.posts_by_key["m-1"] == 3
     assert len(sim.effects) == 1
     assert sim.tokens_issued == 1
 
 
-async def test_expired_token_is_renewed_once_on_401() -> None:
+async def test_expired_token_is_unauthorized_then_renewed() -> None:
     client, sim = _client()
-    await client.deliver(BODY, "m-1", "trace")
+    token = await client.token()
     sim.tokens.clear()
-    result = await client.deliver(BODY, "m-2", "trace")
-    assert result.outcome == "delivered"
-    assert result.attempts == 2
+    answer = await client.post(BODY, "m-1", "trace", token)
+    assert answer.kind is AnswerKind.UNAUTHORIZED
+    await client.renew(token)
+    fresh = await client.token()
+    assert fresh != token
+    assert (await client.post(BODY, "m-1", "trace", fresh)).kind is AnswerKind.TAKEN
     assert sim.tokens_issued == 2
-
-
-async def test_token_endpoint_down_is_token_unavailable() -> None:
-    client, _ = _client(token_outage=True)
-    result = await client.deliver(BODY, "m-1", "trace")
-    assert result.outcome == "token_unavailable"
-    assert result.attempts == 4
-
-
-async def test_budget_stops_retries() -> None:
-    client, _sim = _client(outage=True, retry_after_s=1)
-    client._budget = 1.5
-    client._cap = 5.0
-    result = await client.deliver(BODY, "m-1", "trace")
-    assert result.outcome == "retries_exhausted"
-    assert result.attempts == 2  # a third would wait past the 1.5 s budget
-    assert result.status == 503
 
 
 async def test_bad_signature_is_refused_by_simulator() -> None:
     client, _sim = _client()
     client._secret = b"wrong"
-    result = await client.deliver(BODY, "m-1", "trace")
-    assert result.outcome == "upstream_rejected"
-    assert result.status == 400
+    answer = await client.post(BODY, "m-1", "trace", await client.token())
+    assert answer.kind is AnswerKind.REJECTED
+    assert answer.status == 400

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ops import samples
+from schemas import samples
 from schemas.envelope import envelope_for, lane_for, validate_record
 from schemas.records import CanonicalRecord
 

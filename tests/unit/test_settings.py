@@ -1,5 +1,5 @@
-"""Settings: a missing or malformed value stops a process at start, naming the variable and
-never showing a secret (CONTRACT §8)."""
+"""Settings per process: a missing or malformed value stops a process at start, naming the
+variable and never showing a secret (CONTRACT §8)."""
 
 from __future__ import annotations
 
@@ -9,35 +9,53 @@ import sys
 
 import pytest
 
-from runtime.settings import SettingsError, load_settings
+from runtime.settings import (
+    IntakeSettings,
+    KafkaSettings,
+    OperatorSettings,
+    SettingsError,
+    WorkerSettings,
+    load,
+)
+
+BASE = {
+    "database_url": "postgresql+asyncpg://u@h/db",
+    "message_signing_keys": "k1=s1",
+    "encryption_keys": "e1=" + "A" * 43 + "=",
+}
 
 
-def test_missing_setting_is_named() -> None:
-    settings = load_settings(database_url=None)
-    with pytest.raises(SettingsError, match="ETRM_DATABASE_URL"):
-        settings.require("database_url", "jwks_url")
+def test_required_settings_are_named_per_process() -> None:
+    with pytest.raises(SettingsError) as intake:
+        load(IntakeSettings, **BASE)
+    assert "ETRM_JWKS_URL" in str(intake.value)
+    assert "ETRM_UPSTREAM_URL" not in str(intake.value)  # not the intake's business
+    with pytest.raises(SettingsError) as worker:
+        load(WorkerSettings, **BASE)
+    assert "ETRM_UPSTREAM_URL" in str(worker.value)
+    assert "ETRM_JWKS_URL" not in str(worker.value)
+    operator = load(OperatorSettings, **BASE)
+    assert operator.database_url == BASE["database_url"]
 
 
 def test_malformed_secret_is_named_but_not_shown() -> None:
     with pytest.raises(SettingsError) as caught:
-        load_settings(encryption_keys="k1=not-base64-of-32-bytes-SECRETVALUE")
+        load(OperatorSettings, **{**BASE, "encryption_keys": "k1=not-base64-SECRETVALUE"})
     assert "ETRM_ENCRYPTION_KEYS" in str(caught.value)
     assert "SECRETVALUE" not in str(caught.value)
-    with pytest.raises(SettingsError, match="ETRM_DESK_RATE_LIMIT"):
-        load_settings(desk_rate_limit="fast")
     with pytest.raises(SettingsError, match="ETRM_DATABASE_URL"):
-        load_settings(database_url="sqlite:///nope.db")
+        load(OperatorSettings, **{**BASE, "database_url": "sqlite:///nope.db"})
 
 
 def test_heartbeat_follows_the_session_timeout() -> None:
-    assert load_settings(kafka_session_timeout_ms=2000).heartbeat_ms == 666
-    assert load_settings(kafka_session_timeout_ms=10000).heartbeat_ms == 3333
-    explicit = load_settings(kafka_session_timeout_ms=2000, kafka_heartbeat_interval_ms=500)
+    assert KafkaSettings(kafka_session_timeout_ms=2000).heartbeat_ms == 666
+    assert KafkaSettings(kafka_session_timeout_ms=10000).heartbeat_ms == 3333
+    explicit = KafkaSettings(kafka_session_timeout_ms=2000, kafka_heartbeat_interval_ms=500)
     assert explicit.heartbeat_ms == 500
 
 
 def test_keyrings() -> None:
-    settings = load_settings(message_signing_keys="new=s2,old=s1")
+    settings = load(OperatorSettings, **{**BASE, "message_signing_keys": "new=s2,old=s1"})
     assert settings.signing_keys() == [("new", b"s2"), ("old", b"s1")]
 
 

@@ -14,8 +14,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from ops import samples
-from ops.devkeys import mint_token
+from ops.dev.devkeys import mint_token
+from schemas import samples
 
 FINAL = {"delivered", "held", "dead_lettered", "superseded", "released", "rejected"}
 

@@ -29,12 +29,15 @@ from rich.console import Console
 from rich.table import Table
 
 from ingest.publisher import SettlementPublisher
-from ledger.db import migrate
-from ops import samples
-from ops.devkeys import generate_signing_key, mint_token
-from ops.stack import Broker, Database, free_port, isolated_settings
-from runtime.kafka import all_topics, ensure_topics, make_producer
-from runtime.settings import Settings, settings_env
+from ledger import acceptance
+from ledger.crypto import PayloadCipher
+from ledger.db import make_engine, migrate
+from ledger.rows import Actor
+from ops.dev.devkeys import generate_signing_key, mint_token
+from ops.dev.stack import Broker, Database, free_port, isolated_settings
+from runtime.kafka import KafkaPublisher, ensure_topics, make_producer
+from runtime.settings import StackSettings, settings_env
+from schemas import samples
 from schemas.envelope import Envelope, envelope_for, validate_record
 from workers.upstream import HttpPool
 
@@ -94,7 +97,7 @@ class Bench:
         if self.database:
             self.database.stop()
 
-    def settings(self, sim_url: str, **overrides: Any) -> Settings:
+    def settings(self, sim_url: str, **overrides: Any) -> StackSettings:
         assert self.broker is not None
         return isolated_settings(
             self.broker.bootstrap,
@@ -148,7 +151,7 @@ class Bench:
         await wait_http(f"{url}/healthz")
         return url, process
 
-    async def intake(self, settings: Settings) -> tuple[str, str, subprocess.Popen[bytes]]:
+    async def intake(self, settings: StackSettings) -> tuple[str, str, subprocess.Popen[bytes]]:
         """An intake process on its own port; returns its URL and a desk token for it."""
         pem, jwks = self.root / "etrm-dev-es256.pem", self.root / "jwks.json"
         if not pem.exists():
@@ -191,22 +194,62 @@ class Bench:
         return result
 
     @staticmethod
-    async def preload(settings: Settings, envelopes: list[Envelope], partitions: int) -> None:
-        await ensure_topics(settings.kafka_bootstrap_servers, all_topics(settings), partitions)
-        publisher = SettlementPublisher(
-            settings.model_copy(update={"kafka_publish_timeout_s": 120.0})
-        )
+    async def preload(settings: StackSettings, envelopes: list[Envelope], partitions: int) -> None:
+        """Accept the records as the intake does (ledger first, then the broker), without the
+        HTTP cost: the backlog a worker scenario drains."""
+        await ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, partitions)
+        slow = settings.model_copy(update={"kafka_publish_timeout_s": 120.0})
+        kafka = KafkaPublisher(slow)
+        publisher = SettlementPublisher(kafka, slow.lanes, slow.signing_keys()[0])
+        engine = make_engine(settings.database_url, 2)
+        cipher = PayloadCipher(settings.encryption_keyring())
         try:
             for start in range(0, len(envelopes), 5000):
-                await publisher.publish(
-                    envelopes[start : start + 5000],
+                chunk = envelopes[start : start + 5000]
+                batch_id = f"batch_{uuid.uuid4().hex}"
+                request = acceptance.Request(
+                    batch_id=batch_id,
                     desk="bench-desk",
                     trader="bench",
+                    settlement_run_id="BENCH",
+                    idempotency_key=batch_id,
+                    request_hash=batch_id,
                     trace_id=uuid.uuid4().hex,
-                    batch_id="bench",
+                    resource_kind="batch",
+                    resource_id=batch_id,
+                    status_url=f"/v1/batches/{batch_id}",
+                    records=[
+                        acceptance.RecordToAccept(
+                            i,
+                            e.message_id,
+                            e.identity,
+                            e.contract_id,
+                            e.market,
+                            e.revision,
+                            publisher.topic_for(e),
+                            e.position_mwh,
+                            e.value,
+                        )
+                        for i, e in enumerate(chunk)
+                    ],
+                    pending_lease_s=300.0,
+                    key_lease_s=300.0,
+                )
+                begun = await acceptance.begin(engine, request, cipher)
+                assert isinstance(begun, acceptance.Pending), begun
+                await publisher.publish(
+                    chunk,
+                    desk="bench-desk",
+                    trader="bench",
+                    trace_id=request.trace_id,
+                    batch_id=batch_id,
+                )
+                assert await acceptance.complete(
+                    engine, request, Actor("system", "bench"), len(chunk)
                 )
         finally:
-            await publisher.stop()
+            await kafka.stop()
+            await engine.dispose()
 
 
 async def wait_http(
@@ -262,11 +305,11 @@ async def effects_rate(
     return (expected - 1) / span if span > 0 else float("inf")
 
 
-async def baseline_consumer(settings: Settings, expected: int, concurrency: int) -> None:
+async def baseline_consumer(settings: StackSettings, expected: int, concurrency: int) -> None:
     """The floor to compare with: getmany + concurrent posts; no ledger, no signing, no
     ordering, no retries."""
     consumer = AIOKafkaConsumer(
-        *settings.topics,
+        *settings.lanes.values(),
         bootstrap_servers=settings.kafka_bootstrap_servers,
         group_id=f"{settings.kafka_group_id}-baseline",
         enable_auto_commit=False,
@@ -283,7 +326,7 @@ async def baseline_consumer(settings: Settings, expected: int, concurrency: int)
             await http.post(
                 settings.upstream_token_url,
                 data={"grant_type": "client_credentials"},
-                auth=("bench", settings.secret("upstream_client_secret")),
+                auth=("bench", settings.upstream_client_secret.get_secret_value()),
             )
         ).json()["access_token"]
         url = settings.upstream_url + "/api/v1/settlements/sync"
@@ -400,7 +443,7 @@ async def post_batches(
     return time.perf_counter() - started
 
 
-async def raw_producer_seconds(settings: Settings, envelopes: list[Envelope]) -> float:
+async def raw_producer_seconds(settings: StackSettings, envelopes: list[Envelope]) -> float:
     """The same serialized records straight into the broker: pipelined sends, acks=all."""
     producer = make_producer(settings)
     await producer.start()
@@ -419,7 +462,7 @@ async def raw_producer_seconds(settings: Settings, envelopes: list[Envelope]) ->
 async def scenario_intake(bench: Bench, scale: int) -> list[Row]:
     sim_url, sim = await bench.simulator(0)
     settings = bench.settings(sim_url)
-    await ensure_topics(settings.kafka_bootstrap_servers, all_topics(settings), 4)
+    await ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, 4)
     url, token, intake = await bench.intake(settings)
     rows = []
     try:
@@ -499,7 +542,7 @@ async def scenario_latency(bench: Bench, scale: int) -> list[Row]:
     upstream: the desk's answer must not depend on the upstream."""
     sim_url, sim = await bench.simulator(0)
     settings = bench.settings(sim_url)
-    await ensure_topics(settings.kafka_bootstrap_servers, all_topics(settings), 4)
+    await ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, 4)
     url, token, intake = await bench.intake(settings)
     worker = bench.spawn(["worker"], settings_env(settings))
     distributions: dict[str, list[float]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import fnmatch
 import hashlib
 import hmac
@@ -67,6 +68,9 @@ class SimState:
         self.effects: list[Effect] = []
         self.by_key: dict[str, Effect] = {}
         self.attempts_by_key: dict[str, int] = {}
+        # Every POST per Idempotency-Key, duplicates included: "took effect twice" is checked
+        # against `effects`, "sent more than needed" against this.
+        self.posts_by_key: collections.Counter[str] = collections.Counter()
         self.posts = 0
         self.duplicate_posts = 0
         self.rejected_posts = 0
@@ -135,6 +139,8 @@ def create_simulator(config: SimConfig | None = None) -> FastAPI:
             state.rejected_posts += 1
             return JSONResponse({"error": "bad X-Signature"}, status_code=400)
         key = request.headers.get("idempotency-key")
+        if key:
+            state.posts_by_key[key] += 1
         if not key:
             state.rejected_posts += 1
             return JSONResponse({"error": "Idempotency-Key required"}, status_code=400)

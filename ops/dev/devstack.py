@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ledger.db import migrate
-from ops.devkeys import generate_signing_key, mint_token
-from ops.stack import Broker, Database, free_port
-from runtime.kafka import all_topics, ensure_topics
-from runtime.settings import load_settings
+from ops.dev.devkeys import generate_signing_key, mint_token
+from ops.dev.stack import Broker, Database, free_port
+from runtime.kafka import ensure_topics
+from runtime.settings import KafkaSettings
 
 STATE_DIR = Path(".etrm-dev")
 ISSUER = "https://idp.etrm-sync.dev"
@@ -168,8 +168,8 @@ class DevStack:
         (self.state / "env").write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
         (self.state / "env").chmod(0o600)
         await migrate(database_url)
-        topics = load_settings(kafka_bootstrap_servers=self.broker.bootstrap)
-        await ensure_topics(self.broker.bootstrap, all_topics(topics), topics.kafka_partitions)
+        topics = KafkaSettings(kafka_bootstrap_servers=self.broker.bootstrap)
+        await ensure_topics(self.broker.bootstrap, topics.all_topics, topics.kafka_partitions)
         sim_args = [f"--{k.replace('_', '-')}={v}" for k, v in DEMO_SIMULATOR.items()]
         self._spawn("mock-etrm", "mock-etrm", "--port", str(sim_port), *sim_args)
         self._spawn("intake", "intake")
@@ -237,7 +237,7 @@ async def run_dev(*, demo: bool, once: bool) -> int:
         stack.show(ready)
         code = 0
         if demo:
-            from ops.demo import run_demo
+            from ops.dev.demo import run_demo
 
             code = await run_demo(stack.env, stack.console)
         if not once:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.settings import Settings, load_settings
+from runtime.settings import StackSettings, load
 
 PG_SYSTEM_USER = "embedded_postgres"
 PG_DATABASE = "etrm"
@@ -220,7 +220,9 @@ class Database:
             self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-m", "fast", "stop", check=False)
 
 
-def isolated_settings(bootstrap: str, database_url: str, prefix: str, **overrides: Any) -> Settings:
+def isolated_settings(
+    bootstrap: str, database_url: str, prefix: str, **overrides: Any
+) -> StackSettings:
     """Settings for one run against this machine's Tansu and Postgres: topics and consumer
     group of its own (nothing seen by another run), fresh signing and encryption keys, Tansu's
     limits respected (no idempotent producer; quick group joins)."""
@@ -240,4 +242,4 @@ def isolated_settings(bootstrap: str, database_url: str, prefix: str, **override
         "encryption_keys": f"e1={base64.b64encode(secrets.token_bytes(32)).decode()}",
     }
     values.update(overrides)
-    return load_settings(**values)
+    return load(StackSettings, **values)

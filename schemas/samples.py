@@ -11,7 +11,7 @@ from schemas.records import UTC_FORMAT
 
 
 def run_id(rng: random.Random | None = None) -> str:
-    pick = rng or random.Random()
+    pick = rng or random.Random()  # noqa: S311 - sample run ids, not secrets
     return "".join(pick.choice(string.ascii_uppercase + string.digits) for _ in range(16))
 
 

@@ -1,0 +1,71 @@
+"""Liveness, readiness (broker and database — never the upstream: the intake's job is to queue
+while the upstream is away), Prometheus, and the AsyncAPI document of the topics."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ingest import metrics
+from ingest.deps import ServicesDep
+from ledger import reads
+from schemas.api import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+async def readyz(svc: ServicesDep) -> JSONResponse:
+    checks: dict[str, str] = {}
+    try:
+        await reads.ping(svc.engine)
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unavailable: {type(exc).__name__}"
+    try:
+        await svc.kafka.ping()
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"unavailable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse(
+        Readiness(ready=ready, checks=checks).model_dump(), status_code=200 if ready else 503
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus(svc: ServicesDep) -> Response:
+    try:
+        open_holds, open_dead_letters = await reads.open_work(svc.engine)
+        metrics.HOLDS_OPEN.set(open_holds)
+        metrics.DEAD_LETTERS_OPEN.set(open_dead_letters)
+    except Exception:  # noqa: S110 - the other series are still worth serving
+        pass
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@cache
+def asyncapi() -> dict[str, Any]:
+    """docs/asyncapi.json, shipped inside the package as ingest/static/asyncapi.json."""
+    packaged = resources.files("ingest") / "static" / "asyncapi.json"
+    source = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.json"
+    text = packaged.read_text() if packaged.is_file() else source.read_text()
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+@router.get("/asyncapi.json", include_in_schema=False)
+async def asyncapi_document() -> JSONResponse:
+    return JSONResponse(asyncapi())

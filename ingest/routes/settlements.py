@@ -1,0 +1,332 @@
+"""The desks' routes (CONTRACT §3): submit one record or a batch, read a batch or a record.
+
+A desk sees only its own desk's batches and records (another desk's are 404, by the same query
+as one that does not exist), and only the contracts its token allows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter
+
+from ingest.acceptance import MAX_BATCH, accept
+from ingest.body import read_json
+from ingest.deps import PrincipalDep, ServicesDep, actor_of, require
+from ingest.problems import Problem, problem_responses
+from ledger import reads
+from schemas import samples
+from schemas.api import (
+    AcceptedMessage,
+    BatchAccepted,
+    BatchMessageState,
+    BatchStatus,
+    HistoryEntry,
+    MessageStatus,
+    SettlementAccepted,
+)
+from schemas.records import SourceRecord, iso_z
+
+router = APIRouter(tags=["settlements"])
+
+_RUN_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+MAX_ID = 64
+
+
+def run_id_header(request: Request) -> str:
+    run_id = request.headers.get("x-settlement-run-id")
+    if run_id is None:
+        raise Problem(
+            400,
+            "missing_header",
+            "X-Settlement-Run-ID header is required",
+            header="X-Settlement-Run-ID",
+        )
+    if len(run_id) != 16 or not set(run_id) <= _RUN_ID_CHARS:
+        raise Problem(
+            400,
+            "malformed_header",
+            "X-Settlement-Run-ID must match ^[A-Z0-9]{16}$",
+            header="X-Settlement-Run-ID",
+        )
+    return run_id
+
+
+def idempotency_header(request: Request, *, required: bool) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        if required:
+            raise Problem(
+                400,
+                "missing_header",
+                "Idempotency-Key header is required on batches",
+                header="Idempotency-Key",
+            )
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
+        raise Problem(
+            400,
+            "malformed_header",
+            "Idempotency-Key must be 1..255 printable chars",
+            header="Idempotency-Key",
+        )
+    return key
+
+
+def _record_examples() -> dict[str, Any]:
+    run = "RUN2026112700001"
+    return {
+        "canonical_real_time": {
+            "summary": "Canonical ISO real-time price (priority lane)",
+            "value": samples.canonical(run, "RT-PJM-000001"),
+        },
+        "iso_day_ahead_award": {
+            "summary": "ISO day-ahead award (PJM, hour ending 17)",
+            "value": samples.iso_award(run, "PJM-DA-000001"),
+        },
+        "otc_confirmation": {
+            "summary": "Bilateral OTC confirmation (sell 400 MWh)",
+            "value": samples.otc_confirmation(run, "OTC-TRADE-00077"),
+        },
+        "physical_nomination": {
+            "summary": "Gas nomination in MMBtu (NAESB gas day)",
+            "value": samples.gas_nomination(run, "GAS-NOM-000001"),
+        },
+    }
+
+
+def _openapi_body(batch: bool) -> dict[str, Any]:
+    record_schema = TypeAdapter(SourceRecord).json_schema(ref_template="#/$defs/{model}")
+    examples = _record_examples()
+    if batch:
+        schema: dict[str, Any] = {
+            "type": "object",
+            "required": ["records"],
+            "additionalProperties": False,
+            "properties": {
+                "records": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_BATCH,
+                    "items": record_schema,
+                }
+            },
+        }
+        examples = {
+            "every_kind": {
+                "summary": "One record of every kind",
+                "value": {"records": [e["value"] for e in examples.values()]},
+            }
+        }
+    else:
+        schema = record_schema
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema, "examples": examples}},
+        }
+    }
+
+
+RUN_ID_PARAM = {
+    "name": "X-Settlement-Run-ID",
+    "in": "header",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Z0-9]{16}$"},
+}
+
+
+def _idempotency_param(required: bool) -> dict[str, Any]:
+    return {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": required,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    }
+
+
+SUBMIT_PROBLEMS = problem_responses(400, 401, 403, 409, 413, 415, 422, 429, 503)
+READ_PROBLEMS = problem_responses(401, 403, 404, 429, 503)
+
+
+@router.post(
+    "/v1/settlements/sync",
+    status_code=202,
+    response_model=SettlementAccepted,
+    responses=SUBMIT_PROBLEMS,
+    openapi_extra={
+        **_openapi_body(batch=False),
+        "parameters": [RUN_ID_PARAM, _idempotency_param(False)],
+    },
+)
+async def sync_settlement(request: Request, svc: ServicesDep, who: PrincipalDep) -> JSONResponse:
+    require(who, "settlements:write")
+    run_id = run_id_header(request)
+    key = idempotency_header(request, required=False)
+    body = await read_json(request, svc.settings.max_body_bytes)
+    accepted = await accept(
+        svc,
+        who,
+        actor_of(request, who),
+        route="sync",
+        raw_records=[body],
+        key=key,
+        run_id=run_id,
+        trace_id=request.state.trace_id,
+    )
+    answer = SettlementAccepted(
+        message_id=accepted.envelopes[0].message_id,
+        trace_id=request.state.trace_id,
+        status_url=accepted.status_url,
+    )
+    return JSONResponse(
+        answer.model_dump(), status_code=202, headers={"Location": accepted.status_url}
+    )
+
+
+@router.post(
+    "/v1/settlements/batches",
+    status_code=202,
+    response_model=BatchAccepted,
+    responses=SUBMIT_PROBLEMS,
+    openapi_extra={
+        **_openapi_body(batch=True),
+        "parameters": [RUN_ID_PARAM, _idempotency_param(True)],
+    },
+)
+async def submit_batch(request: Request, svc: ServicesDep, who: PrincipalDep) -> JSONResponse:
+    require(who, "settlements:write")
+    run_id = run_id_header(request)
+    key = idempotency_header(request, required=True)
+    body = await read_json(request, svc.settings.max_body_bytes)
+    if not isinstance(body, dict) or "records" not in body:
+        raise Problem(
+            422,
+            "schema_violation",
+            "body must be an object with `records`",
+            errors=[
+                {
+                    "index": None,
+                    "field": "records",
+                    "pointer": "/records",
+                    "message": "field required",
+                }
+            ],
+        )
+    extra = sorted(set(body) - {"records"})
+    if extra:
+        raise Problem(
+            422,
+            "schema_violation",
+            f"unknown field(s): {', '.join(extra)}",
+            errors=[
+                {
+                    "index": None,
+                    "field": f,
+                    "pointer": f"/{f}",
+                    "message": "extra fields not permitted",
+                }
+                for f in extra
+            ],
+        )
+    records = body["records"]
+    if not isinstance(records, list) or not 1 <= len(records) <= MAX_BATCH:
+        raise Problem(
+            422,
+            "schema_violation",
+            f"records must be a list of 1..{MAX_BATCH} records",
+            errors=[
+                {
+                    "index": None,
+                    "field": "records",
+                    "pointer": "/records",
+                    "message": f"1..{MAX_BATCH} records",
+                }
+            ],
+        )
+    accepted = await accept(
+        svc,
+        who,
+        actor_of(request, who),
+        route="batch",
+        raw_records=records,
+        key=key,
+        run_id=run_id,
+        trace_id=request.state.trace_id,
+    )
+    answer = BatchAccepted(
+        batch_id=accepted.batch_id,
+        accepted=len(accepted.envelopes),
+        messages=[
+            AcceptedMessage(index=i, message_id=e.message_id)
+            for i, e in enumerate(accepted.envelopes)
+        ],
+        status_url=accepted.status_url,
+        trace_id=request.state.trace_id,
+    )
+    return JSONResponse(
+        answer.model_dump(), status_code=202, headers={"Location": accepted.status_url}
+    )
+
+
+def _desk_filter(who: Any) -> str | None:
+    return None if who.is_operator else who.desk
+
+
+@router.get("/v1/batches/{batch_id}", response_model=BatchStatus, responses=READ_PROBLEMS)
+async def read_batch(batch_id: str, svc: ServicesDep, who: PrincipalDep) -> BatchStatus:
+    require(who, "settlements:read")
+    batch = (
+        await reads.get_batch(svc.engine, batch_id, _desk_filter(who))
+        if len(batch_id) <= MAX_ID
+        else None
+    )
+    if batch is None:
+        raise Problem(404, "not_found", "no such batch")
+    messages = [
+        BatchMessageState(index=r.index, message_id=r.message_id, state=r.state)
+        for r in batch.records
+        if who.may_touch_contract(r.contract_id)
+    ]
+    counts: dict[str, int] = {}
+    for m in messages:
+        counts[m.state] = counts.get(m.state, 0) + 1
+    return BatchStatus(
+        batch_id=batch.batch_id,
+        desk=batch.desk,
+        settlement_run_id=batch.settlement_run_id,
+        created_at=iso_z(batch.created_at),
+        counts=counts,
+        messages=messages,
+    )
+
+
+@router.get("/v1/settlements/{message_id}", response_model=MessageStatus, responses=READ_PROBLEMS)
+async def read_message(message_id: str, svc: ServicesDep, who: PrincipalDep) -> MessageStatus:
+    require(who, "settlements:read")
+    message = (
+        await reads.get_message(svc.engine, message_id, _desk_filter(who))
+        if len(message_id) <= MAX_ID
+        else None
+    )
+    if message is None or not who.may_touch_contract(message.contract_id):
+        raise Problem(404, "not_found", "no such message")
+    return MessageStatus(
+        message_id=message.message_id,
+        batch_id=message.batch_id,
+        desk=message.desk,
+        settlement_run_id=message.settlement_run_id,
+        contract_id=message.contract_id,
+        revision=message.revision,
+        state=message.state,
+        attempts=message.attempts,
+        upstream_transaction_id=message.upstream_transaction_id,
+        last_error=message.last_error,
+        trace_id=message.trace_id,
+        parked_behind=message.parked_behind_dead_letter,
+        history=[
+            HistoryEntry(state=h.state, at=iso_z(h.at), detail=h.detail) for h in message.history
+        ],
+    )

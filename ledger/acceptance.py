@@ -1,0 +1,461 @@
+"""Accepting a desk's request: one transaction before the publish, one after it.
+
+Rules kept here (CONTRACT §3, issue #6 I2):
+- before anything reaches Kafka, the ledger holds the request as `pending`: its batch, its
+  records (one accepted record per settlement identity and revision: a conflicting one is
+  refused by the database, also between two requests racing each other) and its
+  Idempotency-Key; so a worker that reads a copy always finds its record, and waits while it
+  is pending;
+- after the broker acknowledged every record, `complete` turns the request `accepted` and its
+  records `queued` — only then is 202 answered; a request whose publish failed is `aborted`
+  (503): its records are never delivered, whatever copies reached the broker, until a retry
+  accepts them again;
+- a pending request is aborted by whoever finds it past its lease (the intake that died, or the
+  broker that stalled, never answered 202 for it); `complete` and `abort` meet on the batch
+  row, so exactly one of them wins;
+- a record already accepted by an earlier request is not published again: the new request
+  names it and is answered at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ledger import audit
+from ledger.rows import Actor, AuditEvent
+from ledger.crypto import PayloadCipher
+from schemas.states import BatchState, MessageState
+
+
+@dataclass(frozen=True, slots=True)
+class RecordToAccept:
+    index: int
+    message_id: str
+    identity: str
+    contract_id: str
+    market: str
+    revision: int
+    topic: str
+    position_mwh: str
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One desk request as the ledger records it."""
+
+    batch_id: str
+    desk: str
+    trader: str
+    settlement_run_id: str
+    idempotency_key: str
+    request_hash: str
+    trace_id: str
+    resource_kind: str  # 'batch' | 'message'
+    resource_id: str
+    status_url: str
+    records: Sequence[RecordToAccept]
+    pending_lease_s: float
+    key_lease_s: float
+
+    @property
+    def unique(self) -> list[RecordToAccept]:
+        """Each message once (the same record twice in one request is one message)."""
+        return list({r.message_id: r for r in self.records}.values())
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHeld:
+    """The Idempotency-Key is held by another request, finished or still in flight."""
+
+    state: str
+    request_hash: str
+    resource_kind: str | None
+    resource_id: str | None
+    status_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RevisionConflict:
+    index: int
+    conflicting_message_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """A record of this request is being accepted by another request right now."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """The request is recorded as pending; publish `to_publish`, then `complete`."""
+
+    to_publish: list[RecordToAccept]
+
+
+Begun = Pending | KeyHeld | RevisionConflict | Busy
+
+
+async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Begun:
+    try:
+        async with engine.begin() as conn:
+            held = await _take_key(conn, req)
+            if held is not None:
+                return held
+            await conn.execute(
+                text(
+                    """
+                    INSERT INTO batches (batch_id, desk, trader, settlement_run_id,
+                        idempotency_key, record_count, trace_id, state, pending_until)
+                    VALUES (:batch, :desk, :trader, :run, :key, :count, :trace, 'pending',
+                            now() + make_interval(secs => :lease))
+                    """
+                ),
+                {
+                    "batch": req.batch_id,
+                    "desk": req.desk,
+                    "trader": req.trader,
+                    "run": req.settlement_run_id,
+                    "key": req.idempotency_key,
+                    "count": len(req.records),
+                    "trace": req.trace_id,
+                    "lease": req.pending_lease_s,
+                },
+            )
+            await conn.execute(
+                text(
+                    """
+                    INSERT INTO batch_messages (batch_id, idx, message_id)
+                    SELECT :batch, idx, message_id
+                      FROM unnest(CAST(:idx AS int[]), CAST(:ids AS text[])) AS t(idx, message_id)
+                    """
+                ),
+                {
+                    "batch": req.batch_id,
+                    "idx": [r.index for r in req.records],
+                    "ids": [r.message_id for r in req.records],
+                },
+            )
+            pending = await _insert_pending(conn, req, cipher)
+            unique = req.unique
+            others = [r.message_id for r in unique if r.message_id not in pending]
+            if others:
+                await _refuse_if_pending_elsewhere(conn, others)
+            return Pending([r for r in unique if r.message_id in pending])
+    except _PendingElsewhere as busy:
+        if busy.expired:
+            async with engine.begin() as conn:
+                await _abort_batches(conn, busy.expired, expired_only=True)
+        return Busy(busy.wait_s)
+    except IntegrityError as exc:
+        if "messages_identity_revision" not in str(exc.orig):
+            raise
+    return await _conflict(engine, req)
+
+
+async def _take_key(conn: AsyncConnection, req: Request) -> KeyHeld | None:
+    taken = (
+        await conn.execute(
+            text(
+                """
+                WITH previous AS (
+                    SELECT batch_id FROM idempotency_keys
+                     WHERE desk = :desk AND key = :key FOR UPDATE
+                )
+                INSERT INTO idempotency_keys (desk, key, request_hash, state, lease_until,
+                                              batch_id)
+                VALUES (:desk, :key, :hash, 'in_flight',
+                        now() + make_interval(secs => :lease), :batch)
+                ON CONFLICT (desk, key) DO UPDATE
+                   SET request_hash = EXCLUDED.request_hash,
+                       lease_until = EXCLUDED.lease_until,
+                       batch_id = EXCLUDED.batch_id,
+                       created_at = now()
+                 WHERE idempotency_keys.state = 'in_flight'
+                   AND idempotency_keys.lease_until < now()
+                RETURNING (SELECT batch_id FROM previous) AS previous_batch
+                """
+            ),
+            {
+                "desk": req.desk,
+                "key": req.idempotency_key,
+                "hash": req.request_hash,
+                "lease": req.key_lease_s,
+                "batch": req.batch_id,
+            },
+        )
+    ).first()
+    if taken is not None:
+        if taken.previous_batch:
+            # The key's earlier holder died mid-request: its acceptance can never complete.
+            await _abort_batches(conn, [taken.previous_batch], expired_only=False)
+        return None
+    row = (
+        await conn.execute(
+            text(
+                "SELECT state, request_hash, resource_kind, resource_id, status_url "
+                "FROM idempotency_keys WHERE desk = :desk AND key = :key"
+            ),
+            {"desk": req.desk, "key": req.idempotency_key},
+        )
+    ).one()
+    return KeyHeld(*row)
+
+
+async def _insert_pending(conn: AsyncConnection, req: Request, cipher: PayloadCipher) -> set[str]:
+    """New records, and records of an aborted acceptance, become pending under this request;
+    returns their ids. Records already accepted (or pending elsewhere) are left alone."""
+    unique = req.unique
+    rows = await conn.execute(
+        text(
+            """
+            INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id,
+                    contract_id, market, identity_hash, revision, topic, state, publication,
+                    publication_kind, accept_seq, pending_until, submitted_position_mwh,
+                    payload, payload_kid, trace_id)
+                SELECT t.message_id, :desk, :trader, :batch, :run, t.contract_id, t.market,
+                       t.identity_hash, t.revision, t.topic, 'pending', :batch, 'intake',
+                       nextval('message_accept_seq'),
+                       now() + make_interval(secs => :lease), t.position, t.payload, :kid,
+                       :trace
+                  FROM (SELECT * FROM unnest(
+                            CAST(:ids AS text[]), CAST(:contracts AS text[]),
+                            CAST(:markets AS text[]), CAST(:identities AS text[]),
+                            CAST(:revisions AS int[]), CAST(:topics AS text[]),
+                            CAST(:positions AS numeric[]), CAST(:payloads AS bytea[]))
+                            WITH ORDINALITY
+                            AS u(message_id, contract_id, market, identity_hash, revision,
+                                 topic, position, payload, ord)
+                         ORDER BY ord) t
+            ON CONFLICT (message_id) DO UPDATE
+               SET state = 'pending', publication = EXCLUDED.publication,
+                   publication_kind = 'intake', accept_seq = EXCLUDED.accept_seq,
+                   pending_until = EXCLUDED.pending_until, batch_id = EXCLUDED.batch_id,
+                   trader = EXCLUDED.trader, trace_id = EXCLUDED.trace_id,
+                   topic = EXCLUDED.topic, payload = EXCLUDED.payload,
+                   payload_kid = EXCLUDED.payload_kid, updated_at = now()
+             WHERE messages.state = 'aborted'
+            RETURNING message_id
+            """
+        ),
+        {
+            "desk": req.desk,
+            "trader": req.trader,
+            "batch": req.batch_id,
+            "run": req.settlement_run_id,
+            "trace": req.trace_id,
+            "lease": req.pending_lease_s,
+            "ids": [r.message_id for r in unique],
+            "contracts": [r.contract_id for r in unique],
+            "markets": [r.market for r in unique],
+            "identities": [r.identity for r in unique],
+            "revisions": [r.revision for r in unique],
+            "topics": [r.topic for r in unique],
+            "positions": [Decimal(r.position_mwh) for r in unique],
+            "payloads": [cipher.seal(r.value, r.message_id) for r in unique],
+            "kid": cipher.active_kid,
+        },
+    )
+    return {row.message_id for row in rows}
+
+
+class _PendingElsewhere(Exception):
+    """Rolls back this attempt: another request is accepting some of the same records."""
+
+    def __init__(self, expired: list[str], wait_s: float) -> None:
+        super().__init__("records pending under another request")
+        self.expired, self.wait_s = expired, wait_s
+
+
+async def _refuse_if_pending_elsewhere(conn: AsyncConnection, message_ids: list[str]) -> None:
+    """Records another request is accepting right now: wait for it (it will not take long),
+    unless it overstayed its lease, in which case it is aborted and this request retries."""
+    rows = (
+        await conn.execute(
+            text(
+                """
+                SELECT publication, extract(epoch FROM pending_until - now()) AS left_s
+                  FROM messages
+                 WHERE message_id = ANY(CAST(:ids AS text[])) AND state = 'pending'
+                """
+            ),
+            {"ids": message_ids},
+        )
+    ).all()
+    if rows:
+        expired = sorted({r.publication for r in rows if r.left_s <= 0})
+        wait = 0.0 if expired else min(0.05, float(min(r.left_s for r in rows)))
+        raise _PendingElsewhere(expired, wait)
+
+
+async def _conflict(engine: AsyncEngine, req: Request) -> RevisionConflict:
+    """Which record of the request collides with another record's identity and revision."""
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    """
+                    SELECT i.ord, m.message_id
+                      FROM unnest(CAST(:identities AS text[]), CAST(:revisions AS int[]),
+                                  CAST(:ids AS text[])) WITH ORDINALITY
+                           AS i(identity_hash, revision, message_id, ord)
+                      JOIN messages m ON m.identity_hash = i.identity_hash
+                                     AND m.revision = i.revision
+                                     AND m.message_id <> i.message_id
+                                     AND m.state <> 'aborted'
+                     ORDER BY i.ord LIMIT 1
+                    """
+                ),
+                {
+                    "identities": [r.identity for r in req.records],
+                    "revisions": [r.revision for r in req.records],
+                    "ids": [r.message_id for r in req.records],
+                },
+            )
+        ).first()
+    if rows is None:  # the other request aborted meanwhile; the desk may simply retry
+        return RevisionConflict(req.records[0].index, None)
+    return RevisionConflict(req.records[rows.ord - 1].index, rows.message_id)
+
+
+async def complete(engine: AsyncEngine, req: Request, actor: Actor, new: int) -> bool:
+    """The broker acknowledged every record: accepted. False when the request was aborted
+    meanwhile (it overstayed its lease), in which case it must be answered 503."""
+    async with engine.begin() as conn:
+        won = (
+            await conn.execute(
+                text(
+                    """
+                    UPDATE batches SET state = 'accepted', accepted_at = now(),
+                                       pending_until = NULL
+                     WHERE batch_id = :batch AND state = 'pending'
+                    RETURNING 1
+                    """
+                ),
+                {"batch": req.batch_id},
+            )
+        ).first()
+        if won is None:
+            return False
+        await conn.execute(
+            text(
+                """
+                UPDATE messages SET state = 'queued', queued_at = now(), pending_until = NULL,
+                                    updated_at = now()
+                 WHERE publication = :batch AND state = 'pending'
+                """
+            ),
+            {"batch": req.batch_id},
+        )
+        await conn.execute(
+            text(
+                """
+                UPDATE idempotency_keys
+                   SET state = 'completed', resource_kind = :kind, resource_id = :rid,
+                       status_url = :url, completed_at = now()
+                 WHERE desk = :desk AND key = :key AND batch_id = :batch
+                """
+            ),
+            {
+                "kind": req.resource_kind,
+                "rid": req.resource_id,
+                "url": req.status_url,
+                "desk": req.desk,
+                "key": req.idempotency_key,
+                "batch": req.batch_id,
+            },
+        )
+        await audit.append(
+            conn,
+            [
+                AuditEvent(
+                    actor,
+                    "batch.accepted",
+                    state=MessageState.QUEUED,
+                    batch_id=req.batch_id,
+                    detail=f"{len(req.records)} record(s) accepted, {new} new",
+                )
+            ],
+        )
+        return True
+
+
+async def abort(engine: AsyncEngine, req: Request) -> bool:
+    """The broker did not acknowledge: nothing of the request will ever be delivered. False
+    when it had been accepted already (its `complete` committed)."""
+    async with engine.begin() as conn:
+        aborted = await _abort_batches(conn, [req.batch_id], expired_only=False)
+        await conn.execute(
+            text(
+                "DELETE FROM idempotency_keys WHERE desk = :desk AND key = :key "
+                "AND batch_id = :batch AND state = 'in_flight'"
+            ),
+            {"desk": req.desk, "key": req.idempotency_key, "batch": req.batch_id},
+        )
+    if aborted:
+        return True
+    return await state_of(engine, req.batch_id) != BatchState.ACCEPTED
+
+
+async def state_of(engine: AsyncEngine, batch_id: str) -> BatchState | None:
+    async with engine.connect() as conn:
+        state = await conn.scalar(
+            text("SELECT state FROM batches WHERE batch_id = :batch"), {"batch": batch_id}
+        )
+    return BatchState(state) if state else None
+
+
+async def _abort_batches(
+    conn: AsyncConnection, batch_ids: Sequence[str], *, expired_only: bool
+) -> list[str]:
+    rows = await conn.execute(
+        text(
+            f"""
+            WITH gone AS (
+                UPDATE batches SET state = 'aborted', pending_until = NULL
+                 WHERE batch_id = ANY(CAST(:ids AS text[])) AND state = 'pending'
+                   {"AND pending_until < now()" if expired_only else ""}
+                RETURNING batch_id
+            ),
+            records AS (
+                UPDATE messages m SET state = 'aborted', pending_until = NULL, updated_at = now()
+                  FROM gone WHERE m.publication = gone.batch_id AND m.state = 'pending'
+            ),
+            keys AS (
+                DELETE FROM idempotency_keys k USING gone
+                 WHERE k.batch_id = gone.batch_id AND k.state = 'in_flight'
+            )
+            SELECT batch_id FROM gone
+            """
+        ),
+        {"ids": list(batch_ids)},
+    )
+    return [r.batch_id for r in rows]
+
+
+async def sweep_expired(engine: AsyncEngine, limit: int = 500) -> int:
+    """Abort requests pending past their lease: their intake died or stalled and never
+    answered 202, so their records must never be delivered (a retry may accept them again)."""
+    async with engine.begin() as conn:
+        expired = [
+            r.batch_id
+            for r in await conn.execute(
+                text(
+                    "SELECT batch_id FROM batches WHERE state = 'pending' "
+                    "AND pending_until < now() ORDER BY pending_until LIMIT :limit "
+                    "FOR UPDATE SKIP LOCKED"
+                ),
+                {"limit": limit},
+            )
+        ]
+        if not expired:
+            return 0
+        return len(await _abort_batches(conn, expired, expired_only=True))

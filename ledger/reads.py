@@ -1,0 +1,160 @@
+"""What desks and operators read about batches and records. A request that was not answered
+202 (pending or aborted) does not exist for a reader (CONTRACT §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from schemas.states import MessageState, sql_values
+
+_HIDDEN = sql_values(frozenset({MessageState.PENDING, MessageState.ABORTED}))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    index: int
+    message_id: str
+    state: MessageState
+    contract_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    batch_id: str
+    desk: str
+    settlement_run_id: str
+    created_at: datetime
+    records: list[BatchRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    state: str
+    at: datetime
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    message_id: str
+    batch_id: str | None
+    desk: str
+    settlement_run_id: str
+    contract_id: str
+    revision: int
+    state: MessageState
+    attempts: int
+    upstream_transaction_id: str | None
+    last_error: str | None
+    trace_id: str
+    dead_letter_id: str | None
+    parked_behind_dead_letter: str | None
+    history: list[HistoryRow]
+
+
+async def get_batch(engine: AsyncEngine, batch_id: str, desk: str | None) -> Batch | None:
+    """An accepted batch; `desk` limits it to that desk's batches (None: any desk), in the same
+    query, so "not yours" and "does not exist" take the same path."""
+    async with engine.connect() as conn:
+        batch = (
+            await conn.execute(
+                text(
+                    "SELECT batch_id, desk, settlement_run_id, created_at FROM batches "
+                    "WHERE batch_id = :id AND state = 'accepted' "
+                    "AND (CAST(:desk AS text) IS NULL OR desk = :desk)"
+                ),
+                {"id": batch_id, "desk": desk},
+            )
+        ).first()
+        if batch is None:
+            return None
+        rows = await conn.execute(
+            text(
+                """
+                SELECT b.idx, b.message_id, m.state, m.contract_id
+                  FROM batch_messages b JOIN messages m USING (message_id)
+                 WHERE b.batch_id = :id ORDER BY b.idx
+                """
+            ),
+            {"id": batch_id},
+        )
+        records = [BatchRecord(idx, mid, MessageState(state), c) for idx, mid, state, c in rows]
+    return Batch(batch.batch_id, batch.desk, batch.settlement_run_id, batch.created_at, records)
+
+
+async def get_message(engine: AsyncEngine, message_id: str, desk: str | None) -> Message | None:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    f"""
+                    SELECT m.message_id, m.batch_id, m.desk, m.settlement_run_id,
+                           m.contract_id, m.revision, m.state, m.attempts,
+                           m.upstream_transaction_id, m.last_error, m.trace_id,
+                           m.dead_letter_id,
+                           CASE WHEN m.state = 'parked' THEN h.dead_letter_id END AS behind
+                      FROM messages m LEFT JOIN messages h ON h.message_id = m.parked_behind
+                     WHERE m.message_id = :id AND m.state NOT IN {_HIDDEN}
+                       AND (CAST(:desk AS text) IS NULL OR m.desk = :desk)
+                    """
+                ),
+                {"id": message_id, "desk": desk},
+            )
+        ).first()
+        if row is None:
+            return None
+        # The record's own events, and the acceptance of the request that queued it.
+        events = await conn.execute(
+            text(
+                """
+                SELECT state, at, detail FROM (
+                    SELECT id, state, at, detail FROM audit_log
+                     WHERE message_id = :id AND state IS NOT NULL
+                    UNION ALL
+                    SELECT id, 'queued', at, detail FROM audit_log
+                     WHERE batch_id = :batch AND action = 'batch.accepted'
+                ) h ORDER BY id
+                """
+            ),
+            {"id": message_id, "batch": row.batch_id},
+        )
+        history = [HistoryRow(s, at, d) for s, at, d in events]
+    return Message(
+        row.message_id,
+        row.batch_id,
+        row.desk,
+        row.settlement_run_id,
+        row.contract_id,
+        row.revision,
+        MessageState(row.state),
+        row.attempts,
+        row.upstream_transaction_id,
+        row.last_error,
+        row.trace_id,
+        row.dead_letter_id,
+        row.behind,
+        history,
+    )
+
+
+async def open_work(engine: AsyncEngine) -> tuple[int, int]:
+    """Holds awaiting review and dead letters not yet dealt with."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM holds WHERE state = 'open'), "
+                    "(SELECT count(*) FROM dead_letters WHERE status = 'open')"
+                )
+            )
+        ).one()
+        return int(row[0]), int(row[1])
+
+
+async def ping(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))

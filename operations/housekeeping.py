@@ -1,0 +1,147 @@
+"""The loops every intake and worker runs beside its main job, so that nothing depends on one
+particular process being alive:
+
+- the audit sequencer (one at a time, whoever takes the turn) and signed checkpoints;
+- aborting acceptances pending past their lease (their intake never answered 202);
+- the dead-letter outbox;
+- replays and continuations that are approved, or whose runner died;
+- parked records whose contract has nothing open any more.
+
+Each loop survives any error (a database or broker outage is waited out, logged once a round).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger import acceptance, audit
+from ledger import reconciliation as recon
+from ledger.crypto import PayloadCipher
+from ledger.rows import Actor
+from operations.outbox import publish_dead_letters
+from operations.publishing import Republisher
+from runtime.kafka import KafkaPublisher
+
+log = structlog.get_logger("etrm.housekeeping")
+
+
+@dataclass(frozen=True, slots=True)
+class Intervals:
+    sequencer_s: float = 0.5
+    sweeper_s: float = 2.0
+    outbox_s: float = 1.0
+    republisher_s: float = 2.0
+    continuation_s: float = 2.0
+    checkpoint_s: float = 300.0
+
+
+class Housekeeping:
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        cipher: PayloadCipher,
+        publisher: KafkaPublisher,
+        republisher: Republisher,
+        reconciliation_topic: str,
+        actor: Actor,
+        audit_signer: Ed25519PrivateKey | None = None,
+        intervals: Intervals | None = None,
+    ) -> None:
+        self.engine = engine
+        self.cipher = cipher
+        self.publisher = publisher
+        self.republisher = republisher
+        self.topic = reconciliation_topic
+        self.actor = actor
+        self.signer = audit_signer
+        self.every = intervals or Intervals()
+        self.stop_event = asyncio.Event()
+        self.outbox_nudge = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loops: list[tuple[str, float, Callable[[], Awaitable[object]], asyncio.Event | None]] = [
+            ("audit_sequencer", self.every.sequencer_s, self.sequence, None),
+            ("acceptance_sweeper", self.every.sweeper_s, self.sweep, None),
+            ("dead_letter_outbox", self.every.outbox_s, self.outbox, self.outbox_nudge),
+            ("republisher", self.every.republisher_s, self.republish, None),
+            ("continuations", self.every.continuation_s, self.continuations, None),
+        ]
+        if self.signer is not None:
+            loops.append(("audit_checkpoints", self.every.checkpoint_s, self.checkpoint, None))
+        self.tasks = [
+            asyncio.create_task(self._loop(name, every, work, nudge), name=name)
+            for name, every, work, nudge in loops
+        ]
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _loop(
+        self,
+        name: str,
+        every: float,
+        work: Callable[[], Awaitable[object]],
+        nudge: asyncio.Event | None,
+    ) -> None:
+        failures = 0
+        while not self.stop_event.is_set():
+            try:
+                await work()
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                if failures == 1 or failures % 30 == 0:
+                    log.warning("housekeeping_failed", loop=name, error=type(exc).__name__)
+            wait = every if failures == 0 else min(every * (1 + failures), 10.0)
+            waits = [self.stop_event.wait()] + ([nudge.wait()] if nudge else [])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_first(*waits), wait)
+            if nudge is not None:
+                nudge.clear()
+
+    async def sequence(self) -> None:
+        await audit.sequence_all(self.engine)
+
+    async def checkpoint(self) -> None:
+        assert self.signer is not None
+        seq = await audit.write_checkpoint(self.engine, self.signer)
+        log.info("audit_checkpoint", seq=seq)
+
+    async def sweep(self) -> None:
+        aborted = await acceptance.sweep_expired(self.engine)
+        if aborted:
+            log.warning("acceptances_aborted_past_lease", batches=aborted)
+
+    async def outbox(self) -> None:
+        while await publish_dead_letters(self.engine, self.cipher, self.publisher, self.topic):
+            pass
+
+    async def republish(self) -> None:
+        await self.republisher.run_runnable(self.actor, stop=self.stop_event)
+
+    async def continuations(self) -> None:
+        job_id = f"replay_cont_{uuid.uuid4().hex}"
+        if await recon.continue_parked(self.engine, job_id, self.actor):
+            await self.republisher.run(job_id, self.actor, stop=self.stop_event)
+
+
+async def _first(*waits: Awaitable[object]) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

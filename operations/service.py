@@ -1,0 +1,191 @@
+"""What operators do — replay dead letters, discard them, release or reject holds — as one
+service, so the HTTP API and the command line cannot drift apart.
+
+Rules kept here:
+- a replay republishes the original record with its original message id (the ledger and the
+  upstream's Idempotency-Key make a second effect impossible), in the order the records were
+  first accepted; a stale revision ends `superseded`;
+- a replay of more than ETRM_REPLAY_APPROVAL_THRESHOLD records, or of more than one desk's
+  records, waits for a second operator (four eyes, by subject, case-insensitively);
+- a dead letter belongs to one replay at a time; racing operators get "nothing to replay";
+- discarding a dead letter closes it without delivery; with contract sequencing the records
+  parked behind it continue, in order.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger import reconciliation as recon
+from ledger.crypto import PayloadCipher
+from ledger.rows import Actor
+from operations.publishing import Progress, Republisher
+
+log = structlog.get_logger("etrm.ops")
+
+
+class OperationRefused(Exception):
+    """An operator action that cannot take effect; `code` says why (the API maps it)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRequested:
+    replay_id: str
+    state: str
+    count: int
+    needs_approval: bool
+    desks: list[str]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class Operations:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        cipher: PayloadCipher,
+        republisher: Republisher,
+        *,
+        approval_threshold: int,
+    ) -> None:
+        self.engine = engine
+        self.cipher = cipher
+        self.republisher = republisher
+        self.approval_threshold = approval_threshold
+
+    # -- replay --------------------------------------------------------------------------------
+
+    async def preview_replay(
+        self, *, message_ids: Sequence[str] | None, where: recon.DeadLetterFilter | None
+    ) -> dict[str, Any]:
+        items = await recon.replay_candidates(self.engine, message_ids=message_ids, where=where)
+        desks = sorted({i.desk for i in items})
+        return {
+            "dry_run": True,
+            "count": len(items),
+            "needs_approval": len(items) > self.approval_threshold or len(desks) > 1,
+            "desks": desks,
+            "items": [
+                {
+                    "dead_letter_id": i.dead_letter_id,
+                    "message_id": i.message_id,
+                    "desk": i.desk,
+                    "contract_id": i.contract_id,
+                    "reason": i.reason,
+                }
+                for i in items
+            ],
+        }
+
+    async def request_replay(
+        self,
+        actor: Actor,
+        *,
+        message_ids: Sequence[str] | None,
+        where: recon.DeadLetterFilter | None,
+        reason: str,
+    ) -> ReplayRequested:
+        candidates = await recon.replay_candidates(
+            self.engine, message_ids=message_ids, where=where
+        )
+        replay_id = new_id("replay")
+        items, needs_approval = await recon.create_replay(
+            self.engine,
+            replay_id=replay_id,
+            reason=reason,
+            actor=actor,
+            candidates=candidates,
+            approval_threshold=self.approval_threshold,
+        )
+        if not items:
+            raise OperationRefused("nothing_to_replay", "no open, replayable dead letters match")
+        state = "pending_approval" if needs_approval else "approved"
+        log.info(
+            "replay_requested",
+            replay_id=replay_id,
+            operator=actor.name,
+            count=len(items),
+            needs_approval=needs_approval,
+        )
+        return ReplayRequested(
+            replay_id, state, len(items), needs_approval, sorted({i.desk for i in items})
+        )
+
+    async def approve_replay(self, replay_id: str, actor: Actor, reason: str | None) -> None:
+        try:
+            await recon.approve_replay(self.engine, replay_id, actor, reason)
+        except recon.Refused as exc:
+            raise OperationRefused(exc.code, exc.detail) from None
+        log.info("replay_approved", replay_id=replay_id, operator=actor.name)
+
+    async def run_replay(
+        self, replay_id: str, actor: Actor, progress: Progress | None = None
+    ) -> bool:
+        return await self.republisher.run(replay_id, actor, progress)
+
+    async def resume_replays(self, actor: Actor) -> int:
+        return await self.republisher.run_runnable(actor)
+
+    # -- discard ---------------------------------------------------------------------------------
+
+    async def discard(self, dead_letter_id: str, actor: Actor, reason: str) -> dict[str, Any]:
+        try:
+            closed = await recon.discard(self.engine, dead_letter_id, actor, reason)
+        except recon.Refused as exc:
+            raise OperationRefused(exc.code, exc.detail) from None
+        # Records parked behind it (contract sequencing) go on now, in order; their copies are
+        # published by whoever runs the continuation (the caller at once, housekeeping else).
+        job_id = new_id("replay_cont")
+        continued = await recon.continue_parked(self.engine, job_id, actor)
+        log.info(
+            "dead_letter_discarded",
+            dead_letter_id=dead_letter_id,
+            operator=actor.name,
+            continued=continued,
+        )
+        return {
+            "dead_letter_id": dead_letter_id,
+            "message_id": closed["message_id"],
+            "status": "discarded",
+            "continued": continued,
+            "continuation_id": job_id if continued else None,
+        }
+
+    # -- holds ---------------------------------------------------------------------------------
+
+    async def decide_hold(
+        self, hold_id: str, decision: str, actor: Actor, reason: str
+    ) -> dict[str, Any]:
+        try:
+            result = await recon.decide_hold(
+                self.engine,
+                hold_id,
+                decision,
+                actor,
+                reason,
+                self.cipher,
+                new_id("dl"),
+                self.republisher.sign,
+            )
+        except recon.Refused as exc:
+            raise OperationRefused(exc.code, exc.detail) from None
+        log.info("hold_decided", hold_id=hold_id, decision=decision, operator=actor.name)
+        return result
+
+
+def operator_actor(
+    name: str, desk: str = "ops", token_id: str | None = None, address: str | None = None
+) -> Actor:
+    return Actor("operator", name, desk, token_id or uuid.uuid4().hex, address)

@@ -1,0 +1,214 @@
+"""The one composition root: real adapters (database engine, Kafka, JWKS verifier, upstream
+client) built from each process's settings and handed to the intake, the worker and the
+operator's commands ready-made. Nothing else builds them, and nothing imports this module but
+the command line and the tools that start processes (tests, dev stack, bench)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+
+from fastapi import FastAPI
+
+from ingest.app import create_app
+from ingest.auth import JwksKeys, TokenVerifier
+from ingest.deps import IntakeServices
+from ingest.limits import DeskRateLimiter, FailureAlarm
+from ingest.publisher import SettlementPublisher
+from ledger.crypto import PayloadCipher
+from ledger.db import ensure_schema_current, make_engine
+from ledger.delivery import DeliveryStore
+from ledger.rows import Actor
+from operations.housekeeping import Housekeeping, Intervals
+from operations.publishing import Republisher
+from operations.service import Operations
+from runtime.kafka import KafkaPublisher, ensure_topics
+from runtime.settings import IntakeSettings, KafkaSettings, OperatorSettings, WorkerSettings
+from workers.app import WorkerParts, serve
+from workers.core import Policy
+from workers.pipeline import Pipeline
+from workers.slots import LaneSlots
+from workers.upstream import HttpPool, TokenProvider, TokenUnavailable, UpstreamClient
+
+
+def process_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def _topics(settings: KafkaSettings) -> None:
+    await ensure_topics(
+        settings.kafka_bootstrap_servers, settings.all_topics, settings.kafka_partitions
+    )
+
+
+def _housekeeping(
+    settings: IntakeSettings | WorkerSettings | OperatorSettings,
+    engine: object,
+    cipher: PayloadCipher,
+    kafka: KafkaPublisher,
+    republisher: Republisher,
+    actor: Actor,
+) -> Housekeeping:
+    return Housekeeping(
+        engine=engine,  # type: ignore[arg-type]
+        cipher=cipher,
+        publisher=kafka,
+        republisher=republisher,
+        reconciliation_topic=settings.topic_reconciliation,
+        actor=actor,
+        audit_signer=settings.audit_signer(),
+        intervals=Intervals(checkpoint_s=settings.audit_checkpoint_interval_s),
+    )
+
+
+# -- intake ---------------------------------------------------------------------------------
+
+
+async def intake_services(settings: IntakeSettings) -> IntakeServices:
+    engine = make_engine(settings.database_url, settings.database_pool_size)
+    await ensure_schema_current(engine)
+    # The broker may come later; /readyz reports it meanwhile and the worker creates topics too.
+    with contextlib.suppress(Exception):
+        await _topics(settings)
+    kafka = KafkaPublisher(settings)
+    await kafka.start()
+    cipher = PayloadCipher(settings.encryption_keyring())
+    signing_key = settings.signing_keys()[0]
+    republisher = Republisher(engine, kafka, cipher, signing_key)
+    actor = Actor("system", f"intake {process_name()}")
+    default_rate, desk_rates = settings.desk_rates()
+    return IntakeServices(
+        settings=settings,
+        engine=engine,
+        kafka=kafka,
+        publisher=SettlementPublisher(kafka, settings.lanes, signing_key),
+        cipher=cipher,
+        verifier=TokenVerifier(
+            JwksKeys(settings.jwks_url, cooldown_s=settings.jwks_refresh_cooldown_s),
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            leeway_s=settings.jwt_leeway_s,
+        ),
+        operations=Operations(
+            engine, cipher, republisher, approval_threshold=settings.replay_approval_threshold
+        ),
+        rate_limiter=DeskRateLimiter(default_rate, desk_rates),
+        alarm=FailureAlarm(),
+        housekeeping=_housekeeping(settings, engine, cipher, kafka, republisher, actor),
+    )
+
+
+async def close_intake(svc: IntakeServices) -> None:
+    await svc.kafka.stop()
+    await svc.engine.dispose()
+
+
+def intake_app(settings: IntakeSettings) -> FastAPI:
+    async def build() -> IntakeServices:
+        return await intake_services(settings)
+
+    return create_app(build, close_intake, body_limit=settings.max_body_bytes)
+
+
+# -- worker ---------------------------------------------------------------------------------
+
+
+def upstream_http(settings: WorkerSettings) -> HttpPool:
+    return HttpPool(settings.worker_concurrency, settings.upstream_timeout_s)
+
+
+def upstream_client(settings: WorkerSettings, http: HttpPool) -> UpstreamClient:
+    tokens = TokenProvider(
+        http,
+        settings.upstream_token_url,
+        settings.upstream_client_id,
+        settings.upstream_client_secret.get_secret_value(),
+    )
+    return UpstreamClient(
+        http,
+        tokens,
+        base_url=settings.upstream_url,
+        signing_secret=settings.upstream_signing_secret.get_secret_value(),
+    )
+
+
+def delivery_policy(settings: WorkerSettings) -> Policy:
+    return Policy(
+        max_attempts=settings.upstream_max_attempts,
+        budget_s=settings.upstream_retry_budget_s,
+        backoff_base_s=settings.upstream_backoff_base_s,
+        backoff_cap_s=settings.upstream_backoff_cap_s,
+        drift_threshold=settings.drift_threshold,
+        sequencing=settings.sequence_dead_letters,
+    )
+
+
+async def worker_parts(settings: WorkerSettings) -> WorkerParts:
+    engine = make_engine(settings.database_url, settings.database_pool_size)
+    await ensure_schema_current(engine)
+    await _topics(settings)
+    cipher = PayloadCipher(settings.encryption_keyring())
+    kafka = KafkaPublisher(settings)
+    republisher = Republisher(engine, kafka, cipher, settings.signing_keys()[0])
+    owner = process_name()
+    actor = Actor("worker", owner)
+    http = upstream_http(settings)
+    upstream = upstream_client(settings, http)
+    pipeline = Pipeline(
+        ledger=DeliveryStore(
+            engine, cipher, owner=owner, lease_s=settings.delivery_lease_s, actor=actor
+        ),
+        upstream=upstream,
+        token_errors=(TokenUnavailable,),
+        policy=delivery_policy(settings),
+        signing_keys=dict(settings.signing_keys()),
+        slots=LaneSlots(settings.worker_concurrency, settings.priority_share),
+        lanes=settings.lanes,
+        lease_s=settings.delivery_lease_s,
+        upstream_timeout_s=settings.upstream_timeout_s,
+        actor=actor,
+    )
+
+    async def close() -> None:
+        await kafka.stop()
+        await http.aclose()
+        await engine.dispose()
+
+    return WorkerParts(
+        pipeline=pipeline,
+        housekeeping=_housekeeping(settings, engine, cipher, kafka, republisher, actor),
+        token_valid=lambda: upstream.tokens.valid,
+        close=close,
+    )
+
+
+async def run_worker(settings: WorkerSettings, stop: asyncio.Event | None = None) -> None:
+    if stop is None:  # run as a process: stop on SIGINT/SIGTERM
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    parts = await worker_parts(settings)
+    await serve(settings, parts, stop)
+
+
+# -- the operator's commands ----------------------------------------------------------------
+
+
+async def operator_services(settings: OperatorSettings) -> Operations:
+    engine = make_engine(settings.database_url, 4)
+    await ensure_schema_current(engine)
+    kafka = KafkaPublisher(settings)
+    cipher = PayloadCipher(settings.encryption_keyring())
+    republisher = Republisher(engine, kafka, cipher, settings.signing_keys()[0])
+    return Operations(
+        engine, cipher, republisher, approval_threshold=settings.replay_approval_threshold
+    )
+
+
+async def close_operator(ops: Operations) -> None:
+    await ops.republisher.publisher.stop()
+    await ops.engine.dispose()
