@@ -28,8 +28,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import audit
-from ledger.rows import Actor, AuditEvent
 from ledger.crypto import PayloadCipher
+from ledger.rows import Actor, AuditEvent
 from schemas.states import BatchState, MessageState
 
 

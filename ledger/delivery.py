@@ -28,9 +28,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import acceptance, audit
-from ledger.rows import Actor, AuditEvent
 from ledger.crypto import PayloadCipher
 from ledger.rows import (
+    Actor,
+    AuditEvent,
     ClaimRequest,
     ClaimRow,
     DeadLetterRow,

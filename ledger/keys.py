@@ -8,8 +8,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import audit
-from ledger.rows import Actor, AuditEvent
 from ledger.crypto import PayloadCipher
+from ledger.rows import Actor, AuditEvent
 
 # (table, id column, value column, key-id column)
 _SEALED = (

@@ -28,6 +28,8 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.message import FAKE_CONSUMER
+from faststream.kafka.message import KafkaMessage as StreamKafkaMessage
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -144,6 +146,23 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("partitions_assigned", lane=self.lane.name, partitions=len(assigned))
 
 
+async def raw_batch(records: Any, _: Any) -> StreamKafkaMessage:
+    """Hand the poll over as it came: FastStream's own parser decodes every header value as
+    UTF-8 and fails the whole poll on one odd byte (or a null header); ours never reads them.
+    The message is born acknowledged, so nothing in FastStream ever commits for us."""
+    first = records[0]
+    return StreamKafkaMessage(
+        raw_message=records,
+        body=[],
+        message_id=f"{first.topic}-{first.partition}-{first.offset}",
+        consumer=FAKE_CONSUMER,
+    )
+
+
+async def not_decoded(_: Any, __: Any) -> None:
+    return None
+
+
 def wire_lane(
     broker: KafkaBroker,
     settings: WorkerSettings,
@@ -168,7 +187,7 @@ def wire_lane(
     )
     lane.subscriber = subscriber
 
-    @subscriber
+    @subscriber(parser=raw_batch, decoder=not_decoded)
     async def on_settlements(message: KafkaMessage) -> None:
         # The raw records, not decoded bodies: a value that is not a settlement record must
         # still reach the pipeline (and become a dead letter there), never fail the poll.

@@ -113,7 +113,9 @@ class GroupCommitter(Generic[T, R]):
             results = await self._execute([item for item, _ in group])
         except CONTENT_ERRORS as exc:
             if len(group) == 1:
-                log.error("group_commit_item_refused", what=self._name, error=type(exc).__name__)
+                log.error(  # noqa: TRY400 - its values must not reach the log
+                    "group_commit_item_refused", what=self._name, error=type(exc).__name__
+                )
                 _, future = group[0]
                 if not future.done():
                     future.set_exception(BadItem(type(exc).__name__))

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 
 @dataclass
@@ -47,6 +47,33 @@ class SimConfig:
     drift_fraction: str = "0.02"
     token_outage: bool = False
     seed: int | None = None
+    # Scripted answers, checked in order before anything else (see `Script`).
+    scripts: list[Script] = field(default_factory=list)
+    # A real ETRM engine may repeat the reconciled position when it answers a key it has.
+    position_on_duplicates: bool = False
+
+
+@dataclass
+class Script:
+    """Answer POSTs of matching records with this status and raw body — the odd answers a
+    fault test needs: `effect=True` books the record first (a 201 whose body is garbage is
+    still an effect). Matches by contract glob and, optionally, the submitted position."""
+
+    contracts: str
+    status: int
+    body: bytes = b"{}"
+    position: str | None = None
+    effect: bool = False
+    times: int | None = None  # None: every time
+    headers: dict[str, str] = field(default_factory=dict)
+    used: int = 0
+
+    def applies(self, contract: str, position: str) -> bool:
+        if self.times is not None and self.used >= self.times:
+            return False
+        if self.position is not None and Decimal(self.position) != Decimal(position):
+            return False
+        return fnmatch.fnmatchcase(contract, self.contracts)
 
 
 @dataclass
@@ -59,6 +86,7 @@ class Effect:
     position_mwh: str
     settlement_run_id: str
     received_at: float
+    reconciled_mwh: str
 
 
 class SimState:
@@ -78,6 +106,25 @@ class SimState:
         self.unauthorized_posts = 0
         self.tokens_issued = 0
         self.rng = random.Random(config.seed)
+
+    def book(
+        self, key: str, record: dict[str, Any], position: str, reconciled: str | None = None
+    ) -> Effect:
+        """The record takes effect in the engine's books: once per Idempotency-Key."""
+        effect = Effect(
+            order=len(self.effects),
+            idempotency_key=key,
+            transaction_id=f"TX-{uuid.uuid4().hex[:16].upper()}",
+            contract_id=str(record.get("contract_id", "")),
+            revision=int(record.get("revision", 1)),
+            position_mwh=str(Decimal(position)),
+            settlement_run_id=str(record.get("settlement_run_id", "")),
+            received_at=time.time(),
+            reconciled_mwh=reconciled or f"{Decimal(position).quantize(Decimal('0.001'))}",
+        )
+        self.effects.append(effect)
+        self.by_key[key] = effect
+        return effect
 
     def reset(self) -> None:
         self.__init__(self.config)  # type: ignore[misc]
@@ -125,7 +172,7 @@ def create_simulator(config: SimConfig | None = None) -> FastAPI:
         )
 
     @app.post("/api/v1/settlements/sync")
-    async def sync(request: Request) -> JSONResponse:
+    async def sync(request: Request) -> Response:
         cfg = state.config
         state.posts += 1
         body = await request.body()
@@ -155,8 +202,25 @@ def create_simulator(config: SimConfig | None = None) -> FastAPI:
         known = state.by_key.get(key)
         if known is not None:
             state.duplicate_posts += 1
-            return JSONResponse({"transaction_id": known.transaction_id}, status_code=200)
+            answer: dict[str, Any] = {"transaction_id": known.transaction_id}
+            if cfg.position_on_duplicates:
+                answer["reconciled_position_mwh"] = known.reconciled_mwh
+            return JSONResponse(answer, status_code=200)
         state.attempts_by_key[key] = attempt = state.attempts_by_key.get(key, 0) + 1
+        submitted = str(record.get("position_mwh", "0"))
+        for script in cfg.scripts:
+            if script.applies(contract, submitted):
+                script.used += 1
+                if script.effect:
+                    state.book(key, record, submitted)
+                else:
+                    state.failed_posts += 1
+                return Response(
+                    script.body,
+                    status_code=script.status,
+                    headers=script.headers,
+                    media_type="application/json",
+                )
         retry_headers = (
             {"Retry-After": str(cfg.retry_after_s)} if cfg.retry_after_s is not None else {}
         )
@@ -180,26 +244,15 @@ def create_simulator(config: SimConfig | None = None) -> FastAPI:
                 {"error": f"contract {contract} is not booked in the ETRM engine"},
                 status_code=422,
             )
-        position = Decimal(str(record.get("position_mwh", "0")))
+        position = Decimal(submitted)
         reconciled = position
         if _matches(contract, cfg.drift_contracts):
             reconciled = position * (1 + Decimal(cfg.drift_fraction))
-        effect = Effect(
-            order=len(state.effects),
-            idempotency_key=key,
-            transaction_id=f"TX-{uuid.uuid4().hex[:16].upper()}",
-            contract_id=contract,
-            revision=int(record.get("revision", 1)),
-            position_mwh=str(position),
-            settlement_run_id=str(record.get("settlement_run_id", "")),
-            received_at=time.time(),
-        )
-        state.effects.append(effect)
-        state.by_key[key] = effect
+        effect = state.book(key, record, submitted, f"{reconciled.quantize(Decimal('0.001'))}")
         return JSONResponse(
             {
                 "transaction_id": effect.transaction_id,
-                "reconciled_position_mwh": f"{reconciled.quantize(Decimal('0.001'))}",
+                "reconciled_position_mwh": effect.reconciled_mwh,
             },
             status_code=201,
         )
@@ -217,6 +270,10 @@ def create_simulator(config: SimConfig | None = None) -> FastAPI:
         public = asdict(state.config)
         public.pop("client_secret")
         public.pop("signing_secret")
+        public["scripts"] = [
+            {"contracts": sc.contracts, "status": sc.status, "used": sc.used}
+            for sc in state.config.scripts
+        ]
         return public
 
     @app.patch("/_sim/config")

@@ -17,10 +17,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from ledger import audit
-from ledger.rows import Actor
 from ledger.crypto import PayloadCipher
 from ledger.db import make_engine
 from ledger.keys import rotate
+from ledger.rows import Actor
 from schemas import samples
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
 
