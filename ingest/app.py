@@ -53,7 +53,7 @@ class TraceAndTiming:
         trace_id = uuid.uuid4().hex
         scope.setdefault("state", {})["trace_id"] = trace_id
         started = time.perf_counter()
-        status = 500
+        status = 0
 
         async def send_with_trace(message: Message) -> None:
             nonlocal status
@@ -67,11 +67,41 @@ class TraceAndTiming:
 
         try:
             await self.app(scope, receive, send_with_trace)
+        except Exception as exc:
+            # Answered here, not by the server: no traceback (with SQL text in it) reaches
+            # the log, and a database that is away is a 503, never a 500.
+            status = await _unexpected(exc, trace_id, scope, send_with_trace, status)
         finally:
             route = scope.get("route")
             metrics.REQUEST_LATENCY.labels(getattr(route, "path", "other"), str(status)).observe(
                 time.perf_counter() - started
             )
+
+
+async def _unexpected(exc: Exception, trace_id: str, scope: Scope, send: Send, sent: int) -> int:
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = (
+        f"{frame.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.tb_lineno}"
+        if frame
+        else "?"
+    )
+    if database_unavailable(exc):
+        log.warning("ledger_unavailable", trace_id=trace_id, error=type(exc).__name__)
+        problem = ledger_unavailable()
+    else:
+        log.error("unhandled_error", trace_id=trace_id, error=type(exc).__name__, at=where)
+        problem = Problem(500, "internal_error", "unexpected error; quote the trace id")
+    if sent:  # the response had started: all we can do is end the connection
+        return sent
+    response = problem_response(problem, trace_id)
+    await response(scope, _no_receive, send)
+    return problem.status
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
 
 
 def _trace_id(request: Request) -> str | None:
@@ -178,22 +208,6 @@ def create_app(build: ServicesFactory, close: Closer | None = None, *, body_limi
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return problem_response(
             Problem(exc.status_code, "http_error", str(exc.detail)), _trace_id(request)
-        )
-
-    @app.exception_handler(Exception)
-    async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        if database_unavailable(exc):
-            log.warning("ledger_unavailable", trace_id=_trace_id(request), error=type(exc).__name__)
-            return problem_response(ledger_unavailable(), _trace_id(request))
-        log.error(
-            "unhandled_error",
-            trace_id=_trace_id(request),
-            error=type(exc).__name__,
-            path=request.url.path[:200],
-        )
-        return problem_response(
-            Problem(500, "internal_error", "unexpected error; quote the trace id"),
-            _trace_id(request),
         )
 
     app.include_router(settlements.router)

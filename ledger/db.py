@@ -58,20 +58,37 @@ async def ensure_schema_current(engine: AsyncEngine) -> None:
         )
 
 
+_AWAY = (
+    "Connection",
+    "CannotConnectNow",
+    "AdminShutdown",
+    "CrashShutdown",
+    "TooManyConnections",
+    "InterfaceError",
+)
+
+
 def database_unavailable(exc: BaseException) -> bool:
-    """True when an error means the database is away (restarting, unreachable, connections
-    lost), as opposed to a statement it refused."""
+    """True when an error means the database is away (restarting, shutting down, unreachable,
+    connections lost), as opposed to a statement it refused. Walks the chain of causes:
+    SQLAlchemy wraps asyncpg's errors in adapter errors of its own."""
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout | OSError | TimeoutError):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(
+            current, OperationalError | InterfaceError | PoolTimeout | OSError | TimeoutError
+        ):
             return True
-        name = type(exc.orig).__name__ if exc.orig is not None else ""
-        return any(
-            word in name
-            for word in ("Connection", "CannotConnectNow", "AdminShutdown", "CrashShutdown")
-        )
-    return type(exc).__module__.startswith("asyncpg") and "Connection" in type(exc).__name__
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        if type(current).__module__.startswith("asyncpg") and any(
+            word in type(current).__name__ for word in _AWAY
+        ):
+            return True
+        nested = current.orig if isinstance(current, DBAPIError) else None
+        current = nested or current.__cause__ or current.__context__
+    return False

@@ -28,6 +28,7 @@ from ledger.crypto import PayloadCipher
 from ledger.rows import Actor
 from operations.outbox import publish_dead_letters
 from operations.publishing import Republisher
+from runtime.aio import first_of
 from runtime.kafka import KafkaPublisher
 
 log = structlog.get_logger("etrm.housekeeping")
@@ -108,7 +109,7 @@ class Housekeeping:
             wait = every if failures == 0 else min(every * (1 + failures), 10.0)
             waits = [self.stop_event.wait()] + ([nudge.wait()] if nudge else [])
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_first(*waits), wait)
+                await asyncio.wait_for(first_of(*waits), wait)
             if nudge is not None:
                 nudge.clear()
 
@@ -136,12 +137,3 @@ class Housekeeping:
         job_id = f"replay_cont_{uuid.uuid4().hex}"
         if await recon.continue_parked(self.engine, job_id, self.actor):
             await self.republisher.run(job_id, self.actor, stop=self.stop_event)
-
-
-async def _first(*waits: Awaitable[object]) -> None:
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()

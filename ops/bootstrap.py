@@ -11,7 +11,9 @@ import os
 import signal
 import socket
 
+from aiokafka.errors import KafkaError
 from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.app import create_app
 from ingest.auth import JwksKeys, TokenVerifier
@@ -19,12 +21,13 @@ from ingest.deps import IntakeServices
 from ingest.limits import DeskRateLimiter, FailureAlarm
 from ingest.publisher import SettlementPublisher
 from ledger.crypto import PayloadCipher
-from ledger.db import ensure_schema_current, make_engine
+from ledger.db import database_unavailable, ensure_schema_current, make_engine
 from ledger.delivery import DeliveryStore
 from ledger.rows import Actor
 from operations.housekeeping import Housekeeping, Intervals
 from operations.publishing import Republisher
 from operations.service import Operations
+from runtime.aio import until_up
 from runtime.kafka import KafkaPublisher, ensure_topics
 from runtime.settings import IntakeSettings, KafkaSettings, OperatorSettings, WorkerSettings
 from workers.app import WorkerParts, serve
@@ -41,6 +44,16 @@ def process_name() -> str:
 async def _topics(settings: KafkaSettings) -> None:
     await ensure_topics(
         settings.kafka_bootstrap_servers, settings.all_topics, settings.kafka_partitions
+    )
+
+
+def kafka_unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, KafkaError | OSError | TimeoutError)
+
+
+async def _schema_current(engine: AsyncEngine) -> None:
+    await until_up(
+        "database", lambda: ensure_schema_current(engine), transient=database_unavailable
     )
 
 
@@ -69,7 +82,7 @@ def _housekeeping(
 
 async def intake_services(settings: IntakeSettings) -> IntakeServices:
     engine = make_engine(settings.database_url, settings.database_pool_size)
-    await ensure_schema_current(engine)
+    await _schema_current(engine)
     # The broker may come later; /readyz reports it meanwhile and the worker creates topics too.
     with contextlib.suppress(Exception):
         await _topics(settings)
@@ -148,8 +161,8 @@ def delivery_policy(settings: WorkerSettings) -> Policy:
 
 async def worker_parts(settings: WorkerSettings) -> WorkerParts:
     engine = make_engine(settings.database_url, settings.database_pool_size)
-    await ensure_schema_current(engine)
-    await _topics(settings)
+    await _schema_current(engine)
+    await until_up("broker", lambda: _topics(settings), transient=kafka_unavailable)
     cipher = PayloadCipher(settings.encryption_keyring())
     kafka = KafkaPublisher(settings)
     republisher = Republisher(engine, kafka, cipher, settings.signing_keys()[0])
@@ -192,7 +205,7 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event | None = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     parts = await worker_parts(settings)
-    await serve(settings, parts, stop)
+    await serve(settings, parts, stop, transient=kafka_unavailable)
 
 
 # -- the operator's commands ----------------------------------------------------------------

@@ -218,6 +218,19 @@ def bench(
     asyncio.run(run_bench(scenario or list(SCENARIOS), scale, runs))
 
 
+@app.command()
+def chaos(
+    minutes: Annotated[float, typer.Option(help="How long to inject faults")] = 20.0,
+    seed: Annotated[int, typer.Option(help="Seed of the workload and the fault schedule")] = 1,
+    workers: Annotated[int, typer.Option(help="Workers at the start")] = 2,
+) -> None:
+    """The fault-injection run of the delivery guarantees (issue #6), with its checker."""
+    _dev_tools()
+    from ops.dev.chaos import main as chaos_main
+
+    raise typer.Exit(asyncio.run(chaos_main(minutes=minutes, seed=seed, workers=workers)))
+
+
 def main() -> None:
     try:
         app()

@@ -42,6 +42,18 @@ FINAL = {"delivered", "held", "dead_lettered", "superseded", "released", "reject
 TEMPLATE_DB = "etrm_test_template"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-minutes",
+        type=float,
+        default=3.0,
+        help="How long the fault-injection run injects faults (CI: 3; by hand: 20 or more)",
+    )
+    parser.addoption(
+        "--chaos-seed", type=int, default=20261202, help="Seed of the workload and the faults"
+    )
+
+
 @dataclass
 class Infra:
     broker: Broker
@@ -49,6 +61,8 @@ class Infra:
     keys_dir: Path
     private_key: Path
     jwks: Path
+    # The server process, when the test session started it (fault tests restart it).
+    database: Database | None = None
     # The database of the current test (each pipeline gets a fresh one, see `fresh_database`).
     database_url: str = ""
     encryption_key: str = field(
@@ -93,7 +107,7 @@ def infra() -> Iterator[Infra]:
     asyncio.run(migrate(_database_url(url, TEMPLATE_DB)))
     private_key, jwks = generate_signing_key(root / "keys")
     try:
-        yield Infra(broker, url, root / "keys", private_key, jwks)
+        yield Infra(broker, url, root / "keys", private_key, jwks, database)
     finally:
         broker.stop()
         if database:

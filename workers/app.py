@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from runtime.aio import until_up
 from runtime.servers import EmbeddedServer
 from runtime.settings import WorkerSettings
 from workers import metrics
@@ -72,6 +74,9 @@ class Lane:
         self.cap = cap
         self.subscriber: Any = None
         self.paused = False
+        # Since when the lane's consumer has been out of the group (started, or revoked and
+        # not assigned again); None while it is a member.
+        self.out_since: float | None = time.monotonic()
 
     @property
     def consumer(self) -> Any:
@@ -128,6 +133,8 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         # What is settled is committed before the partition is handed on.
         await self.committer.commit({k: v for k, v in points.items() if k in keys})
         self.pipeline.revoke(keys)
+        if self.lane.out_since is None:
+            self.lane.out_since = time.monotonic()
         log.info("partitions_revoked", lane=self.lane.name, partitions=len(keys))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
@@ -143,6 +150,7 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
                     await asyncio.sleep(0.2 * (attempt + 1))
             self.pipeline.assign((tp.topic, tp.partition), position)
         self.lane.paused = False
+        self.lane.out_since = None
         log.info("partitions_assigned", lane=self.lane.name, partitions=len(assigned))
 
 
@@ -235,6 +243,34 @@ async def resume_when_settled(pipeline: Pipeline, lanes: dict[str, Lane]) -> Non
         await asyncio.sleep(0.05)
 
 
+async def rejoin_watchdog(
+    pipeline: Pipeline, lanes: dict[str, Lane], session_timeout_ms: int
+) -> None:
+    """A lane whose consumer stays out of its group (seen after a broker stall: a SyncGroup
+    that timed out leaves aiokafka's coordinator waiting for nothing) gets a new consumer, so
+    the worker catches up by itself once the broker answers again."""
+    stuck_after = max(20.0, 10 * session_timeout_ms / 1000)
+    while True:
+        await asyncio.sleep(2.0)
+        for lane in lanes.values():
+            if lane.out_since is None or time.monotonic() - lane.out_since < stuck_after:
+                continue
+            log.warning("lane_out_of_group_restarting_consumer", lane=lane.name)
+            metrics.CONSUMER_RESTARTS.labels(lane.name).inc()
+            pipeline.revoke(
+                [key for key in list(pipeline.offsets.partitions()) if key[0] == lane.topic]
+            )
+            lane.out_since = time.monotonic()
+            try:
+                await asyncio.wait_for(lane.subscriber.stop(), 30)
+            except Exception as exc:
+                log.warning("lane_consumer_stop_failed", lane=lane.name, error=type(exc).__name__)
+            try:
+                await lane.subscriber.start()
+            except Exception as exc:
+                log.warning("lane_consumer_start_failed", lane=lane.name, error=type(exc).__name__)
+
+
 async def record_lag(consumer: Any) -> None:
     """Consumer lag per partition: the broker's high watermark minus our position."""
     for tp in consumer.assignment():
@@ -288,7 +324,13 @@ class WorkerParts:
     close: Callable[[], Awaitable[None]]
 
 
-async def serve(settings: WorkerSettings, parts: WorkerParts, stop: asyncio.Event) -> None:
+async def serve(
+    settings: WorkerSettings,
+    parts: WorkerParts,
+    stop: asyncio.Event,
+    *,
+    transient: Callable[[BaseException], bool] = lambda _: False,
+) -> None:
     pipeline = parts.pipeline
     cap = max(1, 4 * settings.worker_max_records)
     lanes = {name: Lane(name, topic, cap) for name, topic in settings.lanes.items()}
@@ -311,11 +353,16 @@ async def serve(settings: WorkerSettings, parts: WorkerParts, stop: asyncio.Even
         server.serve(sockets=[health_socket]) if health_socket else asyncio.sleep(0)
     )
     parts.housekeeping.start()
+    await until_up("broker", broker.start, transient=transient)
+    for lane in lanes.values():
+        lane.out_since = time.monotonic()
     background = [
         asyncio.create_task(committer.run(), name="committer"),
         asyncio.create_task(resume_when_settled(pipeline, lanes), name="resume"),
+        asyncio.create_task(
+            rejoin_watchdog(pipeline, lanes, settings.kafka_session_timeout_ms), name="watchdog"
+        ),
     ]
-    await broker.start()
     log.info(
         "worker_started",
         topics=list(settings.lanes.values()),

@@ -23,3 +23,8 @@ LANE_PAUSED = Gauge(
     "1 while a lane's partitions are paused (too much unsettled)",
     ["lane"],
 )
+CONSUMER_RESTARTS = Counter(
+    "etrm_worker_consumer_restarts_total",
+    "Lane consumers replaced after staying out of their group too long",
+    ["lane"],
+)

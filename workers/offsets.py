@@ -80,6 +80,9 @@ class OffsetTracker:
             self._partitions.pop(partition, None)
             self._advanced.discard(partition)
 
+    def partitions(self) -> list[PartitionKey]:
+        return list(self._partitions)
+
     def assigned(self, partition: PartitionKey) -> bool:
         return partition in self._partitions
 

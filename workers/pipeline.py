@@ -46,6 +46,7 @@ from ledger.rows import (
     LateTaken,
     Outcome,
 )
+from runtime.aio import first_of
 from schemas.envelope import header_map, message_id_for, publication_of, verify_message
 from schemas.records import CanonicalRecord
 from schemas.states import DeadLetterReason, MessageState
@@ -347,7 +348,7 @@ class Pipeline:
                 chain.arrived.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
-                        _first(chain.arrived.wait(), chain.stopped.wait()),
+                        first_of(chain.arrived.wait(), chain.stopped.wait()),
                         max(0.0, wake_at - time.monotonic()),
                     )
                 continue
@@ -767,12 +768,3 @@ def new_id(prefix: str) -> str:
 def _wait_delay(waits: int, rng: random.Random) -> float:
     ceiling: float = min(WAIT_CAP_S, WAIT_BASE_S * (2 ** min(waits, 10)))
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
-
-
-async def _first(*waits: object) -> None:
-    tasks = [asyncio.ensure_future(w) for w in waits]  # type: ignore[call-overload]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
