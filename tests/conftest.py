@@ -25,6 +25,7 @@ import uvicorn
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from ingest.deps import IntakeServices
 from ledger.db import migrate
 from ops.bootstrap import intake_app, run_worker
 from ops.dev.devkeys import generate_signing_key, mint_token
@@ -189,6 +190,13 @@ class Pipeline:
     worker_stop: asyncio.Event | None = None
     worker_task: asyncio.Task[None] | None = None
     clients: list[httpx.AsyncClient] = field(default_factory=list)
+
+    @property
+    def intake_services(self) -> IntakeServices:
+        """The running intake's own service objects (for tests that inject a fault into one)."""
+        app: Any = self.intake.server.config.app
+        services: IntakeServices = app.state.services
+        return services
 
     @property
     def env(self) -> dict[str, str]:

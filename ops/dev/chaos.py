@@ -73,6 +73,9 @@ class Profile:
     faults: tuple[str, ...] = FAULTS
     fault_gap_s: tuple[float, float] = (5.0, 12.0)
     settle_timeout_s: float = 240.0
+    # Share of POSTs the upstream answers 503 throughout (a flapping upstream), besides flaps.
+    base_error_rate: float = 0.0
+    freeze_s: tuple[float, float] = (3.0, 14.0)
 
 
 @dataclass
@@ -433,7 +436,7 @@ class Run:
             # Past its session: its partitions move to the others; it wakes up a zombie.
             victim = rng.choice(live)
             cluster.freeze(victim)
-            await asyncio.sleep(rng.uniform(3, 14))
+            await asyncio.sleep(rng.uniform(*self.profile.freeze_s))
             cluster.thaw(victim)
         elif fault == "add_worker" and len(cluster.workers) < 4:
             cluster.start_worker()
@@ -456,7 +459,7 @@ class Run:
         elif fault == "flap_upstream" and cluster.sim is not None:
             cluster.sim.config.error_rate = rng.choice([0.3, 0.6, 1.0])
             await asyncio.sleep(rng.uniform(2, 8))
-            cluster.sim.config.error_rate = 0.0
+            cluster.sim.config.error_rate = self.profile.base_error_rate
         elif fault == "hostile_records":
             await self.hostile(rng)
 
@@ -677,6 +680,8 @@ async def run_chaos(
         await cluster.start_intake()
         for _ in range(profile.workers):
             cluster.start_worker()
+        assert cluster.sim is not None
+        cluster.sim.config.error_rate = profile.base_error_rate
         return await Run(cluster, profile).execute()
     finally:
         await cluster.down()

@@ -44,3 +44,38 @@ async def test_guarantees_hold_under_mixed_faults(
     assert report.accepted > 100, "the workload hardly ran"
     assert sum(report.faults.values()) >= 8, "the nemesis hardly ran"
     assert report.violations == []
+
+
+async def test_a_frozen_worker_waking_as_a_zombie_under_a_flapping_upstream(
+    infra: Infra, tmp_path: Path
+) -> None:
+    """Case 10: a worker frozen (SIGSTOP) past its session next to a live one, then woken,
+    while a third of the upstream's answers are 503: its leases were taken over, its late
+    writes are refused, and nothing is dead-lettered that the upstream took or sent out of
+    order."""
+    settings = chaos_settings(
+        infra.broker.bootstrap,
+        await fresh_database(infra),
+        infra.jwks,
+        jwt_issuer=ISSUER,
+        jwt_audience=AUDIENCE,
+        delivery_lease_s=6.0,
+    )
+    report = await run_chaos(
+        Profile(
+            seed=10,
+            seconds=45,
+            faults=("freeze_worker",),
+            fault_gap_s=(4.0, 6.0),
+            freeze_s=(12.0, 14.0),
+            base_error_rate=0.3,
+        ),
+        settings=settings,
+        broker=infra.broker,
+        database=infra.database,
+        private_key=infra.private_key,
+        logs=tmp_path,
+    )
+    print(json.dumps(report.summary(), indent=2))
+    assert report.faults["freeze_worker"] >= 2
+    assert report.violations == []

@@ -368,8 +368,7 @@ async def test_interrupted_replay_resumes_without_duplicates(
     await pipe.wait_final(desk, batch.json()["batch_id"])
     pipe.sim.config.down_contracts = []
 
-    app: Any = pipe.intake.server.config.app
-    svc = app.state.services  # the intake's own service objects
+    svc = pipe.intake_services
     actor = operator_actor("op-dave")
     created = await svc.operations.request_replay(
         actor,

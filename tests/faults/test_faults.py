@@ -1,0 +1,282 @@
+"""Issue #6 faults one at a time, each as a test: the broker stalling mid-batch (case 4), a
+replay while the broker is away (case 8), a worker killed between writing a dead letter and
+publishing it (case 11), and the worker staying up through 30 s outages of the database and
+of the broker (I5) — against the real broker and database, workers as real processes where
+they must die."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import httpx
+import pytest
+
+from ops.dev.simulator import Script
+from runtime.kafka import KafkaPublisher, OutgoingRecord, PublishFailed
+from schemas import samples
+from tests.conftest import Pipeline, PipelineFactory, submit_batch
+from tests.support import (
+    OPS,
+    assert_effects_once,
+    headers_of,
+    never,
+    read_topic,
+    states,
+    wait_for,
+)
+
+pytestmark = pytest.mark.faults
+
+
+def ops_client(pipe: Pipeline, operator: str = "op-alice") -> httpx.AsyncClient:
+    return pipe.client(desk="ops", scopes=OPS, subject=operator)
+
+
+def spawn_worker(pipe: Pipeline) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "worker"],
+        env={**os.environ, **pipe.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        process.wait(40)
+
+
+class HalfThenStall(KafkaPublisher):
+    """The broker acknowledges the first half of a request's records, then stops answering:
+    the publish times out (what a broker stalled mid-batch looks like to the intake)."""
+
+    acknowledged: list[bytes]
+
+    async def send_all(self, records: Sequence[OutgoingRecord], *, what: str = "") -> None:
+        half = list(records)[: len(records) // 2]
+        await super().send_all(half, what=what)
+        self.acknowledged = [value for _, _, value, _ in half]
+        raise PublishFailed("TimeoutError")
+
+
+async def test_case4_records_the_broker_took_before_a_503_never_take_effect(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    pipe: Pipeline = await pipeline_factory()
+    client = pipe.client()
+    run = samples.run_id()
+    records = samples.mixed_batch(run, 400, contracts=40, prefix="STALL4")
+    services = pipe.intake_services
+    real = services.publisher.kafka
+    stalling = HalfThenStall(pipe.settings)
+    services.publisher.kafka = stalling
+    try:
+        refused = await submit_batch(client, run, records, key="stall-key")
+    finally:
+        services.publisher.kafka = real
+        await stalling.stop()
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"]
+    assert len(stalling.acknowledged) == 200  # on the broker, for the worker to read
+
+    async def any_effect() -> bool:
+        return len(pipe.sim.effects) > 0
+
+    await never(any_effect, seconds=6)
+    accepted = await submit_batch(client, run, records, key="stall-key")
+    assert accepted.status_code == 202, accepted.text
+    final = await pipe.wait_final(client, accepted.json()["batch_id"], timeout=120)
+    assert final["counts"] == {"delivered": 400}
+    assert_effects_once(pipe.sim, [m["message_id"] for m in accepted.json()["messages"]])
+
+
+async def test_case8_a_replay_whose_publish_fails_keeps_trying_and_is_not_replayed_twice(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    pipe: Pipeline = await pipeline_factory(
+        sim={"down_contracts": ["OUTAGE-*"]}, upstream_max_attempts=1
+    )
+    client, ops = pipe.client(), ops_client(pipe)
+    run = samples.run_id()
+    batch = await submit_batch(client, run, [samples.otc_confirmation(run, "OUTAGE-RPL8-01")])
+    final = await pipe.wait_final(client, batch.json()["batch_id"])
+    message_id = final["messages"][0]["message_id"]
+    pipe.sim.config.down_contracts = []
+    pipe.infra.broker.pause()
+    try:
+        first = await ops.post(
+            "/v1/reconciliation/replay", json={"message_ids": [message_id], "reason": "back"}
+        )
+        assert first.status_code == 202
+        replay_id = first.json()["replay_id"]
+        second = await ops.post(
+            "/v1/reconciliation/replay", json={"message_ids": [message_id], "reason": "again"}
+        )
+        assert second.status_code == 422, second.text
+        await asyncio.sleep(3.5)  # past the publish timeout: the replay's publish failed
+        status = (await ops.get(f"/v1/reconciliation/replay/{replay_id}")).json()
+        assert status["state"] == "running"
+    finally:
+        pipe.infra.broker.resume()
+
+    async def delivered() -> bool:
+        return (await states(client, batch.json()["batch_id"]))[message_id] == "delivered"
+
+    await wait_for(delivered, timeout=60)
+
+    async def completed() -> bool:
+        status = (await ops.get(f"/v1/reconciliation/replay/{replay_id}")).json()
+        return bool(status["state"] == "completed")
+
+    await wait_for(completed)
+    status = (await ops.get(f"/v1/reconciliation/replay/{replay_id}")).json()
+    assert status["outcome"] == {"delivered": 1}
+    assert_effects_once(pipe.sim, [message_id])
+
+
+async def test_case11_a_worker_killed_before_publishing_a_dead_letter_loses_none_invents_none(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    contract = "C11-KILL-0001"
+    pipe: Pipeline = await pipeline_factory(
+        worker=False, sim={"scripts": [Script(contract, 422, b'{"error": "not booked"}')]}
+    )
+    client = pipe.client()
+    run = samples.run_id()
+    batch = await submit_batch(client, run, [samples.otc_confirmation(run, contract)])
+    message_id = batch.json()["messages"][0]["message_id"]
+    worker = spawn_worker(pipe)
+    try:
+
+        async def posted() -> bool:
+            return pipe.sim.posts_by_key[message_id] > 0
+
+        await wait_for(posted)
+        pipe.infra.broker.pause()  # the outbox cannot publish now
+
+        async def recorded() -> bool:
+            return (await states(client, batch.json()["batch_id"]))[message_id] == "dead_lettered"
+
+        await wait_for(recorded)
+        stop(worker, signal.SIGKILL)  # dies with the dead letter not yet on the topic
+    finally:
+        pipe.infra.broker.resume()
+        stop(worker, signal.SIGKILL)
+    worker = spawn_worker(pipe)
+    try:
+        on_topic = await read_topic(
+            pipe.settings.kafka_bootstrap_servers,
+            pipe.settings.topic_reconciliation,
+            at_least=1,
+            timeout=60,
+        )
+    finally:
+        stop(worker)
+    listed = (await ops_client(pipe).get("/v1/reconciliation")).json()["items"]
+    assert {i["dead_letter_id"] for i in listed} == {
+        headers_of(r)["dead_letter_id"] for r in on_topic
+    }
+    assert [headers_of(r)["message_id"] for r in on_topic] == [message_id]
+
+
+async def test_case11_a_hold_released_and_rejected_at_once_is_decided_once(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    pipe: Pipeline = await pipeline_factory(sim={"drift_contracts": ["DRIFT-*"]})
+    client = pipe.client()
+    run = samples.run_id()
+    records = [samples.iso_award(run, f"DRIFT-RACE-{i:02d}") for i in range(6)]
+    batch = await submit_batch(client, run, records)
+    await pipe.wait_final(client, batch.json()["batch_id"])
+    holds = (await ops_client(pipe).get("/v1/holds")).json()["items"]
+    assert len(holds) == 6
+    alice, bob = ops_client(pipe, "op-alice"), ops_client(pipe, "op-bob")
+    decisions: list[tuple[str, httpx.Response, httpx.Response]] = []
+    for hold in holds:
+        release, reject = await asyncio.gather(
+            alice.post(f"/v1/holds/{hold['hold_id']}/release", json={"reason": "ok"}),
+            bob.post(f"/v1/holds/{hold['hold_id']}/reject", json={"reason": "no"}),
+        )
+        assert sorted([release.status_code, reject.status_code]) == [200, 409]
+        decisions.append((hold["message_id"], release, reject))
+    rejected = {mid for mid, _, reject in decisions if reject.status_code == 200}
+
+    async def phantom() -> bool:
+        on_topic = await read_topic(
+            pipe.settings.kafka_bootstrap_servers, pipe.settings.topic_reconciliation, timeout=1
+        )
+        published = [headers_of(r)["message_id"] for r in on_topic]
+        assert len(published) == len(set(published)), "a rejection published twice"
+        return not set(published) <= rejected
+
+    await never(phantom, seconds=4, every=0.5)
+    on_topic = await read_topic(
+        pipe.settings.kafka_bootstrap_servers, pipe.settings.topic_reconciliation, timeout=3
+    )
+    assert {headers_of(r)["message_id"] for r in on_topic} == rejected
+
+
+async def test_i5_the_worker_outlives_a_35s_database_outage_and_the_intake_answers_503(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    pipe: Pipeline = await pipeline_factory(sim={"latency_ms": 20})
+    database = pipe.infra.database
+    if database is None:
+        pytest.skip("the database server is not ours to restart (ETRM_TEST_DATABASE_URL)")
+    client = pipe.client()
+    run = samples.run_id()
+    before = await submit_batch(client, run, samples.mixed_batch(run, 300, prefix="DBOUT"))
+    assert before.status_code == 202
+    await asyncio.to_thread(database.stop)
+    answers: list[int] = []
+    try:
+        for i in range(12):
+            response = await submit_batch(
+                client, run, [samples.otc_confirmation(run, f"DBOUT-DURING-{i:03d}")]
+            )
+            answers.append(response.status_code)
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"]
+            read = await client.get(f"/v1/batches/{before.json()['batch_id']}")
+            answers.append(read.status_code)
+            assert read.status_code == 503
+            await asyncio.sleep(2.5)
+    finally:
+        await asyncio.to_thread(database.start)
+    assert pipe.worker_task is not None
+    assert not pipe.worker_task.done(), "the worker stopped"
+    final = await pipe.wait_final(client, before.json()["batch_id"], timeout=120)
+    assert final["counts"] == {"delivered": 300}
+    after = await submit_batch(client, run, [samples.otc_confirmation(run, "DBOUT-AFTER-01")])
+    assert after.status_code == 202
+    assert (await pipe.wait_final(client, after.json()["batch_id"]))["counts"] == {"delivered": 1}
+    assert_effects_once(pipe.sim, [m["message_id"] for m in before.json()["messages"]])
+
+
+async def test_i5_the_worker_outlives_a_35s_broker_stall_and_catches_up(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    pipe: Pipeline = await pipeline_factory(worker=False, sim={"latency_ms": 20})
+    client = pipe.client()
+    run = samples.run_id()
+    before = await submit_batch(client, run, samples.mixed_batch(run, 300, prefix="BRKOUT"))
+    assert before.status_code == 202
+    pipe.infra.broker.pause()
+    try:
+        await pipe.start_worker()  # a worker starting during the outage waits it out
+        await asyncio.sleep(35)
+        assert pipe.worker_task is not None
+        assert not pipe.worker_task.done()
+        refused = await submit_batch(client, run, [samples.otc_confirmation(run, "BRKOUT-DUR")])
+        assert refused.status_code == 503
+    finally:
+        pipe.infra.broker.resume()
+    final = await pipe.wait_final(client, before.json()["batch_id"], timeout=180)
+    assert final["counts"] == {"delivered": 300}
+    assert_effects_once(pipe.sim, [m["message_id"] for m in before.json()["messages"]])
