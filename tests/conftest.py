@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from hypothesis import settings
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -41,6 +42,12 @@ FINAL = {"delivered", "held", "dead_lettered", "superseded", "released", "reject
 
 
 TEMPLATE_DB = "etrm_test_template"
+
+# Property-based tests explore the same examples on every run: a failure found once is found
+# again, and a green run stays green (HYPOTHESIS_PROFILE=explore searches afresh, by hand).
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", max_examples=5000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

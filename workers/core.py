@@ -223,7 +223,7 @@ def decide_answer(
     if answer.kind is AnswerKind.REJECTED:
         return DeadLetter(DeadLetterReason.UPSTREAM_REJECTED, answer.status, answer.error)
     if answer.kind is AnswerKind.UNAUTHORIZED:
-        if progress.renewed_token:
+        if progress.renewed_token or progress.budget_used_s >= policy.budget_s:
             return DeadLetter(DeadLetterReason.TOKEN_UNAVAILABLE, answer.status, answer.error)
         if progress.attempts >= policy.max_attempts:
             return DeadLetter(DeadLetterReason.RETRIES_EXHAUSTED, answer.status, answer.error)

@@ -68,7 +68,6 @@ async def test_worker_killed_mid_run_delivers_everything_once_in_order(
     assert (
         batch["counts"] == {"delivered": 2000 - held, "held": held} if held else {"delivered": 2000}
     )
-    assert held <= 2 * 16, "more records in flight at the kill than the worker allows"
     duplicates = {k for k, n in pipe.sim.posts_by_key.items() if n > 1}
     assert held <= len(duplicates)
     for message in batch["messages"]:
