@@ -249,7 +249,7 @@ async def _begin(svc: IntakeServices, request: ledger.Request) -> ledger.Pending
     deadline = time.monotonic() + svc.settings.pending_lease_s
     while True:
         try:
-            begun = await ledger.begin(svc.engine, request, svc.cipher)
+            begun = await svc.ledger.begin(request)
         except Exception as exc:
             if database_unavailable(exc):
                 raise ledger_unavailable() from None
@@ -283,7 +283,7 @@ async def _abort(svc: IntakeServices, request: ledger.Request) -> None:
     """Best effort: if the database is away too, the pending request is aborted by whoever
     finds it past its lease; it can never be completed by anyone."""
     try:
-        await ledger.abort(svc.engine, request)
+        await svc.ledger.abort(request)
     except Exception as exc:
         log.warning("abort_deferred", batch_id=request.batch_id, error=type(exc).__name__)
 
@@ -292,7 +292,7 @@ async def _complete(svc: IntakeServices, request: ledger.Request, actor: Actor, 
     """True when accepted. If the database fails to say, find out — or make sure it is not
     accepted — before answering: a 503 must never be followed by deliveries."""
     try:
-        return await ledger.complete(svc.engine, request, actor, new)
+        return await svc.ledger.complete(request, actor, new)
     except Exception as exc:
         if not database_unavailable(exc):
             raise
@@ -300,9 +300,9 @@ async def _complete(svc: IntakeServices, request: ledger.Request, actor: Actor, 
     deadline = time.monotonic() + svc.settings.pending_lease_s
     while time.monotonic() < deadline:
         try:
-            if await ledger.abort(svc.engine, request):
+            if await svc.ledger.abort(request):
                 return False
-            return await ledger.state_of(svc.engine, request.batch_id) == BatchState.ACCEPTED
+            return await svc.ledger.state_of(request.batch_id) == BatchState.ACCEPTED
         except Exception as exc:
             if not database_unavailable(exc):
                 raise

@@ -37,7 +37,6 @@ from schemas.api import ProblemDetails
 log = structlog.get_logger("etrm.intake")
 
 ServicesFactory = Callable[[], Awaitable[IntakeServices]]
-Closer = Callable[[IntakeServices], Awaitable[None]]
 
 
 class TraceAndTiming:
@@ -136,7 +135,7 @@ def problem_openapi(app: FastAPI) -> dict[str, Any]:
     return document
 
 
-def create_app(build: ServicesFactory, close: Closer | None = None, *, body_limit: int) -> FastAPI:
+def create_app(build: ServicesFactory, *, body_limit: int) -> FastAPI:
     """`build()` gives the services (ops.bootstrap builds real adapters; tests may give fakes)."""
 
     @asynccontextmanager
@@ -159,8 +158,8 @@ def create_app(build: ServicesFactory, close: Closer | None = None, *, body_limi
             await asyncio.gather(*app.state.background, return_exceptions=True)
             if svc.housekeeping is not None:
                 await svc.housekeeping.stop()
-            if close is not None:
-                await close(svc)
+            if svc.close is not None:
+                await svc.close()
 
     app = FastAPI(
         title="etrm-sync intake",

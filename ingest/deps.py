@@ -4,27 +4,78 @@ allowed past the rate limit). Routes declare them with `Annotated` aliases."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, Protocol
 
 import structlog
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.auth import Principal, TokenVerifier, unauthorized
 from ingest.limits import DeskRateLimiter, FailureAlarm
 from ingest.problems import Problem
 from ingest.publisher import SettlementPublisher
 from ingest.tls import presented_thumbprint
-from ledger.crypto import PayloadCipher
+from ledger.acceptance import Begun
+from ledger.acceptance import Request as Request_
+from ledger.reads import Batch, Message
+from ledger.reconciliation import DeadLetterFilter
 from ledger.rows import Actor
 from operations.housekeeping import Housekeeping
-from operations.service import Operations
-from runtime.kafka import KafkaPublisher
+from operations.service import ReplayRequested
 from runtime.settings import IntakeSettings
+from schemas.states import BatchState
 
 log = structlog.get_logger("etrm.intake")
+
+
+class IntakeLedger(Protocol):
+    """What the intake needs of the ledger (ledger.acceptance.IntakeStore; a fake in tests)."""
+
+    async def begin(self, req: Request_) -> Begun: ...
+    async def complete(self, req: Request_, actor: Actor, new: int) -> bool: ...
+    async def abort(self, req: Request_) -> bool: ...
+    async def state_of(self, batch_id: str) -> BatchState | None: ...
+    async def get_batch(self, batch_id: str, desk: str | None) -> Batch | None: ...
+    async def get_message(self, message_id: str, desk: str | None) -> Message | None: ...
+    async def open_work(self) -> tuple[int, int]: ...
+    async def ping(self) -> None: ...
+
+
+class Broker(Protocol):
+    async def ping(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class OperationsPort(Protocol):
+    """What the routes need of the operations service (operations.service.Operations)."""
+
+    async def list_dead_letters(
+        self, where: DeadLetterFilter, *, limit: int, cursor: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]: ...
+    async def replay_status(self, replay_id: str) -> dict[str, Any] | None: ...
+    async def list_holds(
+        self, *, state: str | None, desk: str | None, limit: int
+    ) -> list[dict[str, Any]]: ...
+    async def preview_replay(
+        self, *, message_ids: Sequence[str] | None, where: DeadLetterFilter | None
+    ) -> dict[str, Any]: ...
+    async def request_replay(
+        self,
+        actor: Actor,
+        *,
+        message_ids: Sequence[str] | None,
+        where: DeadLetterFilter | None,
+        reason: str,
+    ) -> ReplayRequested: ...
+    async def approve_replay(self, replay_id: str, actor: Actor, reason: str | None) -> None: ...
+    async def run_replay(self, replay_id: str, actor: Actor) -> bool: ...
+    async def resume_replays(self, actor: Actor) -> int: ...
+    async def discard(self, dead_letter_id: str, actor: Actor, reason: str) -> dict[str, Any]: ...
+    async def decide_hold(
+        self, hold_id: str, decision: str, actor: Actor, reason: str
+    ) -> dict[str, Any]: ...
 
 
 @dataclass(slots=True)
@@ -32,15 +83,15 @@ class IntakeServices:
     """Built by the composition root (ops.bootstrap), or by a test with fakes."""
 
     settings: IntakeSettings
-    engine: AsyncEngine
-    kafka: KafkaPublisher
+    ledger: IntakeLedger
+    kafka: Broker
     publisher: SettlementPublisher
-    cipher: PayloadCipher
     verifier: TokenVerifier
-    operations: Operations
+    operations: OperationsPort
     rate_limiter: DeskRateLimiter
     alarm: FailureAlarm
     housekeeping: Housekeeping | None = None
+    close: Callable[[], Awaitable[None]] | None = None  # releases what the root built
 
 
 async def services(request: Request) -> IntakeServices:  # async: no thread-pool hop

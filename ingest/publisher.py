@@ -4,15 +4,20 @@ only when the broker acknowledged every one of its records (acks=all)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
-from runtime.kafka import KafkaPublisher, OutgoingRecord
+from runtime.kafka import OutgoingRecord
 from schemas.envelope import SCHEMA_VERSION, Envelope, kafka_headers, sign_message
 
 
+class Sink(Protocol):
+    """Where records go (runtime.kafka.KafkaPublisher; a fake in tests)."""
+
+    async def send_all(self, records: Sequence[OutgoingRecord], *, what: str = "") -> None: ...
+
+
 class SettlementPublisher:
-    def __init__(
-        self, kafka: KafkaPublisher, lanes: dict[str, str], signing_key: tuple[str, bytes]
-    ) -> None:
+    def __init__(self, kafka: Sink, lanes: dict[str, str], signing_key: tuple[str, bytes]) -> None:
         self.kafka = kafka
         self._lanes = lanes
         self._kid, self._secret = signing_key

@@ -27,7 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ledger import audit
+from ledger import audit, reads
 from ledger.crypto import PayloadCipher
 from ledger.rows import Actor, AuditEvent
 from schemas.states import BatchState, MessageState
@@ -459,3 +459,35 @@ async def sweep_expired(engine: AsyncEngine, limit: int = 500) -> int:
         if not expired:
             return 0
         return len(await _abort_batches(conn, expired, expired_only=True))
+
+
+class IntakeStore:
+    """The ledger as the intake uses it (ingest.deps.IntakeLedger): acceptance and reads."""
+
+    def __init__(self, engine: AsyncEngine, cipher: PayloadCipher) -> None:
+        self.engine = engine
+        self.cipher = cipher
+
+    async def begin(self, req: Request) -> Begun:
+        return await begin(self.engine, req, self.cipher)
+
+    async def complete(self, req: Request, actor: Actor, new: int) -> bool:
+        return await complete(self.engine, req, actor, new)
+
+    async def abort(self, req: Request) -> bool:
+        return await abort(self.engine, req)
+
+    async def state_of(self, batch_id: str) -> BatchState | None:
+        return await state_of(self.engine, batch_id)
+
+    async def get_batch(self, batch_id: str, desk: str | None) -> reads.Batch | None:
+        return await reads.get_batch(self.engine, batch_id, desk)
+
+    async def get_message(self, message_id: str, desk: str | None) -> reads.Message | None:
+        return await reads.get_message(self.engine, message_id, desk)
+
+    async def open_work(self) -> tuple[int, int]:
+        return await reads.open_work(self.engine)
+
+    async def ping(self) -> None:
+        await reads.ping(self.engine)

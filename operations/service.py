@@ -65,6 +65,21 @@ class Operations:
         self.republisher = republisher
         self.approval_threshold = approval_threshold
 
+    # -- reads -----------------------------------------------------------------------------------
+
+    async def list_dead_letters(
+        self, where: recon.DeadLetterFilter, *, limit: int, cursor: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        return await recon.list_dead_letters(self.engine, where, limit=limit, cursor=cursor)
+
+    async def replay_status(self, replay_id: str) -> dict[str, Any] | None:
+        return await recon.get_replay(self.engine, replay_id)
+
+    async def list_holds(
+        self, *, state: str | None, desk: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        return await recon.list_holds(self.engine, state=state, desk=desk, limit=limit)
+
     # -- replay --------------------------------------------------------------------------------
 
     async def preview_replay(

@@ -20,6 +20,7 @@ from ingest.auth import JwksKeys, TokenVerifier
 from ingest.deps import IntakeServices
 from ingest.limits import DeskRateLimiter, FailureAlarm
 from ingest.publisher import SettlementPublisher
+from ledger.acceptance import IntakeStore
 from ledger.crypto import PayloadCipher
 from ledger.db import database_unavailable, ensure_schema_current, make_engine
 from ledger.delivery import DeliveryStore
@@ -95,10 +96,9 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
     default_rate, desk_rates = settings.desk_rates()
     return IntakeServices(
         settings=settings,
-        engine=engine,
+        ledger=IntakeStore(engine, cipher),
         kafka=kafka,
         publisher=SettlementPublisher(kafka, settings.lanes, signing_key),
-        cipher=cipher,
         verifier=TokenVerifier(
             JwksKeys(settings.jwks_url, cooldown_s=settings.jwks_refresh_cooldown_s),
             issuer=settings.jwt_issuer,
@@ -111,19 +111,20 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
         rate_limiter=DeskRateLimiter(default_rate, desk_rates),
         alarm=FailureAlarm(),
         housekeeping=_housekeeping(settings, engine, cipher, kafka, republisher, actor),
+        close=lambda: _close_intake(kafka, engine),
     )
 
 
-async def close_intake(svc: IntakeServices) -> None:
-    await svc.kafka.stop()
-    await svc.engine.dispose()
+async def _close_intake(kafka: KafkaPublisher, engine: AsyncEngine) -> None:
+    await kafka.stop()
+    await engine.dispose()
 
 
 def intake_app(settings: IntakeSettings) -> FastAPI:
     async def build() -> IntakeServices:
         return await intake_services(settings)
 
-    return create_app(build, close_intake, body_limit=settings.max_body_bytes)
+    return create_app(build, body_limit=settings.max_body_bytes)
 
 
 # -- worker ---------------------------------------------------------------------------------

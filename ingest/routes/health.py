@@ -15,7 +15,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingest import metrics
 from ingest.deps import ServicesDep
-from ledger import reads
 from schemas.api import Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -30,7 +29,7 @@ async def healthz() -> Health:
 async def readyz(svc: ServicesDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
-        await reads.ping(svc.engine)
+        await svc.ledger.ping()
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"
@@ -48,7 +47,7 @@ async def readyz(svc: ServicesDep) -> JSONResponse:
 @router.get("/metrics", include_in_schema=False)
 async def prometheus(svc: ServicesDep) -> Response:
     try:
-        open_holds, open_dead_letters = await reads.open_work(svc.engine)
+        open_holds, open_dead_letters = await svc.ledger.open_work()
         metrics.HOLDS_OPEN.set(open_holds)
         metrics.DEAD_LETTERS_OPEN.set(open_dead_letters)
     except Exception:  # noqa: S110 - the other series are still worth serving

@@ -123,8 +123,8 @@ async def list_reconciliation(
 ) -> ReconciliationPage:
     require(who, "ops:read")
     try:
-        items, next_cursor = await recon.list_dead_letters(
-            svc.engine, query.filter(), limit=query.limit, cursor=query.cursor
+        items, next_cursor = await svc.operations.list_dead_letters(
+            query.filter(), limit=query.limit, cursor=query.cursor
         )
     except ValueError:
         raise Problem(400, "malformed_cursor", "cursor is not one this API gave") from None
@@ -216,7 +216,7 @@ async def approve(
 )
 async def replay_status(replay_id: str, svc: ServicesDep, who: PrincipalDep) -> ReplayStatus:
     require(who, "ops:read")
-    job = await recon.get_replay(svc.engine, replay_id) if replay_id_valid(replay_id) else None
+    job = await svc.operations.replay_status(replay_id) if replay_id_valid(replay_id) else None
     if job is None:
         raise Problem(404, "not_found", "no such replay")
     return ReplayStatus(
@@ -271,7 +271,7 @@ async def holds(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> HoldsPage:
     require(who, "ops:read")
-    rows = await recon.list_holds(svc.engine, state=state, desk=desk, limit=limit)
+    rows = await svc.operations.list_holds(state=state, desk=desk, limit=limit)
     return HoldsPage(items=[HoldItem(**_row(h, HOLD_FIELDS)) for h in rows])
 
 

@@ -16,7 +16,6 @@ from ingest.acceptance import MAX_BATCH, accept
 from ingest.body import read_json
 from ingest.deps import PrincipalDep, ServicesDep, actor_of, require
 from ingest.problems import Problem, problem_responses
-from ledger import reads
 from schemas import samples
 from schemas.api import (
     AcceptedMessage,
@@ -279,9 +278,7 @@ def _desk_filter(who: Any) -> str | None:
 async def read_batch(batch_id: str, svc: ServicesDep, who: PrincipalDep) -> BatchStatus:
     require(who, "settlements:read")
     batch = (
-        await reads.get_batch(svc.engine, batch_id, _desk_filter(who))
-        if len(batch_id) <= MAX_ID
-        else None
+        await svc.ledger.get_batch(batch_id, _desk_filter(who)) if len(batch_id) <= MAX_ID else None
     )
     if batch is None:
         raise Problem(404, "not_found", "no such batch")
@@ -307,7 +304,7 @@ async def read_batch(batch_id: str, svc: ServicesDep, who: PrincipalDep) -> Batc
 async def read_message(message_id: str, svc: ServicesDep, who: PrincipalDep) -> MessageStatus:
     require(who, "settlements:read")
     message = (
-        await reads.get_message(svc.engine, message_id, _desk_filter(who))
+        await svc.ledger.get_message(message_id, _desk_filter(who))
         if len(message_id) <= MAX_ID
         else None
     )

@@ -376,14 +376,23 @@ async def test_interrupted_replay_resumes_without_duplicates(
         where=reconciliation.DeadLetterFilter(settlement_run_id=run),
         reason="bulk",
     )
+    operations: Any = svc.operations
+    running = operations.republisher  # the intake's own engine, producer and keys
     dying = CrashAfterPublish(
-        svc.engine, svc.kafka, svc.cipher, pipe.settings.signing_keys()[0], chunk=5, lease_s=0.5
+        running.engine,
+        running.publisher,
+        running.cipher,
+        pipe.settings.signing_keys()[0],
+        chunk=5,
+        lease_s=0.5,
     )
     with pytest.raises(ConnectionError):
         await dying.run(created.replay_id, actor)
     # Whoever takes over once the dead runner's lease ran out (this test or the intake's
     # housekeeping) publishes the rest; the chunk published twice is delivered once.
-    survivor = Republisher(svc.engine, svc.kafka, svc.cipher, pipe.settings.signing_keys()[0])
+    survivor = Republisher(
+        running.engine, running.publisher, running.cipher, pipe.settings.signing_keys()[0]
+    )
 
     async def completed() -> bool:
         await survivor.run(created.replay_id, actor)

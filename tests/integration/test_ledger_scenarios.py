@@ -1,0 +1,265 @@
+"""One set of ledger scenarios, run against the in-memory ledger the unit tests use
+(tests/fakes.FakeLedger) and against the real one on Postgres (ledger.acceptance.IntakeStore,
+ledger.delivery.DeliveryStore): the fake may only stand in for what the real ledger does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from ingest.deps import IntakeLedger
+from ingest.publisher import SettlementPublisher
+from ledger.acceptance import Busy, IntakeStore, KeyHeld, Pending, RevisionConflict
+from ledger.crypto import PayloadCipher
+from ledger.db import make_engine
+from ledger.delivery import DeliveryStore
+from ledger.rows import Actor, ClaimRequest, DeadLetterRow, LateTaken, Outcome
+from schemas import samples
+from schemas.envelope import header_map, publication_of
+from schemas.states import BatchState, DeadLetterReason, MessageState
+from tests.conftest import Infra, fresh_database
+from tests.fakes import Desk, FakeBroker, FakeLedger
+from workers.pipeline import DeliveryLedger
+
+S = MessageState
+LANES = {"standard": "scn.standard", "priority": "scn.priority"}
+WORKER = Actor("worker", "scenario-worker")
+
+
+@dataclass
+class Backend:
+    intake: IntakeLedger
+    worker: DeliveryLedger
+    desk: Desk
+    broker: FakeBroker
+    expire_leases: Callable[[], Awaitable[None]]
+    state: Callable[[str], Awaitable[MessageState]]
+
+
+@pytest.fixture(params=["memory", "postgres"])
+def where(request: pytest.FixtureRequest) -> Infra | None:
+    """None for the in-memory ledger; the test servers for the real one."""
+    return request.getfixturevalue("infra") if request.param == "postgres" else None
+
+
+@pytest.fixture
+async def backend(where: Infra | None) -> AsyncIterator[Backend]:
+    broker = FakeBroker()
+    publisher = SettlementPublisher(broker, LANES, ("k1", b"scenario-key"))
+    if where is None:
+        fake = FakeLedger(lease_s=10.0)
+
+        async def expire() -> None:
+            fake.now += 60
+
+        async def state_in_memory(message_id: str) -> MessageState:
+            return fake.rows[message_id].state
+
+        yield Backend(fake, fake, Desk(fake, publisher), broker, expire, state_in_memory)
+        return
+    engine = make_engine(await fresh_database(where), 4)
+    cipher = PayloadCipher([("e1", b"\x01" * 32)])
+    intake = IntakeStore(engine, cipher)
+    worker = DeliveryStore(engine, cipher, owner="scenario", lease_s=10.0, actor=WORKER)
+
+    async def expire_in_db() -> None:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE messages SET lease_until = now() - interval '1 second'")
+            )
+
+    async def state_in_db(message_id: str) -> MessageState:
+        async with engine.connect() as conn:
+            found = await conn.scalar(
+                text("SELECT state FROM messages WHERE message_id = :m"), {"m": message_id}
+            )
+        return MessageState(found)
+
+    try:
+        yield Backend(intake, worker, Desk(intake, publisher), broker, expire_in_db, state_in_db)
+    finally:
+        await engine.dispose()
+
+
+def otc(run: str, trade: str, revision: int = 1, volume: str = "400") -> dict[str, Any]:
+    return samples.otc_confirmation(run, f"{trade}-0000", revision=revision, volume=volume)
+
+
+async def claim(b: Backend, message_id: str, publication: str | None = None) -> Any:
+    if publication is None:
+        publication = next(
+            publication_of(h)
+            for _, _, _, headers in b.broker.records
+            if (h := header_map(headers))["message_id"] == message_id
+        )
+    [row] = await b.worker.claim([ClaimRequest(message_id, publication, 0, 0)])
+    return row
+
+
+async def test_acceptance_pending_then_accepted_and_the_key_is_held(b: Backend) -> None:
+    run = samples.run_id()
+    request = b.desk.request([otc(run, "SCN-A1")], key="key-1")
+    pending = await b.intake.begin(request)
+    assert isinstance(pending, Pending)
+    assert [r.message_id for r in pending.to_publish] == [request.records[0].message_id]
+    assert await b.intake.state_of(request.batch_id) is BatchState.PENDING
+    assert await b.intake.get_message(request.records[0].message_id, None) is None
+    again = await b.intake.begin(b.desk.request([otc(run, "SCN-A1")], key="key-1"))
+    assert isinstance(again, KeyHeld)
+    assert again.state == "in_flight"
+    assert await b.intake.complete(request, WORKER, 1)
+    assert await b.intake.state_of(request.batch_id) is BatchState.ACCEPTED
+    message = await b.intake.get_message(request.records[0].message_id, "power-east")
+    assert message is not None
+    assert message.state is S.QUEUED
+    assert await b.intake.get_message(request.records[0].message_id, "gas-west") is None
+    done = await b.intake.begin(b.desk.request([otc(run, "SCN-A1")], key="key-1"))
+    assert isinstance(done, KeyHeld)
+    assert (done.state, done.resource_id) == ("completed", request.batch_id)
+
+
+async def test_an_aborted_request_leaves_its_key_and_records_free(b: Backend) -> None:
+    run = samples.run_id()
+    request = b.desk.request([otc(run, "SCN-B1")], key="key-b")
+    assert isinstance(await b.intake.begin(request), Pending)
+    assert await b.intake.abort(request)
+    assert not await b.intake.complete(request, WORKER, 1)
+    assert await b.intake.state_of(request.batch_id) is BatchState.ABORTED
+    retry = b.desk.request([otc(run, "SCN-B1")], key="key-b")
+    pending = await b.intake.begin(retry)
+    assert isinstance(pending, Pending)
+    assert len(pending.to_publish) == 1
+
+
+async def test_records_being_accepted_elsewhere_are_busy_and_revisions_conflict(
+    b: Backend,
+) -> None:
+    run = samples.run_id()
+    first = b.desk.request([otc(run, "SCN-C1")])
+    assert isinstance(await b.intake.begin(first), Pending)
+    busy = await b.intake.begin(b.desk.request([otc(run, "SCN-C1")]))
+    assert isinstance(busy, Busy)
+    assert await b.intake.complete(first, WORKER, 1)
+    conflict = await b.intake.begin(
+        b.desk.request([otc(run, "SCN-C2"), otc(run, "SCN-C1", volume="401")])
+    )
+    assert isinstance(conflict, RevisionConflict)
+    assert (conflict.index, conflict.conflicting_message_id) == (
+        1,
+        first.records[0].message_id,
+    )
+    already = await b.intake.begin(b.desk.request([otc(run, "SCN-C1")]))
+    assert isinstance(already, Pending)
+    assert already.to_publish == []  # accepted before: not published again
+
+
+async def test_one_lease_at_a_time_and_writes_are_fenced_by_it(b: Backend) -> None:
+    run = samples.run_id()
+    [m] = await b.desk.accept([otc(run, "SCN-D1")])
+    first = await claim(b, m)
+    assert (first.epoch, first.state, first.attempts) == (1, S.QUEUED, 0)
+    second = await claim(b, m)
+    assert second.epoch is None
+    assert second.lease_live
+    assert second.state is S.DELIVERING
+    await b.expire_leases()
+    taken_over = await claim(b, m)
+    assert (taken_over.epoch, taken_over.attempts) == (2, 1)  # the first POST counted
+    stale, live = await b.worker.write(
+        [
+            Outcome(m, 1, S.DELIVERED, 1, 0.1, upstream_transaction_id="TX-OLD"),
+            Outcome(m, 2, S.DELIVERED, 2, 0.2, upstream_transaction_id="TX-NEW"),
+        ]
+    )
+    assert (stale, live) == (False, True)
+    assert await b.state(m) is S.DELIVERED
+    done = await claim(b, m)
+    assert (done.epoch, done.state) == (None, S.DELIVERED)
+
+
+async def test_a_stale_copy_is_not_live_and_an_unknown_id_does_not_exist(b: Backend) -> None:
+    run = samples.run_id()
+    [m] = await b.desk.accept([otc(run, "SCN-E1")])
+    stale = await claim(b, m, publication="batch_other")
+    assert (stale.exists, stale.live_copy, stale.epoch) == (True, False, None)
+    unknown = await claim(b, "m_" + "0" * 40, publication="batch_other")
+    assert not unknown.exists
+
+
+async def test_claims_see_earlier_records_and_the_highest_revision_taken(b: Backend) -> None:
+    run = samples.run_id()
+    first, second = await b.desk.accept([otc(run, "SCN-F1", 2, "1"), otc(run, "SCN-F1", 3, "2")])
+    row = await claim(b, second)
+    assert row.predecessors.waiting == 1
+    assert row.max_taken_revision is None
+    await b.worker.write([Outcome(second, row.epoch, S.QUEUED, 0, 0.0)])  # hand it back
+    lead = await claim(b, first)
+    assert lead.predecessors.waiting == 0
+    assert await b.worker.write([Outcome(first, lead.epoch, S.DELIVERED, 1, 0.0)]) == [True]
+    [lower] = await b.desk.accept([otc(run, "SCN-F1", 1, "3")])
+    row = await claim(b, lower)
+    assert row.max_taken_revision == 2
+    assert row.revision == 1
+
+
+async def test_a_late_answer_closes_a_dead_letter_that_guessed_wrong(b: Backend) -> None:
+    run = samples.run_id()
+    [m] = await b.desk.accept([otc(run, "SCN-G1")])
+    row = await claim(b, m)
+    now = datetime.now(UTC)
+    topic, key, value, headers = b.broker.records[-1]
+    dead = DeadLetterRow(
+        dead_letter_id="dl_scenario_g1",
+        dedupe_key=f"claim:{m}:{row.epoch}",
+        reason=DeadLetterReason.RETRIES_EXHAUSTED,
+        error_status=503,
+        attempts=4,
+        last_error="503: maintenance",
+        first_attempt_at=now,
+        last_attempt_at=now,
+        source_topic=topic,
+        source_partition=0,
+        source_offset=0,
+        kafka_key=key,
+        kafka_value=value,
+        headers=list(headers),
+        message_id=m,
+        desk="power-east",
+    )
+    written = await b.worker.write(
+        [
+            Outcome(
+                m,
+                row.epoch,
+                S.DEAD_LETTERED,
+                4,
+                1.0,
+                dead_letter_id=dead.dead_letter_id,
+                dead_letter=dead,
+            )
+        ]
+    )
+    assert written == [True]
+    late = LateTaken(m, S.DELIVERED, "TX-LATE", Decimal("400.000"), "late answer", None)
+    assert await b.worker.record_late_taken(late)
+    assert await b.state(m) is S.DELIVERED
+    assert not await b.worker.record_late_taken(late)  # once
+
+
+@pytest.fixture
+def b(backend: Backend) -> Backend:
+    return backend
+
+
+async def test_concurrent_claims_hand_out_one_lease(b: Backend) -> None:
+    run = samples.run_id()
+    [m] = await b.desk.accept([otc(run, "SCN-H1")])
+    rows = await asyncio.gather(*(claim(b, m) for _ in range(8)))
+    assert [r.epoch for r in rows if r.epoch is not None] == [1]

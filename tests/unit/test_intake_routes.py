@@ -1,0 +1,438 @@
+"""The intake's routes in-process (ASGI transport), with the ledger and the broker faked: status
+codes, problem details, access rules, idempotency and the 503s of CONTRACT §3 — no servers."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ingest.app import create_app
+from ingest.auth import JwksKeys, TokenVerifier
+from ingest.deps import IntakeServices
+from ingest.limits import DeskRateLimiter, FailureAlarm
+from ingest.publisher import SettlementPublisher
+from ledger.reconciliation import DeadLetterFilter
+from ledger.rows import Actor
+from operations.service import OperationRefused, ReplayRequested
+from ops.dev.devkeys import generate_signing_key, mint_token
+from runtime.settings import IntakeSettings, load
+from schemas import samples
+from schemas.envelope import header_map, verify_message
+from schemas.states import BatchState, MessageState
+from tests.fakes import FakeBroker, FakeLedger
+
+ISSUER, AUDIENCE = "https://idp.unit", "etrm-unit"
+
+
+class FakeOperations:
+    """Answers the operations routes from a script; records what it was asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.refuse: OperationRefused | None = None
+
+    def _maybe_refuse(self) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+
+    async def list_dead_letters(
+        self, where: DeadLetterFilter, *, limit: int, cursor: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        self.calls.append(("list", where))
+        return [], None
+
+    async def replay_status(self, replay_id: str) -> dict[str, Any] | None:
+        return None
+
+    async def list_holds(
+        self, *, state: str | None, desk: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        return []
+
+    async def preview_replay(
+        self, *, message_ids: Sequence[str] | None, where: DeadLetterFilter | None
+    ) -> dict[str, Any]:
+        return {"dry_run": True, "count": 0, "needs_approval": False, "desks": [], "items": []}
+
+    async def request_replay(
+        self,
+        actor: Actor,
+        *,
+        message_ids: Sequence[str] | None,
+        where: DeadLetterFilter | None,
+        reason: str,
+    ) -> ReplayRequested:
+        self._maybe_refuse()
+        self.calls.append(("replay", actor.name))
+        return ReplayRequested("replay_x", "pending_approval", 2, True, ["a", "b"])
+
+    async def approve_replay(self, replay_id: str, actor: Actor, reason: str | None) -> None:
+        self._maybe_refuse()
+        self.calls.append(("approve", actor.name))
+
+    async def run_replay(self, replay_id: str, actor: Actor) -> bool:
+        return True
+
+    async def resume_replays(self, actor: Actor) -> int:
+        return 0
+
+    async def discard(self, dead_letter_id: str, actor: Actor, reason: str) -> dict[str, Any]:
+        self._maybe_refuse()
+        self.calls.append(("discard", reason))
+        return {
+            "dead_letter_id": dead_letter_id,
+            "message_id": "m",
+            "status": "discarded",
+            "continued": 0,
+            "continuation_id": None,
+        }
+
+    async def decide_hold(
+        self, hold_id: str, decision: str, actor: Actor, reason: str
+    ) -> dict[str, Any]:
+        self._maybe_refuse()
+        return {"hold_id": hold_id, "message_id": "m", "state": decision, "dead_letter_id": None}
+
+
+@dataclass
+class Intake:
+    client: httpx.AsyncClient
+    ledger: FakeLedger
+    broker: FakeBroker
+    operations: FakeOperations
+    settings: IntakeSettings
+    private_key: Path
+
+    def token(
+        self,
+        desk: str = "power-east",
+        scopes: str = "settlements:write settlements:read",
+        **kwargs: Any,
+    ) -> str:
+        return mint_token(
+            self.private_key,
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            subject=kwargs.pop("subject", "trader-1"),
+            desk=desk,
+            scopes=scopes.split(),
+            **kwargs,
+        )
+
+    def auth(self, **kwargs: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(**kwargs)}"}
+
+
+@pytest.fixture
+async def intake(tmp_path: Path) -> AsyncIterator[Intake]:
+    private_key, jwks = generate_signing_key(tmp_path)
+    settings = load(
+        IntakeSettings,
+        database_url="postgresql+asyncpg://unused@localhost/unused",
+        jwks_url=str(jwks),
+        jwt_issuer=ISSUER,
+        jwt_audience=AUDIENCE,
+        message_signing_keys="k1=unit-secret",
+        encryption_keys="e1=" + "A" * 43 + "=",
+        max_body_bytes=64 * 1024,
+        desk_rate_limits="slow-desk=1:2",
+    )
+    ledger, broker, operations = FakeLedger(), FakeBroker(), FakeOperations()
+    services = IntakeServices(
+        settings=settings,
+        ledger=ledger,
+        kafka=broker,
+        publisher=SettlementPublisher(broker, settings.lanes, settings.signing_keys()[0]),
+        verifier=TokenVerifier(JwksKeys(str(jwks)), issuer=ISSUER, audience=AUDIENCE, leeway_s=30),
+        operations=operations,
+        rate_limiter=DeskRateLimiter(*settings.desk_rates()),
+        alarm=FailureAlarm(),
+    )
+
+    async def build() -> IntakeServices:
+        return services
+
+    app = create_app(build, body_limit=settings.max_body_bytes)
+    app.state.services, app.state.background = services, set()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://intake") as client:
+        yield Intake(client, ledger, broker, operations, settings, private_key)
+
+
+def batch_headers(run: str, key: str | None = None) -> dict[str, str]:
+    return {"X-Settlement-Run-ID": run, "Idempotency-Key": key or uuid.uuid4().hex}
+
+
+async def submit(
+    intake: Intake, run: str, records: list[dict[str, Any]], key: str | None = None, **auth: Any
+) -> httpx.Response:
+    return await intake.client.post(
+        "/v1/settlements/batches",
+        json={"records": records},
+        headers={**batch_headers(run, key), **intake.auth(**auth)},
+    )
+
+
+async def test_accepted_batch_is_published_signed_and_readable(intake: Intake) -> None:
+    run = samples.run_id()
+    records = [samples.otc_confirmation(run, "OTC-UNIT-001"), samples.canonical(run, "RT-UNIT-01")]
+    response = await submit(intake, run, records)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert response.headers["location"] == body["status_url"] == f"/v1/batches/{body['batch_id']}"
+    assert [m["index"] for m in body["messages"]] == [0, 1]
+    topics = [topic for topic, _, _, _ in intake.broker.records]
+    assert topics == [intake.settings.topic_standard, intake.settings.topic_priority]
+    for _, key, value, headers in intake.broker.records:
+        signed = header_map(headers)
+        assert verify_message(value, signed, dict(intake.settings.signing_keys())) is None
+        assert signed["batch_id"] == body["batch_id"]
+        assert key in (b"OTC-UNIT-001", b"RT-UNIT-01")
+    batch = (await intake.client.get(body["status_url"], headers=intake.auth())).json()
+    assert batch["counts"] == {"queued": 2}
+    detail = await intake.client.get(
+        f"/v1/settlements/{body['messages'][0]['message_id']}", headers=intake.auth()
+    )
+    assert detail.json()["state"] == "queued"
+    assert detail.json()["history"][0]["state"] == "queued"
+
+
+async def test_a_record_accepted_before_is_not_published_again(intake: Intake) -> None:
+    run = samples.run_id()
+    records = [samples.otc_confirmation(run, "OTC-UNIT-002")]
+    assert (await submit(intake, run, records)).status_code == 202
+    again = await submit(intake, run, records)  # another key, the same record
+    assert again.status_code == 202
+    assert len(intake.broker.records) == 1
+
+
+async def test_the_broker_not_acknowledging_is_a_503_and_nothing_is_accepted(
+    intake: Intake,
+) -> None:
+    run = samples.run_id()
+    records = [samples.otc_confirmation(run, "OTC-UNIT-003")]
+    intake.broker.failing = True
+    refused = await submit(intake, run, records, key="k-503")
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.headers["content-type"] == "application/problem+json"
+    [(_request, state)] = intake.ledger.batches.values()
+    assert state is BatchState.ABORTED
+    assert {r.state for r in intake.ledger.rows.values()} == {MessageState.ABORTED}
+    intake.broker.failing = False
+    accepted = await submit(intake, run, records, key="k-503")  # the same key works again
+    assert accepted.status_code == 202
+
+
+async def test_the_database_away_is_a_503_never_a_500(intake: Intake) -> None:
+    run = samples.run_id()
+    intake.ledger.away = True
+    posted = await submit(intake, run, [samples.otc_confirmation(run, "OTC-UNIT-004")])
+    assert posted.status_code == 503
+    assert posted.json()["code"] == "ledger_unavailable"
+    assert posted.headers["retry-after"]
+    read = await intake.client.get("/v1/batches/batch_x", headers=intake.auth())
+    assert read.status_code == 503
+    ready = await intake.client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["database"].startswith("unavailable")
+
+
+async def test_idempotency_key_same_body_and_other_body(intake: Intake) -> None:
+    run = samples.run_id()
+    records = [samples.otc_confirmation(run, "OTC-UNIT-005")]
+    first = await submit(intake, run, records, key="k-dup")
+    same = await submit(intake, run, records, key="k-dup")
+    assert same.status_code == 409
+    assert same.json()["code"] == "duplicate_request"
+    assert same.json()["batch_id"] == first.json()["batch_id"]
+    assert same.headers["location"] == first.json()["status_url"]
+    other = await submit(intake, run, [samples.otc_confirmation(run, "OTC-UNIT-006")], key="k-dup")
+    assert other.status_code == 422
+    assert other.json()["code"] == "idempotency_key_reused"
+
+
+async def test_revision_conflict_names_the_record(intake: Intake) -> None:
+    run = samples.run_id()
+    first = samples.otc_confirmation(run, "OTC-UNIT-007", volume="100")
+    other = samples.otc_confirmation(run, "OTC-UNIT-007", volume="101")
+    assert (await submit(intake, run, [first])).status_code == 202
+    conflict = await submit(intake, run, [samples.otc_confirmation(run, "OTC-UNIT-008"), other])
+    assert conflict.status_code == 409
+    assert conflict.json()["code"] == "revision_conflict"
+    assert conflict.json()["index"] == 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "index", "field"),
+    [
+        (lambda r: r.update(volume_mwh="NaN"), 1, "volume_mwh"),
+        (lambda r: r.update(fixed_price="1e-999999999999"), 1, "fixed_price"),
+        (lambda r: r.update(nickname="x"), 1, "nickname"),
+        (lambda r: r.update(delivery_start="2026-02-30T00:00:00Z"), 1, "delivery_start"),
+        (lambda r: r.update(counterparty="a\x00b"), 1, "counterparty"),
+    ],
+)
+async def test_schema_errors_name_the_record_and_field(
+    intake: Intake, mutate: Any, index: int, field: str
+) -> None:
+    run = samples.run_id()
+    bad = samples.otc_confirmation(run, "OTC-UNIT-009")
+    mutate(bad)
+    response = await submit(intake, run, [samples.otc_confirmation(run, "OTC-UNIT-010"), bad])
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    assert (index, field) in {(e["index"], e["field"]) for e in response.json()["errors"]}
+    assert intake.ledger.batches == {}  # a refused request leaves no trace
+
+
+async def test_hostile_json_is_answered_not_crashed_on(intake: Intake) -> None:
+    run = samples.run_id()
+    headers = {**batch_headers(run), **intake.auth(), "Content-Type": "application/json"}
+    for body, status in (
+        (b'{"records": [{"\\ud800": 1}]}', 422),
+        (b'{"records": [], "records": []}', 422),
+        (b"{not json", 400),
+        (b"[" * 20_000, 400),
+        (b'{"records": [NaN]}', 422),
+    ):
+        response = await intake.client.post(
+            "/v1/settlements/batches", content=body, headers=headers
+        )
+        assert response.status_code == status, (body[:30], response.text)
+        json.loads(response.content)  # always a well-formed problem
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        ({"X-Settlement-Run-ID": None}, 400),
+        ({"X-Settlement-Run-ID": "lowercase0000000"}, 400),
+        ({"X-Settlement-Run-ID": "AAAAAAAAAAAAAAAA"}, 400),
+        ({"Idempotency-Key": None}, 400),
+        ({"Idempotency-Key": "x" * 256}, 400),
+        ({"Content-Type": "text/plain"}, 415),
+    ],
+)
+async def test_header_errors(intake: Intake, change: dict[str, str | None], status: int) -> None:
+    run = samples.run_id()
+    headers: dict[str, str | None] = {
+        **batch_headers(run),
+        **intake.auth(),
+        "Content-Type": "application/json",
+    }
+    headers.update(change)
+    body = json.dumps({"records": [samples.otc_confirmation(run, "OTC-UNIT-011")]}).encode()
+    response = await intake.client.post(
+        "/v1/settlements/batches",
+        content=body,
+        headers={k: v for k, v in headers.items() if v is not None},
+    )
+    assert response.status_code == status, response.text
+
+
+async def test_bodies_over_the_limit_are_413(intake: Intake) -> None:
+    run = samples.run_id()
+    headers = {**batch_headers(run), **intake.auth(), "Content-Type": "application/json"}
+    declared = await intake.client.post(
+        "/v1/settlements/batches", content=b" " * (65 * 1024), headers=headers
+    )
+    assert declared.status_code == 413
+
+    async def streamed() -> AsyncIterator[bytes]:
+        for _ in range(70):
+            yield b" " * 1024
+
+    chunked = await intake.client.post(
+        "/v1/settlements/batches", content=streamed(), headers=headers
+    )
+    assert chunked.status_code == 413
+
+
+async def test_access_rules(intake: Intake) -> None:
+    run = samples.run_id()
+    records = [samples.otc_confirmation(run, "OTC-EAST-0001")]
+    anonymous = await intake.client.post(
+        "/v1/settlements/batches", json={"records": records}, headers=batch_headers(run)
+    )
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"].startswith("Bearer")
+    reader = await submit(intake, run, records, scopes="settlements:read")
+    assert reader.status_code == 403
+    assert reader.json()["required_scope"] == "settlements:write"
+    outside = await submit(intake, run, records, contracts=["OTC-WEST-*"])
+    assert outside.status_code == 403
+    accepted = await submit(intake, run, records)
+    url = accepted.json()["status_url"]
+    assert (await intake.client.get(url, headers=intake.auth(desk="gas-west"))).status_code == 404
+    made_up = intake.auth(desk="gas-west", scopes="settlements:read ops:foo")
+    assert (await intake.client.get(url, headers=made_up)).status_code == 404
+    operator = intake.auth(desk="ops", scopes="settlements:read ops:read")
+    assert (await intake.client.get(url, headers=operator)).status_code == 200
+    spoof = await intake.client.post(
+        "/v1/settlements/sync",
+        json=samples.otc_confirmation(run, "OTC-EAST-0002"),
+        headers={"X-Settlement-Run-ID": run, "X-Trader-Scope": "gas-west", **intake.auth()},
+    )
+    assert spoof.status_code == 403
+
+
+async def test_rate_limit_per_desk(intake: Intake) -> None:
+    answers = [
+        (
+            await intake.client.get("/v1/batches/x", headers=intake.auth(desk="slow-desk"))
+        ).status_code
+        for _ in range(4)
+    ]
+    assert answers[:2] == [404, 404]
+    assert 429 in answers[2:]
+    assert (await intake.client.get("/v1/batches/x", headers=intake.auth())).status_code == 404
+
+
+async def test_operations_routes_scopes_and_refusals(intake: Intake) -> None:
+    desk = intake.auth()
+    assert (await intake.client.get("/v1/reconciliation", headers=desk)).status_code == 403
+    alice = intake.auth(desk="ops", scopes="ops:read ops:replay ops:holds", subject="op-alice")
+    listed = await intake.client.get("/v1/reconciliation", headers=alice)
+    assert listed.json() == {"items": [], "next_cursor": None}
+    replay = await intake.client.post(
+        "/v1/reconciliation/replay", json={"message_ids": ["m1"], "reason": "back"}, headers=alice
+    )
+    assert replay.status_code == 202
+    assert replay.json()["needs_approval"] is True
+    for code, status in (
+        ("four_eyes", 403),
+        ("nothing_to_replay", 422),
+        ("not_pending", 409),
+        ("not_found", 404),
+    ):
+        intake.operations.refuse = OperationRefused(code, "no")
+        refused = await intake.client.post(
+            "/v1/reconciliation/replay/replay_x/approve", json={}, headers=alice
+        )
+        assert refused.status_code == status
+        assert refused.json()["code"] == code
+    intake.operations.refuse = None
+    no_reason = await intake.client.post("/v1/holds/h1/release", json={}, headers=alice)
+    assert no_reason.status_code == 422
+    reader = intake.auth(desk="ops", scopes="ops:read")
+    assert (
+        await intake.client.post("/v1/holds/h1/release", json={"reason": "x"}, headers=reader)
+    ).status_code == 403
+    discard = await intake.client.post(
+        "/v1/reconciliation/dl_1/discard", json={"reason": "cancelled"}, headers=alice
+    )
+    assert discard.status_code == 200
+    assert discard.json() == {
+        "dead_letter_id": "dl_1",
+        "message_id": "m",
+        "status": "discarded",
+        "continued": 0,
+    }

@@ -1,0 +1,328 @@
+"""The worker's delivery pipeline with the ledger and the upstream in memory (tests/fakes.py):
+what is sent, in what order, what is written under which lease, and when an offset may pass —
+including a lease lost mid-POST and a partition revoked mid-POST (issue #6 case 2). The same
+pipeline against real Postgres, Kafka and an HTTP simulator is in tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+
+import pytest
+
+from ingest.publisher import SettlementPublisher
+from ledger.rows import Actor, ClaimRequest, Outcome
+from schemas import samples
+from schemas.states import DeadLetterReason, MessageState, Sequencing
+from tests.fakes import Consumed, DatabaseAway, Desk, FakeBroker, FakeLedger, FakeUpstream, taken
+from workers.core import Policy
+from workers.pipeline import Pipeline
+from workers.rules import Answer, AnswerKind
+from workers.slots import LaneSlots
+
+S = MessageState
+LANES = {"standard": "unit.standard", "priority": "unit.priority"}
+KEY = ("k1", b"unit-signing-secret")
+POLICY = Policy(
+    max_attempts=4,
+    budget_s=5.0,
+    backoff_base_s=0.01,
+    backoff_cap_s=0.05,
+    drift_threshold=Decimal("0.5"),
+)
+TRANSIENT = Answer(AnswerKind.TRANSIENT, 503, "503: maintenance")
+
+
+@dataclass
+class Harness:
+    ledger: FakeLedger
+    broker: FakeBroker
+    upstream: FakeUpstream
+    desk: Desk
+    pipeline: Pipeline
+    fed: int = 0
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def feed(self, skip: Callable[[int], bool] = lambda i: False) -> list[Consumed]:
+        """Hand the pipeline every record published since the last feed (on partition 0 of
+        their lane's topic), except those `skip` names by their index (on another partition,
+        which another worker owns)."""
+        copies = []
+        for i, (topic, key, value, headers) in enumerate(self.broker.records[self.fed :]):
+            if skip(self.fed + i):
+                continue
+            partition = (topic, 0)
+            if partition not in self.offsets:
+                self.offsets[partition] = 0
+                self.pipeline.assign(partition, 0)
+            offset = self.offsets[partition]
+            self.offsets[partition] += 1
+            copies.append(Consumed(topic, 0, offset, key, value, headers))
+        self.fed = len(self.broker.records)
+        assert self.pipeline.accept(copies) == {}
+        return copies
+
+    def state(self, message_id: str) -> MessageState:
+        return self.ledger.rows[message_id].state
+
+    async def until(self, condition: Callable[[], bool], timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "condition not met in time"
+            await asyncio.sleep(0.01)
+
+
+def make_pipeline(
+    ledger: FakeLedger, upstream: FakeUpstream, policy: Policy = POLICY, lease_s: float = 10.0
+) -> Pipeline:
+    return Pipeline(
+        ledger=ledger,
+        upstream=upstream,
+        token_errors=(FakeUpstream.Unavailable,),
+        policy=policy,
+        signing_keys=dict([KEY]),
+        slots=LaneSlots(4, 0.5),
+        lanes=LANES,
+        lease_s=lease_s,
+        upstream_timeout_s=1.0,
+        actor=Actor("worker", "unit-worker"),
+    )
+
+
+async def harness_with(policy: Policy) -> AsyncIterator[Harness]:
+    ledger, broker = FakeLedger(), FakeBroker()
+    upstream = FakeUpstream(taken())
+    pipeline = make_pipeline(ledger, upstream, policy)
+    desk = Desk(ledger, SettlementPublisher(broker, LANES, KEY))
+    yield Harness(ledger, broker, upstream, desk, pipeline)
+    await pipeline.stop(2.0)
+
+
+@pytest.fixture
+async def h() -> AsyncIterator[Harness]:
+    async for harness in harness_with(POLICY):
+        yield harness
+
+
+@pytest.fixture
+async def sequenced() -> AsyncIterator[Harness]:
+    async for harness in harness_with(replace(POLICY, sequencing=Sequencing.CONTRACT)):
+        yield harness
+
+
+def otc(run: str, trade: str, revision: int = 1, volume: str = "400") -> dict[str, object]:
+    return samples.otc_confirmation(run, f"{trade}-0000", revision=revision, volume=volume)
+
+
+async def test_each_record_is_sent_once_in_contract_order_and_its_offset_passes(
+    h: Harness,
+) -> None:
+    run = samples.run_id()
+    a = await h.desk.accept([otc(run, "OTC-A", r, str(100 + r)) for r in (1, 2, 3)])
+    b = await h.desk.accept([otc(run, "OTC-B")])
+    h.feed()
+    await h.until(lambda: all(h.ledger.settled(m) for m in a + b))
+    assert {m: h.state(m) for m in a + b} == dict.fromkeys(a + b, S.DELIVERED)
+    assert [m for m in h.upstream.posts if m in a] == a  # in acceptance order
+    assert sorted(h.upstream.posts) == sorted(a + b)  # one POST each
+    assert h.pipeline.offsets.commit_points() == {(LANES["standard"], 0): 4}
+
+
+async def test_transient_answers_are_retried_under_one_lease_until_taken(h: Harness) -> None:
+    run = samples.run_id()
+    [m] = await h.desk.accept([otc(run, "OTC-RETRY")])
+    h.upstream.scripts[m] = [TRANSIENT, TRANSIENT, taken("TX-R")]
+    h.feed()
+    await h.until(lambda: h.ledger.settled(m))
+    row = h.ledger.rows[m]
+    assert (row.state, row.attempts, row.lease_epoch) == (S.DELIVERED, 3, 1)
+    assert row.upstream_transaction_id == "TX-R"
+    assert h.upstream.posts == [m, m, m]
+
+
+async def test_a_record_waits_until_the_earlier_record_of_its_contract_settles(
+    h: Harness,
+) -> None:
+    run = samples.run_id()
+    first, second = await h.desk.accept(
+        [otc(run, "OTC-ORDER", 1, "10"), otc(run, "OTC-ORDER", 2, "20")]
+    )
+    h.feed(skip=lambda i: i == 0)  # the first one's copy is somewhere else
+    await asyncio.sleep(0.3)
+    assert h.upstream.posts == []
+    assert h.state(second) is S.QUEUED  # the lease it took to look was handed back
+    h.ledger.rows[first].state = S.DELIVERED  # another worker delivered it
+    await h.until(lambda: h.ledger.settled(second))
+    assert h.upstream.posts == [second]
+
+
+async def test_a_revision_below_one_taken_is_superseded_without_a_post(h: Harness) -> None:
+    run = samples.run_id()
+    [newer] = await h.desk.accept([otc(run, "OTC-SUP", 2, "20")])
+    [older] = await h.desk.accept([otc(run, "OTC-SUP", 1, "10")])
+    h.feed()
+    await h.until(lambda: h.ledger.settled(newer) and h.ledger.settled(older))
+    assert (h.state(newer), h.state(older)) == (S.DELIVERED, S.SUPERSEDED)
+    assert h.upstream.posts == [newer]
+
+
+async def test_a_rejected_record_is_dead_lettered_and_the_contract_moves_on(h: Harness) -> None:
+    run = samples.run_id()
+    bad, good = await h.desk.accept([otc(run, "OTC-REJ", 1, "1"), otc(run, "OTC-REJ", 2, "2")])
+    h.upstream.scripts[bad] = [Answer(AnswerKind.REJECTED, 422, "422: unknown counterparty")]
+    h.feed()
+    await h.until(lambda: h.ledger.settled(bad) and h.ledger.settled(good))
+    assert (h.state(bad), h.state(good)) == (S.DEAD_LETTERED, S.DELIVERED)
+    [dead] = h.ledger.dead_letters.values()
+    assert (dead.reason, dead.error_status, dead.attempts) == (
+        DeadLetterReason.UPSTREAM_REJECTED,
+        422,
+        1,
+    )
+    assert h.upstream.posts == [bad, good]
+
+
+async def test_with_contract_sequencing_the_next_record_parks_behind_the_dead_letter(
+    sequenced: Harness,
+) -> None:
+    h = sequenced
+    run = samples.run_id()
+    bad, behind = await h.desk.accept([otc(run, "OTC-SEQ", 1, "1"), otc(run, "OTC-SEQ", 2, "2")])
+    h.upstream.scripts[bad] = [Answer(AnswerKind.REJECTED, 422, "422: no")]
+    h.feed()
+    await h.until(lambda: h.state(behind) is S.PARKED)
+    assert h.ledger.rows[behind].parked_behind == bad
+    assert h.upstream.posts == [bad]
+
+
+async def test_a_drifted_position_is_held_for_an_analyst(h: Harness) -> None:
+    run = samples.run_id()
+    [m] = await h.desk.accept([otc(run, "OTC-DRIFT", volume="400")])
+    h.upstream.scripts[m] = [taken("TX-D", position="-999.000", status=200)]
+    h.feed()
+    await h.until(lambda: h.ledger.settled(m))
+    assert h.state(m) is S.HELD
+    [hold] = h.ledger.holds
+    assert getattr(hold, "reconciled") == Decimal("-999.000")  # noqa: B009
+
+
+async def test_an_untrusted_copy_is_dead_lettered_and_does_not_hold_the_partition(
+    h: Harness,
+) -> None:
+    run = samples.run_id()
+    [forged, good] = await h.desk.accept([otc(run, "OTC-F1"), otc(run, "OTC-F2")])
+    topic, key, value, headers = h.broker.records[0]
+    h.broker.records[0] = (topic, key, value.replace(b"400", b"401"), headers)
+    h.feed()
+    await h.until(lambda: h.ledger.settled(good) and bool(h.ledger.dead_letters))
+    [dead] = h.ledger.dead_letters.values()
+    assert dead.reason is DeadLetterReason.INVALID_SIGNATURE
+    assert h.state(forged) is S.QUEUED  # the real copy is still to come
+    assert h.upstream.posts == [good]
+    await h.until(lambda: h.pipeline.offsets.commit_points() == {(LANES["standard"], 0): 2})
+
+
+async def test_a_signed_copy_no_request_accepted_is_a_dead_letter_never_a_post(
+    h: Harness,
+) -> None:
+    run = samples.run_id()
+    record = h.desk.canonical(otc(run, "OTC-GHOST"))
+    from schemas.envelope import envelope_for
+
+    envelope = envelope_for("power-east", record)
+    await h.desk.publisher.publish(
+        [envelope], desk="power-east", trader="t", trace_id="t", batch_id="batch_never"
+    )
+    h.feed()
+    await h.until(lambda: bool(h.ledger.dead_letters))
+    [dead] = h.ledger.dead_letters.values()
+    assert dead.reason is DeadLetterReason.INVALID_MESSAGE
+    assert h.upstream.posts == []
+
+
+async def test_a_lease_lost_mid_post_is_not_written_and_the_copy_waits_for_the_new_owner(
+    h: Harness,
+) -> None:
+    run = samples.run_id()
+    [m] = await h.desk.accept([otc(run, "OTC-LEASE")])
+    h.upstream.gate = asyncio.Event()
+    h.feed()
+    await h.until(lambda: h.upstream.posts == [m])
+    # This worker froze past its lease; another one claimed the record (epoch 2).
+    h.ledger.now += 60
+    row = h.ledger.rows[m]
+    [other] = await h.ledger.claim([ClaimRequest(m, row.publication, 0, 0)])
+    assert other.epoch == 2
+    h.upstream.gate.set()
+    await asyncio.sleep(0.2)
+    assert (row.state, row.lease_epoch, row.upstream_transaction_id) == (S.DELIVERING, 2, None)
+    assert h.pipeline.offsets.commit_points() == {}  # not settled: the offset must not pass
+    # The new owner settles it; the old copy then finishes without another POST.
+    await h.ledger.write([Outcome(m, 2, S.DELIVERED, 2, 0.0, upstream_transaction_id="TX-2")])
+    await h.until(lambda: h.pipeline.offsets.commit_points() == {(LANES["standard"], 0): 1})
+    assert h.upstream.posts == [m]
+
+
+async def test_an_answer_received_after_revocation_is_still_written(h: Harness) -> None:
+    """Issue #6 case 2: the partition moves while a POST is in flight; the answer is kept,
+    and nothing is committed for the partition this worker no longer owns."""
+    run = samples.run_id()
+    [m] = await h.desk.accept([otc(run, "OTC-REVOKE")])
+    h.upstream.gate = asyncio.Event()
+    h.feed()
+    await h.until(lambda: h.upstream.posts == [m])
+    h.pipeline.revoke([(LANES["standard"], 0)])
+    h.upstream.gate.set()
+    await h.until(lambda: h.ledger.settled(m))
+    assert h.state(m) is S.DELIVERED
+    assert h.pipeline.offsets.commit_points() == {}
+    assert h.upstream.posts == [m]
+
+
+async def test_a_401_renews_the_token_once(h: Harness) -> None:
+    run = samples.run_id()
+    [m] = await h.desk.accept([otc(run, "OTC-401")])
+    h.upstream.scripts[m] = [Answer(AnswerKind.UNAUTHORIZED, 401, "401: expired"), taken()]
+    h.feed()
+    await h.until(lambda: h.ledger.settled(m))
+    assert h.state(m) is S.DELIVERED
+    assert h.upstream.posts == [m, m]
+
+
+async def test_no_token_spends_time_but_sends_nothing(h: Harness) -> None:
+    h.pipeline.policy = replace(POLICY, budget_s=0.2)
+    run = samples.run_id()
+    [m] = await h.desk.accept([otc(run, "OTC-NOTOKEN")])
+    h.upstream.token_down = True
+    h.feed()
+    await h.until(lambda: h.ledger.settled(m))
+    [dead] = h.ledger.dead_letters.values()
+    assert dead.reason is DeadLetterReason.TOKEN_UNAVAILABLE
+    assert h.upstream.posts == []
+
+
+async def test_an_answer_is_kept_while_the_database_is_away_and_written_when_back(
+    h: Harness,
+) -> None:
+    run = samples.run_id()
+    [m] = await h.desk.accept([otc(run, "OTC-DBAWAY")])
+    h.upstream.gate = asyncio.Event()
+    h.feed()
+    await h.until(lambda: h.upstream.posts == [m])
+    h.ledger.away = True
+    h.upstream.gate.set()
+    await asyncio.sleep(0.3)
+    assert h.state(m) is S.DELIVERING
+    h.ledger.away = False
+    await h.until(lambda: h.ledger.settled(m))
+    assert h.state(m) is S.DELIVERED
+    assert h.upstream.posts == [m]
+
+
+def test_database_away_is_recognised_as_such() -> None:
+    from ledger.db import database_unavailable
+
+    assert database_unavailable(DatabaseAway())
