@@ -17,7 +17,7 @@ Rules kept here (issue #6 cases 8, 11, 12, 14):
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -184,11 +184,12 @@ async def create_replay(
     reason: str,
     actor: Actor,
     candidates: Sequence[ReplayCandidate],
-    approval_threshold: int,
+    needs_approval: Callable[[int, Collection[str]], bool],
 ) -> tuple[list[ReplayCandidate], bool]:
     """Claim the candidates' dead letters for this replay (those another replay took
     meanwhile are left out) and record it; returns what it holds and whether it needs a
-    second operator. Nothing is recorded when nothing could be claimed."""
+    second operator (the operations rule `needs_approval` decides, on what was claimed).
+    Nothing is recorded when nothing could be claimed."""
     async with engine.begin() as conn:
         claimed = {
             r.dead_letter_id
@@ -208,7 +209,7 @@ async def create_replay(
             await conn.rollback()
             return [], False
         desks = sorted({i.desk for i in items})
-        needs_approval = len(items) > approval_threshold or len(desks) > 1
+        second_operator = needs_approval(len(items), desks)
         await conn.execute(
             text(
                 """
@@ -220,7 +221,7 @@ async def create_replay(
             ),
             {
                 "id": replay_id,
-                "state": ReplayState.PENDING_APPROVAL if needs_approval else ReplayState.APPROVED,
+                "state": ReplayState.PENDING_APPROVAL if second_operator else ReplayState.APPROVED,
                 "reason": reason,
                 "by": actor.name,
                 "desk": actor.desk or "",
@@ -251,11 +252,11 @@ async def create_replay(
                     "replay.requested",
                     subject_id=replay_id,
                     detail=f"{len(items)} dead letter(s) from {', '.join(desks)}; "
-                    f"reason: {reason}; needs approval: {needs_approval}",
+                    f"reason: {reason}; needs approval: {second_operator}",
                 )
             ],
         )
-    return items, needs_approval
+    return items, second_operator
 
 
 class Refused(Exception):
@@ -267,7 +268,11 @@ class Refused(Exception):
 
 
 async def approve_replay(
-    engine: AsyncEngine, replay_id: str, actor: Actor, reason: str | None
+    engine: AsyncEngine,
+    replay_id: str,
+    actor: Actor,
+    reason: str | None,
+    same_operator: Callable[[str, str], bool],
 ) -> None:
     async with engine.begin() as conn:
         row = (
@@ -278,7 +283,7 @@ async def approve_replay(
         ).first()
         if row is None:
             raise Refused("not_found", "no such replay")
-        if row.requested_by.casefold() == actor.name.casefold():
+        if same_operator(row.requested_by, actor.name):
             raise Refused(
                 "four_eyes",
                 "a replay must be approved by a different operator than the one who requested it",

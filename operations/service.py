@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger import reconciliation as recon
 from ledger.crypto import PayloadCipher
 from ledger.rows import Actor
+from operations import rules
 from operations.publishing import Progress, Republisher
 
 log = structlog.get_logger("etrm.ops")
@@ -90,7 +91,7 @@ class Operations:
         return {
             "dry_run": True,
             "count": len(items),
-            "needs_approval": len(items) > self.approval_threshold or len(desks) > 1,
+            "needs_approval": rules.needs_approval(len(items), desks, self.approval_threshold),
             "desks": desks,
             "items": [
                 {
@@ -122,7 +123,9 @@ class Operations:
             reason=reason,
             actor=actor,
             candidates=candidates,
-            approval_threshold=self.approval_threshold,
+            needs_approval=lambda count, desks: rules.needs_approval(
+                count, desks, self.approval_threshold
+            ),
         )
         if not items:
             raise OperationRefused("nothing_to_replay", "no open, replayable dead letters match")
@@ -140,7 +143,7 @@ class Operations:
 
     async def approve_replay(self, replay_id: str, actor: Actor, reason: str | None) -> None:
         try:
-            await recon.approve_replay(self.engine, replay_id, actor, reason)
+            await recon.approve_replay(self.engine, replay_id, actor, reason, rules.same_operator)
         except recon.Refused as exc:
             raise OperationRefused(exc.code, exc.detail) from None
         log.info("replay_approved", replay_id=replay_id, operator=actor.name)

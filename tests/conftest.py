@@ -35,9 +35,8 @@ from ops.dev.stack import Broker, Database, free_port, isolated_settings
 from runtime.kafka import ensure_topics
 from runtime.servers import EmbeddedServer
 from runtime.settings import StackSettings, settings_env
+from tests.jwt_attacks import AUDIENCE, ISSUER
 
-ISSUER = "https://idp.test.etrm-sync"
-AUDIENCE = "etrm-sync-test"
 FINAL = {"delivered", "held", "dead_lettered", "superseded", "released", "rejected", "parked"}
 
 

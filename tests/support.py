@@ -4,6 +4,7 @@ injecting raw records, and counting effects honestly (per key, at the simulator)
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,25 +19,29 @@ from schemas.envelope import sign_message
 OPS = "ops:read ops:replay ops:holds"
 
 
-async def wait_for(
-    predicate: Callable[[], Awaitable[bool]], timeout: float = 30.0, every: float = 0.2
-) -> None:
+Condition = Callable[[], Awaitable[bool] | bool]
+
+
+async def holds(predicate: Condition) -> bool:
+    result = predicate()
+    return bool(await result) if inspect.isawaitable(result) else bool(result)
+
+
+async def wait_for(predicate: Condition, timeout: float = 30.0, every: float = 0.2) -> None:
     """Poll until the condition holds; fail after `timeout`."""
     deadline = time.monotonic() + timeout
-    while not await predicate():
+    while not await holds(predicate):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(every)
 
 
-async def never(
-    predicate: Callable[[], Awaitable[bool]], seconds: float, every: float = 0.1
-) -> None:
+async def never(predicate: Condition, seconds: float, every: float = 0.1) -> None:
     """A negative assertion that would catch a late event: poll for the whole window and fail
     the moment the condition becomes true."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        assert not await predicate(), "it happened"
+        assert not await holds(predicate), "it happened"
         await asyncio.sleep(every)
 
 

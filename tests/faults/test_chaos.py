@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ops.dev.chaos import Profile, chaos_settings, run_chaos
-from tests.conftest import AUDIENCE, ISSUER, Infra, fresh_database
+from tests.conftest import Infra, fresh_database
+from tests.jwt_attacks import AUDIENCE, ISSUER
 
 pytestmark = pytest.mark.faults
 

@@ -119,9 +119,14 @@ async def test_case8_a_replay_whose_publish_fails_keeps_trying_and_is_not_replay
             "/v1/reconciliation/replay", json={"message_ids": [message_id], "reason": "again"}
         )
         assert second.status_code == 422, second.text
-        await asyncio.sleep(3.5)  # past the publish timeout: the replay's publish failed
-        status = (await ops.get(f"/v1/reconciliation/replay/{replay_id}")).json()
-        assert status["state"] == "running"
+
+        async def given_up() -> bool:
+            status = (await ops.get(f"/v1/reconciliation/replay/{replay_id}")).json()
+            return bool(status["state"] != "running")
+
+        # Past the publish timeout the replay's publish failed: it must stay running (to be
+        # resumed), never end as failed or completed.
+        await never(given_up, 3.5)
     finally:
         pipe.infra.broker.resume()
 

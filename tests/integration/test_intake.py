@@ -50,7 +50,7 @@ async def test_missing_expired_and_wrong_audience_tokens_are_401(intake_only: Pi
 
 def samples_token_with(pipe: Pipeline, **claims: str) -> str:
     from ops.dev.devkeys import mint_token
-    from tests.conftest import ISSUER
+    from tests.jwt_attacks import ISSUER
 
     return mint_token(
         pipe.infra.private_key,

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import sys
-import time
 from collections import Counter
 from typing import Any
 
@@ -23,6 +22,7 @@ from operations.service import operator_actor
 from schemas import samples
 from schemas.envelope import sign_message
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
+from tests.support import never, wait_for
 
 pytestmark = pytest.mark.integration
 OPS = "ops:read ops:replay ops:holds"
@@ -30,14 +30,6 @@ OPS = "ops:read ops:replay ops:holds"
 
 def ops_client(pipe: Pipeline, operator: str = "op-alice") -> httpx.AsyncClient:
     return pipe.client(desk="ops", scopes=OPS, subject=operator)
-
-
-async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.2)
 
 
 async def inject(pipe: Pipeline, value: bytes, headers: dict[str, str], *, sign: bool) -> None:
@@ -251,7 +243,7 @@ async def test_replay_after_recovery_is_exactly_once(ops_pipeline: Pipeline) -> 
         "/v1/reconciliation/replay", json={"message_ids": [message_id], "reason": "twice"}
     )
     assert again.status_code == 422  # nothing open to replay: a replay cannot run twice
-    await asyncio.sleep(1.0)
+    await never(lambda: len(pipe.sim.effects) > 1, 1.0)
     assert [e.idempotency_key for e in pipe.sim.effects] == [message_id]
     history = [
         h["state"] for h in (await desk.get(f"/v1/settlements/{message_id}")).json()["history"]
@@ -317,8 +309,7 @@ async def test_four_eyes(pipeline_factory: PipelineFactory) -> None:
     assert body["needs_approval"] is True
     assert body["state"] == "pending_approval"
     assert body["count"] == 2
-    await asyncio.sleep(1.5)
-    assert pipe.sim.effects == [], "an unapproved replay ran"
+    await never(lambda: bool(pipe.sim.effects), 1.5)  # an unapproved replay ran
 
     own = await alice.post(f"/v1/reconciliation/replay/{body['replay_id']}/approve", json={})
     assert own.status_code == 403
@@ -505,7 +496,16 @@ async def test_metrics_match_what_happened(pipeline_factory: PipelineFactory) ->
     ]
     batch = await submit_batch(desk, run, records)
     await pipe.wait_final(desk, batch.json()["batch_id"])
-    await asyncio.sleep(0.3)
+    # A worker counts an outcome just after writing it: the batch may read final a moment before.
+    await wait_for(
+        lambda: (
+            sample_value("etrm_worker_deliveries_total", {"outcome": "delivered"})
+            - before["delivered"]
+            >= 3
+        ),
+        timeout=5,
+        every=0.05,
+    )
     assert (
         sample_value(
             "etrm_intake_records_accepted_total", {"desk": "metrics-desk", "lane": "standard"}

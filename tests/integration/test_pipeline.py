@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer
 
 from schemas import samples
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
+from tests.support import never
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +83,7 @@ async def test_same_batch_twice(pipeline: Pipeline) -> None:
     await pipeline.wait_final(client, batch_id)
     second = await pipeline.wait_final(client, new_key.json()["batch_id"])
     assert second["counts"] == {"delivered": 6}
-    await asyncio.sleep(1.0)  # let any stray duplicate arrive before counting
+    await never(lambda: len(pipeline.sim.effects) > 6, 1.0)  # no stray duplicate
     per_key = Counter(e.idempotency_key for e in pipeline.sim.effects)
     assert len(per_key) == 6
     assert set(per_key.values()) == {1}
@@ -227,8 +228,7 @@ async def test_signed_message_injected_without_signature_is_dead_lettered(
     [dead] = await _read_dead_letters(pipeline, 1)
     headers = {k: v.decode() for k, v in dead.headers}
     assert headers["error.reason"] == "invalid_signature"
-    await asyncio.sleep(0.5)
-    assert pipeline.sim.posts == 0
+    await never(lambda: pipeline.sim.posts > 0, 0.5)
 
 
 async def test_two_workers_sharing_a_metrics_port_both_keep_delivering(

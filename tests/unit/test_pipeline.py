@@ -6,7 +6,6 @@ pipeline against real Postgres, Kafka and an HTTP simulator is in tests/integrat
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -18,6 +17,7 @@ from ledger.rows import Actor, ClaimRequest, Outcome
 from schemas import samples
 from schemas.states import DeadLetterReason, MessageState, Sequencing
 from tests.fakes import Consumed, DatabaseAway, Desk, FakeBroker, FakeLedger, FakeUpstream, taken
+from tests.support import never, wait_for
 from workers.core import Policy
 from workers.pipeline import Pipeline
 from workers.rules import Answer, AnswerKind
@@ -69,10 +69,7 @@ class Harness:
         return self.ledger.rows[message_id].state
 
     async def until(self, condition: Callable[[], bool], timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, "condition not met in time"
-            await asyncio.sleep(0.01)
+        await wait_for(condition, timeout, every=0.01)
 
 
 def make_pipeline(
@@ -151,8 +148,7 @@ async def test_a_record_waits_until_the_earlier_record_of_its_contract_settles(
         [otc(run, "OTC-ORDER", 1, "10"), otc(run, "OTC-ORDER", 2, "20")]
     )
     h.feed(skip=lambda i: i == 0)  # the first one's copy is somewhere else
-    await asyncio.sleep(0.3)
-    assert h.upstream.posts == []
+    await never(lambda: bool(h.upstream.posts), 0.3, every=0.01)
     assert h.state(second) is S.QUEUED  # the lease it took to look was handed back
     h.ledger.rows[first].state = S.DELIVERED  # another worker delivered it
     await h.until(lambda: h.ledger.settled(second))
@@ -257,9 +253,13 @@ async def test_a_lease_lost_mid_post_is_not_written_and_the_copy_waits_for_the_n
     [other] = await h.ledger.claim([ClaimRequest(m, row.publication, 0, 0)])
     assert other.epoch == 2
     h.upstream.gate.set()
-    await asyncio.sleep(0.2)
-    assert (row.state, row.lease_epoch, row.upstream_transaction_id) == (S.DELIVERING, 2, None)
-    assert h.pipeline.offsets.commit_points() == {}  # not settled: the offset must not pass
+    # The answer is not written over the new owner's lease, and the offset must not pass.
+    await never(
+        lambda: row.state is not S.DELIVERING or bool(h.pipeline.offsets.commit_points()),
+        0.3,
+        every=0.01,
+    )
+    assert (row.lease_epoch, row.upstream_transaction_id) == (2, None)
     # The new owner settles it; the old copy then finishes without another POST.
     await h.ledger.write([Outcome(m, 2, S.DELIVERED, 2, 0.0, upstream_transaction_id="TX-2")])
     await h.until(lambda: h.pipeline.offsets.commit_points() == {(LANES["standard"], 0): 1})
@@ -314,8 +314,7 @@ async def test_an_answer_is_kept_while_the_database_is_away_and_written_when_bac
     await h.until(lambda: h.upstream.posts == [m])
     h.ledger.away = True
     h.upstream.gate.set()
-    await asyncio.sleep(0.3)
-    assert h.state(m) is S.DELIVERING
+    await never(lambda: h.state(m) is not S.DELIVERING, 0.3, every=0.01)
     h.ledger.away = False
     await h.until(lambda: h.ledger.settled(m))
     assert h.state(m) is S.DELIVERED

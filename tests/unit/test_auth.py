@@ -1,0 +1,93 @@
+"""The token check and the access rules, without servers: every JWT attack is a 401 with a
+reason, a good token of each allowed algorithm becomes the principal it names, and a rotated
+JWKS file is picked up (within its cooldown)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from ingest.auth import JwksKeys, Principal, TokenVerifier
+from ingest.problems import Problem
+from tests.jwt_attacks import AUDIENCE, ISSUER, Keys, attacks
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return Keys(tmp_path_factory.mktemp("jwks"))
+
+
+def verifier(keys: Keys) -> TokenVerifier:
+    return TokenVerifier(JwksKeys(str(keys.path)), issuer=ISSUER, audience=AUDIENCE, leeway_s=30)
+
+
+@pytest.mark.parametrize(("alg", "kid"), [("RS256", "rsa-1"), ("ES256", "ec-1"), ("EdDSA", "ed-1")])
+async def test_each_allowed_algorithm_yields_the_principal(keys: Keys, alg: str, kid: str) -> None:
+    token = keys.token(alg, kid, contracts=["OTC-EAST-*"])
+    who = await verifier(keys).verify(f"Bearer {token}")
+    assert (who.subject, who.desk) == ("trader-9", "power-east")
+    assert who.scopes == frozenset({"settlements:write", "settlements:read"})
+    assert who.may_touch_contract("OTC-EAST-0001")
+    assert not who.may_touch_contract("OTC-WEST-0001")
+    assert not who.is_operator
+
+
+async def test_every_attack_is_refused_with_401(keys: Keys) -> None:
+    check = verifier(keys)
+    outcomes: dict[str, object] = {}
+    for name, token in attacks(keys).items():
+        try:
+            outcomes[name] = await check.verify(f"Bearer {token}")
+        except Problem as refused:
+            challenge = refused.headers.get("WWW-Authenticate", "")
+            outcomes[name] = (refused.status, challenge.split(" ")[0])
+    assert {name: o for name, o in outcomes.items() if o != (401, "Bearer")} == {}
+
+
+@pytest.mark.parametrize("header", [None, "", "Basic dXNlcjpwYXNz", "Bearer", "Bearer a.b"])
+async def test_missing_or_malformed_authorization_is_401(keys: Keys, header: str | None) -> None:
+    with pytest.raises(Problem) as refused:
+        await verifier(keys).verify(header)
+    assert refused.value.status == 401
+
+
+def test_operators_see_every_desk_and_desks_only_their_own() -> None:
+    operator = Principal("op", "ops", frozenset({"ops:read"}), None, None, None)
+    trader = Principal("t", "power-east", frozenset({"settlements:read"}), None, None, None)
+    made_up = Principal("t", "gas-west", frozenset({"ops:foo"}), None, None, None)
+    assert operator.sees_desk("power-east")
+    assert trader.sees_desk("power-east")
+    assert not trader.sees_desk("gas-west")
+    assert not made_up.sees_desk("power-east")
+
+
+async def test_a_rotated_key_set_is_read_once_the_cooldown_has_passed(
+    tmp_path: Path,
+) -> None:
+    old, new = Keys(tmp_path), Keys(tmp_path)
+    source = tmp_path / "jwks.json"
+    source.write_text(old.path.read_text())
+    check = TokenVerifier(
+        JwksKeys(str(source), cooldown_s=0.2), issuer=ISSUER, audience=AUDIENCE, leeway_s=30
+    )
+    assert (await check.verify(f"Bearer {old.token()}")).desk == "power-east"
+    rotated = json.loads(new.path.read_text())
+    source.write_text(json.dumps(rotated))
+    later = time.time() + 5
+    os.utime(source, (later, later))
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            who = await check.verify(f"Bearer {new.token()}")
+            break
+        except Problem:
+            assert time.monotonic() < deadline, "the rotated key was never picked up"
+            await asyncio.sleep(0.05)
+    assert who.subject == "trader-9"
+    with pytest.raises(Problem):
+        await check.verify(f"Bearer {old.token()}")

@@ -1,0 +1,44 @@
+"""The operations desk's rules (operations/rules.py), which the HTTP API, the command line and
+the ledger's replay statements all use."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from operations.rules import needs_approval, replay_id_valid, same_operator
+
+subjects = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20)
+
+
+@given(subjects, subjects)
+def test_four_eyes_compare_subjects_case_insensitively_and_symmetrically(a: str, b: str) -> None:
+    assert same_operator(a, b) == same_operator(b, a)
+    assert same_operator(a, a.upper()) or a.upper().casefold() != a.casefold()
+    assert same_operator(f" {a} ", a)
+
+
+def test_four_eyes_examples() -> None:
+    assert same_operator("Op-Alice", "op-alice")
+    assert not same_operator("op-alice", "op-bob")
+
+
+@given(
+    count=st.integers(1, 10_000),
+    desks=st.lists(st.sampled_from(["power-east", "gas-west", "ercot"]), min_size=1),
+    threshold=st.integers(0, 1_000),
+)
+def test_more_records_or_more_desks_never_need_less_approval(
+    count: int, desks: list[str], threshold: int
+) -> None:
+    needed = needs_approval(count, desks, threshold)
+    assert needs_approval(count + 1, desks, threshold) >= needed
+    assert needs_approval(count, [*desks, "other-desk"], threshold) >= needed
+    assert needed == (count > threshold or len(set(desks)) > 1)
+
+
+def test_replay_ids() -> None:
+    assert replay_id_valid("replay_" + "a" * 32)
+    assert not replay_id_valid("replay_é")
+    assert not replay_id_valid("job_1")
+    assert not replay_id_valid("replay_" + "a" * 64)

@@ -1,0 +1,81 @@
+"""The worker's FastStream wiring (workers/app.py) under FastStream's TestKafkaBroker: a record
+published to a lane's topic reaches the delivery pipeline through the raw parser, is delivered
+once, and its offset becomes committable; nothing in FastStream acknowledges on its own."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from faststream.kafka import TestKafkaBroker
+
+from ingest.publisher import SettlementPublisher
+from ledger.rows import Actor
+from runtime.settings import WorkerSettings, load
+from schemas import samples
+from schemas.envelope import header_map
+from schemas.states import MessageState
+from tests.fakes import Desk, FakeBroker, FakeLedger, FakeUpstream, taken
+from tests.support import wait_for
+from workers.app import Lane, build_broker, make_handler, wire_lane
+from workers.core import Policy
+from workers.pipeline import Pipeline
+from workers.slots import LaneSlots
+
+KEY = ("k1", b"worker-app-secret")
+
+
+def settings() -> WorkerSettings:
+    return load(
+        WorkerSettings,
+        database_url="postgresql+asyncpg://unused@localhost/unused",
+        upstream_url="http://upstream.invalid",
+        upstream_token_url="http://upstream.invalid/token",
+        upstream_client_id="c",
+        upstream_client_secret="s",
+        upstream_signing_secret="x",
+        message_signing_keys="k1=worker-app-secret",
+        encryption_keys="e1=" + "A" * 43 + "=",
+    )
+
+
+async def test_a_published_record_is_delivered_once_through_the_lane_subscriber() -> None:
+    config = settings()
+    ledger, upstream = FakeLedger(), FakeUpstream(taken())
+    pipeline = Pipeline(
+        ledger=ledger,
+        upstream=upstream,
+        token_errors=(FakeUpstream.Unavailable,),
+        policy=Policy(4, 5.0, 0.01, 0.05, Decimal("0.5")),
+        signing_keys=dict([KEY]),
+        slots=LaneSlots(4, 0.5),
+        lanes=config.lanes,
+        lease_s=10.0,
+        upstream_timeout_s=1.0,
+        actor=Actor("worker", "unit"),
+    )
+    broker = build_broker(config)
+    lanes = {name: Lane(name, topic, 100) for name, topic in config.lanes.items()}
+    for lane in lanes.values():
+        wire_lane(broker, config, lane, make_handler(pipeline), None)
+    outbox = FakeBroker()
+    desk = Desk(ledger, SettlementPublisher(outbox, config.lanes, KEY))
+    run = samples.run_id()
+    ids = await desk.accept(
+        [samples.otc_confirmation(run, "OTC-APP-0001"), samples.canonical(run, "RT-APP-00001")]
+    )
+    async with TestKafkaBroker(broker) as test_broker:
+        for partition, (topic, key, value, headers) in enumerate(outbox.records):
+            # The test broker numbers every record offset 0: one partition per record.
+            pipeline.assign((topic, partition), 0)
+            await test_broker.publish(
+                value, topic, key=key, partition=partition, headers=header_map(headers)
+            )
+        await wait_for(lambda: all(ledger.settled(m) for m in ids), timeout=5, every=0.02)
+        points = pipeline.offsets.commit_points()
+    await pipeline.stop(2.0)
+    assert {ledger.rows[m].state for m in ids} == {MessageState.DELIVERED}
+    assert sorted(upstream.posts) == sorted(ids)
+    assert points == {(t, p): 1 for p, (t, *_rest) in enumerate(outbox.records)}
+    subscribers: list[Any] = [lane.subscriber for lane in lanes.values()]
+    assert {s.ack_policy.name for s in subscribers} == {"MANUAL"}
