@@ -143,15 +143,8 @@ async def sequence(engine: AsyncEngine, limit: int = 5000) -> int:
         ]
         if not waiting:
             return 0
-        head = (
-            await conn.execute(
-                text(
-                    "SELECT seq, hash FROM audit_log WHERE seq IS NOT NULL "
-                    "ORDER BY seq DESC LIMIT 1"
-                )
-            )
-        ).first()
-        seq, prev = (int(head.seq), str(head.hash)) if head is not None else (0, GENESIS)
+        head = await _chain_head(conn)
+        seq, prev = head if head is not None else (0, GENESIS)
         for row in waiting:
             seq += 1
             row["seq"], row["prev_hash"] = seq, prev
@@ -261,35 +254,39 @@ def key_id(public: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+async def _chain_head(conn: AsyncConnection) -> tuple[int, str] | None:
+    """The last sequenced entry's number and hash (None before the first)."""
+    head = (
+        await conn.execute(
+            text("SELECT seq, hash FROM audit_log WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1")
+        )
+    ).first()
+    return (int(head.seq), str(head.hash)) if head is not None else None
+
+
 async def write_checkpoint(engine: AsyncEngine, signer: Ed25519PrivateKey) -> int | None:
     """Sign the head of the sequenced chain; the key stays with the process, only the
     signature is stored."""
     async with engine.begin() as conn:
         await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SEQUENCER_LOCK})
-        head = (
-            await conn.execute(
-                text(
-                    "SELECT seq, hash FROM audit_log WHERE seq IS NOT NULL "
-                    "ORDER BY seq DESC LIMIT 1"
-                )
-            )
-        ).first()
+        head = await _chain_head(conn)
         if head is None:
             return None
-        signature = signer.sign(checkpoint_message(head.seq, head.hash)).hex()
+        seq, head_hash = head
+        signature = signer.sign(checkpoint_message(seq, head_hash)).hex()
         await conn.execute(
             text(
                 "INSERT INTO audit_checkpoints (seq, head_hash, key_id, signature) "
                 "VALUES (:seq, :hash, :kid, :sig) ON CONFLICT (seq) DO NOTHING"
             ),
             {
-                "seq": head.seq,
-                "hash": head.hash,
+                "seq": seq,
+                "hash": head_hash,
                 "kid": key_id(signer.public_key()),
                 "sig": signature,
             },
         )
-        return int(head.seq)
+        return seq
 
 
 async def verify_checkpoints(

@@ -11,6 +11,8 @@ import contextlib
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -36,6 +38,7 @@ from runtime.kafka import ensure_topics
 from runtime.servers import EmbeddedServer
 from runtime.settings import StackSettings, settings_env
 from tests.jwt_attacks import AUDIENCE, ISSUER
+from tests.support import OPS
 
 FINAL = {"delivered", "held", "dead_lettered", "superseded", "released", "rejected", "parked"}
 
@@ -230,6 +233,19 @@ class Pipeline:
         client = httpx.AsyncClient(base_url=self.intake.url, headers=headers, timeout=30.0)
         self.clients.append(client)
         return client
+
+    def operator(self, subject: str = "op-alice") -> httpx.AsyncClient:
+        """A client with an operator's token (every ops scope)."""
+        return self.client(desk="ops", scopes=OPS, subject=subject)
+
+    def spawn_worker(self) -> subprocess.Popen[bytes]:
+        """A worker in a process of its own (to be killed, frozen, restarted)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", "worker"],
+            env={**os.environ, **self.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     async def start_worker(self) -> None:
         self.worker_stop = asyncio.Event()

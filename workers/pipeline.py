@@ -294,26 +294,15 @@ class Pipeline:
         problem: str,
         headers: dict[str, str],
     ) -> None:
-        now = datetime.now(UTC)
         digest = hashlib.sha256(record.value or b"")
         for name, raw in record.headers:
             digest.update(name.encode("utf-8", "backslashreplace") + b"\0" + (raw or b"") + b"\0")
-        row = DeadLetterRow(
-            dead_letter_id=new_id("dl"),
+        row = dead_letter_row(
+            record,
             dedupe_key=f"copy:{record.topic}:{record.partition}:{record.offset}:"
             f"{digest.hexdigest()[:32]}",
             reason=reason,
-            error_status=None,
-            attempts=0,
-            last_error=cap_text(problem),
-            first_attempt_at=now,
-            last_attempt_at=now,
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            kafka_key=record.key,
-            kafka_value=record.value or b"",
-            headers=list(record.headers),
+            error=problem,
             message_id=cap_text(headers.get("message_id", ""), 64) or None,
             desk=cap_text(headers.get("desk", ""), 64) or None,
         )
@@ -630,28 +619,16 @@ class Pipeline:
         failure: DeadLetter,
         first_at: datetime | None = None,
     ) -> bool:
-        now = datetime.now(UTC)
-        dead_letter_id = new_id("dl")
-        row = DeadLetterRow(
-            dead_letter_id=dead_letter_id,
-            dedupe_key=f"claim:{copy.message_id}:{epoch}",
-            reason=failure.reason,
-            error_status=failure.status,
+        row = _copy_dead_letter(
+            copy,
+            f"claim:{copy.message_id}:{epoch}",
+            failure.reason,
+            failure.error,
+            status=failure.status,
             attempts=attempts,
-            last_error=cap_text(failure.error),
-            first_attempt_at=first_at or now,
-            last_attempt_at=now,
-            source_topic=copy.record.topic,
-            source_partition=copy.record.partition,
-            source_offset=copy.record.offset,
-            kafka_key=copy.record.key,
-            kafka_value=copy.value,
-            headers=list(copy.record.headers),
-            message_id=copy.message_id,
-            desk=copy.desk,
-            settlement_run_id=copy.settlement_run_id,
-            contract_id=copy.contract_id,
+            first_at=first_at,
         )
+        now, dead_letter_id = row.last_attempt_at, row.dead_letter_id
         detail = f"{failure.reason}: {cap_text(failure.error, 500)}"
         outcome = Outcome(
             copy.message_id,
@@ -696,28 +673,14 @@ class Pipeline:
             )
             return await self.writes.submit(fallback)
 
-    def _not_accepted_row(self, copy: Copy, detail: str) -> DeadLetterRow:
-        now = datetime.now(UTC)
+    @staticmethod
+    def _not_accepted_row(copy: Copy, detail: str) -> DeadLetterRow:
         record = copy.record
-        return DeadLetterRow(
-            dead_letter_id=new_id("dl"),
-            dedupe_key=f"copy:{record.topic}:{record.partition}:{record.offset}:{copy.message_id}",
-            reason=DeadLetterReason.INVALID_MESSAGE,
-            error_status=None,
-            attempts=0,
-            last_error=detail,
-            first_attempt_at=now,
-            last_attempt_at=now,
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            kafka_key=record.key,
-            kafka_value=copy.value,
-            headers=list(record.headers),
-            message_id=copy.message_id,
-            desk=copy.desk,
-            settlement_run_id=copy.settlement_run_id,
-            contract_id=copy.contract_id,
+        return _copy_dead_letter(
+            copy,
+            f"copy:{record.topic}:{record.partition}:{record.offset}:{copy.message_id}",
+            DeadLetterReason.INVALID_MESSAGE,
+            detail,
         )
 
     def _event(self, copy: Copy, state: MessageState, detail: str | None) -> AuditEvent:
@@ -763,6 +726,69 @@ class Pipeline:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def dead_letter_row(
+    record: ConsumedRecord,
+    *,
+    dedupe_key: str,
+    reason: DeadLetterReason,
+    error: str,
+    status: int | None = None,
+    attempts: int = 0,
+    first_at: datetime | None = None,
+    message_id: str | None = None,
+    desk: str | None = None,
+    settlement_run_id: str | None = None,
+    contract_id: str | None = None,
+) -> DeadLetterRow:
+    """A dead letter keeping the consumed copy as it came (key, value, every header)."""
+    now = datetime.now(UTC)
+    return DeadLetterRow(
+        dead_letter_id=new_id("dl"),
+        dedupe_key=dedupe_key,
+        reason=reason,
+        error_status=status,
+        attempts=attempts,
+        last_error=cap_text(error),
+        first_attempt_at=first_at or now,
+        last_attempt_at=now,
+        source_topic=record.topic,
+        source_partition=record.partition,
+        source_offset=record.offset,
+        kafka_key=record.key,
+        kafka_value=record.value or b"",
+        headers=list(record.headers),
+        message_id=message_id,
+        desk=desk,
+        settlement_run_id=settlement_run_id,
+        contract_id=contract_id,
+    )
+
+
+def _copy_dead_letter(
+    copy: Copy,
+    dedupe_key: str,
+    reason: DeadLetterReason,
+    error: str,
+    *,
+    status: int | None = None,
+    attempts: int = 0,
+    first_at: datetime | None = None,
+) -> DeadLetterRow:
+    return dead_letter_row(
+        copy.record,
+        dedupe_key=dedupe_key,
+        reason=reason,
+        error=error,
+        status=status,
+        attempts=attempts,
+        first_at=first_at,
+        message_id=copy.message_id,
+        desk=copy.desk,
+        settlement_run_id=copy.settlement_run_id,
+        contract_id=copy.contract_id,
+    )
 
 
 def _wait_delay(waits: int, rng: random.Random) -> float:

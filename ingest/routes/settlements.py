@@ -12,9 +12,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter
 
-from ingest.acceptance import MAX_BATCH, accept
+from ingest.acceptance import MAX_BATCH, Accepted, accept
+from ingest.auth import Principal
 from ingest.body import read_json
-from ingest.deps import PrincipalDep, ServicesDep, actor_of, require
+from ingest.deps import IntakeServices, PrincipalDep, ServicesDep, actor_of, require
 from ingest.problems import Problem, problem_responses
 from schemas import samples
 from schemas.api import (
@@ -165,16 +166,7 @@ async def sync_settlement(request: Request, svc: ServicesDep, who: PrincipalDep)
     run_id = run_id_header(request)
     key = idempotency_header(request, required=False)
     body = await read_json(request, svc.settings.max_body_bytes)
-    accepted = await accept(
-        svc,
-        who,
-        actor_of(request, who),
-        route="sync",
-        raw_records=[body],
-        key=key,
-        run_id=run_id,
-        trace_id=request.state.trace_id,
-    )
+    accepted = await _accept(request, svc, who, "sync", [body], key, run_id)
     answer = SettlementAccepted(
         message_id=accepted.envelopes[0].message_id,
         trace_id=request.state.trace_id,
@@ -201,60 +193,20 @@ async def submit_batch(request: Request, svc: ServicesDep, who: PrincipalDep) ->
     key = idempotency_header(request, required=True)
     body = await read_json(request, svc.settings.max_body_bytes)
     if not isinstance(body, dict) or "records" not in body:
-        raise Problem(
-            422,
-            "schema_violation",
-            "body must be an object with `records`",
-            errors=[
-                {
-                    "index": None,
-                    "field": "records",
-                    "pointer": "/records",
-                    "message": "field required",
-                }
-            ],
-        )
+        raise _shape_problem("body must be an object with `records`", ["records"], "field required")
     extra = sorted(set(body) - {"records"})
     if extra:
-        raise Problem(
-            422,
-            "schema_violation",
-            f"unknown field(s): {', '.join(extra)}",
-            errors=[
-                {
-                    "index": None,
-                    "field": f,
-                    "pointer": f"/{f}",
-                    "message": "extra fields not permitted",
-                }
-                for f in extra
-            ],
+        raise _shape_problem(
+            f"unknown field(s): {', '.join(extra)}", extra, "extra fields not permitted"
         )
     records = body["records"]
     if not isinstance(records, list) or not 1 <= len(records) <= MAX_BATCH:
-        raise Problem(
-            422,
-            "schema_violation",
+        raise _shape_problem(
             f"records must be a list of 1..{MAX_BATCH} records",
-            errors=[
-                {
-                    "index": None,
-                    "field": "records",
-                    "pointer": "/records",
-                    "message": f"1..{MAX_BATCH} records",
-                }
-            ],
+            ["records"],
+            f"1..{MAX_BATCH} records",
         )
-    accepted = await accept(
-        svc,
-        who,
-        actor_of(request, who),
-        route="batch",
-        raw_records=records,
-        key=key,
-        run_id=run_id,
-        trace_id=request.state.trace_id,
-    )
+    accepted = await _accept(request, svc, who, "batch", records, key, run_id)
     answer = BatchAccepted(
         batch_id=accepted.batch_id,
         accepted=len(accepted.envelopes),
@@ -270,7 +222,40 @@ async def submit_batch(request: Request, svc: ServicesDep, who: PrincipalDep) ->
     )
 
 
-def _desk_filter(who: Any) -> str | None:
+async def _accept(
+    request: Request,
+    svc: IntakeServices,
+    who: Principal,
+    route: str,
+    raw_records: list[Any],
+    key: str | None,
+    run_id: str,
+) -> Accepted:
+    return await accept(
+        svc,
+        who,
+        actor_of(request, who),
+        route=route,
+        raw_records=raw_records,
+        key=key,
+        run_id=run_id,
+        trace_id=request.state.trace_id,
+    )
+
+
+def _shape_problem(detail: str, fields: list[str], message: str) -> Problem:
+    """The batch body's own shape is wrong (not any record in it)."""
+    return Problem(
+        422,
+        "schema_violation",
+        detail,
+        errors=[
+            {"index": None, "field": f, "pointer": f"/{f}", "message": message} for f in fields
+        ],
+    )
+
+
+def _desk_filter(who: Principal) -> str | None:
     return None if who.is_operator else who.desk
 
 

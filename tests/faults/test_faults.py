@@ -7,10 +7,8 @@ they must die."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Sequence
 
 import httpx
@@ -21,7 +19,6 @@ from runtime.kafka import KafkaPublisher, OutgoingRecord, PublishFailed
 from schemas import samples
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
 from tests.support import (
-    OPS,
     assert_effects_once,
     headers_of,
     never,
@@ -31,19 +28,6 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.faults
-
-
-def ops_client(pipe: Pipeline, operator: str = "op-alice") -> httpx.AsyncClient:
-    return pipe.client(desk="ops", scopes=OPS, subject=operator)
-
-
-def spawn_worker(pipe: Pipeline) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "worker"],
-        env={**os.environ, **pipe.env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
@@ -102,7 +86,7 @@ async def test_case8_a_replay_whose_publish_fails_keeps_trying_and_is_not_replay
     pipe: Pipeline = await pipeline_factory(
         sim={"down_contracts": ["OUTAGE-*"]}, upstream_max_attempts=1
     )
-    client, ops = pipe.client(), ops_client(pipe)
+    client, ops = pipe.client(), pipe.operator()
     run = samples.run_id()
     batch = await submit_batch(client, run, [samples.otc_confirmation(run, "OUTAGE-RPL8-01")])
     final = await pipe.wait_final(client, batch.json()["batch_id"])
@@ -156,7 +140,7 @@ async def test_case11_a_worker_killed_before_publishing_a_dead_letter_loses_none
     run = samples.run_id()
     batch = await submit_batch(client, run, [samples.otc_confirmation(run, contract)])
     message_id = batch.json()["messages"][0]["message_id"]
-    worker = spawn_worker(pipe)
+    worker = pipe.spawn_worker()
     try:
 
         async def posted() -> bool:
@@ -173,7 +157,7 @@ async def test_case11_a_worker_killed_before_publishing_a_dead_letter_loses_none
     finally:
         pipe.infra.broker.resume()
         stop(worker, signal.SIGKILL)
-    worker = spawn_worker(pipe)
+    worker = pipe.spawn_worker()
     try:
         on_topic = await read_topic(
             pipe.settings.kafka_bootstrap_servers,
@@ -183,7 +167,7 @@ async def test_case11_a_worker_killed_before_publishing_a_dead_letter_loses_none
         )
     finally:
         stop(worker)
-    listed = (await ops_client(pipe).get("/v1/reconciliation")).json()["items"]
+    listed = (await pipe.operator().get("/v1/reconciliation")).json()["items"]
     assert {i["dead_letter_id"] for i in listed} == {
         headers_of(r)["dead_letter_id"] for r in on_topic
     }
@@ -199,9 +183,9 @@ async def test_case11_a_hold_released_and_rejected_at_once_is_decided_once(
     records = [samples.iso_award(run, f"DRIFT-RACE-{i:02d}") for i in range(6)]
     batch = await submit_batch(client, run, records)
     await pipe.wait_final(client, batch.json()["batch_id"])
-    holds = (await ops_client(pipe).get("/v1/holds")).json()["items"]
+    holds = (await pipe.operator().get("/v1/holds")).json()["items"]
     assert len(holds) == 6
-    alice, bob = ops_client(pipe, "op-alice"), ops_client(pipe, "op-bob")
+    alice, bob = pipe.operator("op-alice"), pipe.operator("op-bob")
     decisions: list[tuple[str, httpx.Response, httpx.Response]] = []
     for hold in holds:
         release, reject = await asyncio.gather(

@@ -26,7 +26,6 @@ from schemas import samples
 from schemas.envelope import SCHEMA_VERSION, envelope_for, validate_record
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
 from tests.support import (
-    OPS,
     assert_contract_order,
     assert_effects_once,
     headers_of,
@@ -41,12 +40,8 @@ from tests.support import (
 pytestmark = pytest.mark.integration
 
 
-def ops_client(pipe: Pipeline, operator: str = "op-alice") -> httpx.AsyncClient:
-    return pipe.client(desk="ops", scopes=OPS, subject=operator)
-
-
 async def dead_letters(pipe: Pipeline, **query: Any) -> list[dict[str, Any]]:
-    response = await ops_client(pipe).get("/v1/reconciliation", params={"limit": 1000, **query})
+    response = await pipe.operator().get("/v1/reconciliation", params={"limit": 1000, **query})
     assert response.status_code == 200, response.text
     items: list[dict[str, Any]] = response.json()["items"]
     return items
@@ -120,7 +115,7 @@ async def test_case3_redelivery_without_position_is_held_not_delivered(
     response = await submit_batch(client, run, [raw])
     final = await pipe.wait_final(client, response.json()["batch_id"])
     assert final["counts"] == {"held": 1}
-    holds = (await ops_client(pipe).get("/v1/holds")).json()["items"]
+    holds = (await pipe.operator().get("/v1/holds")).json()["items"]
     [hold] = [h for h in holds if h["message_id"] == key]
     assert hold["reconciled_position_mwh"] is None
     assert hold["variance"] is None
@@ -352,7 +347,7 @@ async def test_case12_a_replay_goes_out_in_the_order_records_were_accepted(
     pipe: Pipeline = await pipeline_factory(
         sim={"scripts": [Script(contract, 503, b'{"error": "down"}')]}, upstream_max_attempts=1
     )
-    client, ops = pipe.client(), ops_client(pipe)
+    client, ops = pipe.client(), pipe.operator()
     run = samples.run_id()
     response = await submit_batch(client, run, [otc(run, contract, 1), otc(run, contract, 2)])
     ids = [m["message_id"] for m in response.json()["messages"]]
@@ -396,7 +391,7 @@ async def test_case12_contract_sequencing_parks_and_continues_in_order(
         },
         sequence_dead_letters="contract",
     )
-    client, ops = pipe.client(), ops_client(pipe)
+    client, ops = pipe.client(), pipe.operator()
     run = samples.run_id()
 
     def three(contract: str) -> list[dict[str, Any]]:
@@ -494,10 +489,10 @@ async def test_case14_parallel_operator_actions_take_effect_once(
     held_id, dead_id = (m["message_id"] for m in final["messages"])
     [hold] = [
         h
-        for h in (await ops_client(pipe).get("/v1/holds")).json()["items"]
+        for h in (await pipe.operator().get("/v1/holds")).json()["items"]
         if h["message_id"] == held_id
     ]
-    operators = [ops_client(pipe, f"op-{n}") for n in range(4)]
+    operators = [pipe.operator(f"op-{n}") for n in range(4)]
     rejects = await asyncio.gather(
         *(
             o.post(f"/v1/holds/{hold['hold_id']}/reject", json={"reason": f"no {n}"})

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
 
@@ -20,15 +17,6 @@ from tests.conftest import Pipeline, PipelineFactory, submit_batch
 from tests.support import never
 
 pytestmark = pytest.mark.integration
-
-
-def spawn_worker(pipe: Pipeline) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "worker"],
-        env={**os.environ, **pipe.env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 async def test_worker_killed_mid_run_delivers_everything_once_in_order(
@@ -45,7 +33,7 @@ async def test_worker_killed_mid_run_delivers_everything_once_in_order(
     submitted = response.json()["messages"]
     order = {m["message_id"]: m["index"] for m in submitted}
 
-    worker = spawn_worker(pipe)
+    worker = pipe.spawn_worker()
     try:
         deadline = time.monotonic() + 60
         while len(pipe.sim.effects) < 400:
@@ -56,7 +44,7 @@ async def test_worker_killed_mid_run_delivers_everything_once_in_order(
         worker.wait(10)
         killed_at = len(pipe.sim.effects)
         assert killed_at < 2000, "the run finished before the kill; make it slower"
-        worker = spawn_worker(pipe)
+        worker = pipe.spawn_worker()
         batch = await pipe.wait_final(client, response.json()["batch_id"], timeout=180)
     finally:
         worker.send_signal(signal.SIGTERM)

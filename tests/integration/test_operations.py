@@ -28,10 +28,6 @@ pytestmark = pytest.mark.integration
 OPS = "ops:read ops:replay ops:holds"
 
 
-def ops_client(pipe: Pipeline, operator: str = "op-alice") -> httpx.AsyncClient:
-    return pipe.client(desk="ops", scopes=OPS, subject=operator)
-
-
 async def inject(pipe: Pipeline, value: bytes, headers: dict[str, str], *, sign: bool) -> None:
     if sign:
         kid, secret = pipe.settings.signing_keys()[0]
@@ -76,7 +72,7 @@ async def ops_pipeline(pipeline_factory: PipelineFactory) -> Pipeline:
 async def test_dead_letters_of_every_reason_listed_and_filtered(ops_pipeline: Pipeline) -> None:
     pipe = ops_pipeline
     desk = pipe.client(desk="power-east")
-    ops = ops_client(pipe)
+    ops = pipe.operator()
     run = samples.run_id()
     token_batch = await submit_batch(desk, run, [samples.otc_confirmation(run, "TOKEN-0001")])
     await pipe.wait_final(desk, token_batch.json()["batch_id"])
@@ -205,7 +201,7 @@ async def test_replay_after_recovery_is_exactly_once(ops_pipeline: Pipeline) -> 
     pipe = ops_pipeline
     pipe.sim.config.token_outage = False
     desk = pipe.client()
-    ops = ops_client(pipe)
+    ops = pipe.operator()
     run = samples.run_id()
     batch = await submit_batch(desk, run, [samples.otc_confirmation(run, "OUTAGE-RPL-01")])
     final = await pipe.wait_final(desk, batch.json()["batch_id"])
@@ -259,7 +255,7 @@ async def test_replay_of_stale_revision_is_superseded(ops_pipeline: Pipeline) ->
     pipe = ops_pipeline
     pipe.sim.config.token_outage = False
     desk = pipe.client()
-    ops = ops_client(pipe)
+    ops = pipe.operator()
     run = samples.run_id()
     rev1 = samples.otc_confirmation(run, "OUTAGE-REV-01", revision=1, volume="100")
     first = await submit_batch(desk, run, [rev1])
@@ -288,7 +284,7 @@ async def test_four_eyes(pipeline_factory: PipelineFactory) -> None:
         sim={"down_contracts": ["OUTAGE-*"]}, upstream_max_attempts=1, replay_approval_threshold=1
     )
     desk = pipe.client()
-    alice, bob = ops_client(pipe, "op-alice"), ops_client(pipe, "op-bob")
+    alice, bob = pipe.operator("op-alice"), pipe.operator("op-bob")
     run = samples.run_id()
     batch = await submit_batch(
         desk,
@@ -387,7 +383,7 @@ async def test_interrupted_replay_resumes_without_duplicates(
 
     async def completed() -> bool:
         await survivor.run(created.replay_id, actor)
-        status = await ops_client(pipe).get(f"/v1/reconciliation/replay/{created.replay_id}")
+        status = await pipe.operator().get(f"/v1/reconciliation/replay/{created.replay_id}")
         return bool(status.json()["state"] == "completed")
 
     await wait_for(completed)
@@ -407,7 +403,7 @@ async def test_interrupted_replay_resumes_without_duplicates(
 async def test_holds_release_reject_and_scopes(pipeline_factory: PipelineFactory) -> None:
     pipe: Pipeline = await pipeline_factory(sim={"drift_contracts": ["DRIFT-*"]})
     desk = pipe.client()
-    ops = ops_client(pipe)
+    ops = pipe.operator()
     run = samples.run_id()
     batch = await submit_batch(
         desk, run, [samples.iso_award(run, "DRIFT-HOLD-1"), samples.iso_award(run, "DRIFT-HOLD-2")]

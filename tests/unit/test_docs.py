@@ -31,3 +31,48 @@ def test_asyncapi_is_current_and_names_the_topics() -> None:
         "settlements.sync.standard",
         "settlements.reconciliation",
     }
+
+
+def test_every_answer_is_documented_with_its_real_shape() -> None:
+    document = openapi_document()
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    missing = []
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                content = response.get("content", {})
+                if status.startswith("2") or status in ("304",):
+                    if status == "204":
+                        continue
+                    schemas = [m.get("schema") for m in content.values()]
+                    if not schemas or not all(schemas):
+                        missing.append(f"{method.upper()} {path} {status}: no schema")
+                else:
+                    problem = content.get("application/problem+json", {}).get("schema", {})
+                    if problem.get("$ref") != "#/components/schemas/ProblemDetails":
+                        missing.append(f"{method.upper()} {path} {status}: not a problem")
+    assert missing == []
+    problem = document["components"]["schemas"]["ProblemDetails"]["properties"]
+    assert {"type", "title", "status", "code", "detail", "errors"} <= set(problem)
+
+
+def test_asyncapi_messages_carry_the_record_and_every_contract_header() -> None:
+    document = asyncapi_document()
+    every = {"message_id", "desk", "trader", "trace_id", "schema_version", "signature"}
+    dead = every | {
+        "error.reason",
+        "error.status",
+        "error.message",
+        "error.attempts",
+        "error.first_attempt_at",
+        "error.last_attempt_at",
+        "source.topic",
+        "source.partition",
+        "source.offset",
+    }
+    for name, message in document["components"]["messages"].items():
+        assert message.get("payload"), name
+        headers = set(message["headers"]["properties"])
+        assert (dead if "reconciliation" in name else every) <= headers, name
+        assert {"replay_of", "replay_count"} <= headers, name
