@@ -29,7 +29,7 @@ from ingest.acceptance import ledger_unavailable
 from ingest.deps import IntakeServices
 from ingest.limits import BodyLimit
 from ingest.problems import Problem, problem_response
-from ingest.routes import health, operations, settlements
+from ingest.routes import health, operations, settlements, upstream
 from ledger.db import database_unavailable
 from ledger.rows import Actor
 from schemas.api import ProblemDetails
@@ -211,5 +211,6 @@ def create_app(build: ServicesFactory, *, body_limit: int) -> FastAPI:
 
     app.include_router(settlements.router)
     app.include_router(operations.router)
+    app.include_router(upstream.router)
     app.include_router(health.router)
     return app

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Protocol
 
 import structlog
@@ -17,11 +18,12 @@ from ingest.limits import DeskRateLimiter, FailureAlarm
 from ingest.problems import Problem
 from ingest.publisher import SettlementPublisher
 from ingest.tls import presented_thumbprint
+from ingest.waiting import WaitingWatch
 from ledger.acceptance import Begun
 from ledger.acceptance import Request as Request_
 from ledger.reads import Batch, Message
 from ledger.reconciliation import DeadLetterFilter
-from ledger.rows import Actor
+from ledger.rows import Actor, UpstreamView
 from operations.housekeeping import Housekeeping
 from operations.service import ReplayRequested
 from runtime.settings import IntakeSettings
@@ -41,6 +43,7 @@ class IntakeLedger(Protocol):
     async def get_message(self, message_id: str, desk: str | None) -> Message | None: ...
     async def open_work(self) -> tuple[int, int]: ...
     async def ping(self) -> None: ...
+    async def upstream_view(self) -> UpstreamView: ...
 
 
 class Broker(Protocol):
@@ -76,6 +79,11 @@ class OperationsPort(Protocol):
     async def decide_hold(
         self, hold_id: str, decision: str, actor: Actor, reason: str
     ) -> dict[str, Any]: ...
+    async def upstream_status(self) -> dict[str, Any]: ...
+    async def add_maintenance(
+        self, actor: Actor, starts_at: datetime, ends_at: datetime, reason: str
+    ) -> dict[str, Any]: ...
+    async def cancel_maintenance(self, window_id: str, actor: Actor) -> dict[str, Any]: ...
 
 
 @dataclass(slots=True)
@@ -90,6 +98,7 @@ class IntakeServices:
     operations: OperationsPort
     rate_limiter: DeskRateLimiter
     alarm: FailureAlarm
+    waiting: WaitingWatch
     housekeeping: Housekeeping | None = None
     close: Callable[[], Awaitable[None]] | None = None  # releases what the root built
 

@@ -27,9 +27,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ledger import audit, reads
+from ledger import audit, reads, upstream
 from ledger.crypto import PayloadCipher
-from ledger.rows import Actor, AuditEvent
+from ledger.rows import Actor, AuditEvent, UpstreamView
 from schemas.states import BatchState, MessageState
 
 
@@ -491,3 +491,6 @@ class IntakeStore:
 
     async def ping(self) -> None:
         await reads.ping(self.engine)
+
+    async def upstream_view(self) -> UpstreamView:
+        return await upstream.read_view(self.engine)

@@ -122,14 +122,15 @@ def state_events(
 # -- the sequencer ---------------------------------------------------------------------------
 
 
-async def sequence(engine: AsyncEngine, limit: int = 5000) -> int:
-    """Give committed, unsequenced rows their place in the chain; 0 when another process holds
-    the sequencer's turn or nothing is waiting."""
+async def sequence(engine: AsyncEngine, limit: int = 5000, *, wait: bool = False) -> int:
+    """Give committed, unsequenced rows their place in the chain; 0 when nothing is waiting,
+    or (unless `wait`) when another process holds the sequencer's turn."""
     async with engine.begin() as conn:
-        turn = await conn.scalar(
+        if wait:
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SEQUENCER_LOCK})
+        elif not await conn.scalar(
             text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _SEQUENCER_LOCK}
-        )
-        if not turn:
+        ):
             return 0
         waiting = [
             dict(r._mapping)
@@ -170,10 +171,11 @@ async def sequence(engine: AsyncEngine, limit: int = 5000) -> int:
 
 
 async def sequence_all(engine: AsyncEngine) -> int:
-    """Sequence until nothing is waiting (tests, `audit verify`, shutdown)."""
+    """Sequence until nothing is waiting (tests, `audit verify`, shutdown), waiting for a
+    sequencer running elsewhere to finish its turn rather than skipping it."""
     total = 0
     while True:
-        done = await sequence(engine)
+        done = await sequence(engine, wait=True)
         if done == 0:
             return total
         total += done

@@ -9,7 +9,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from schemas.states import MessageState
+from schemas.states import CircuitState, MessageState
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,3 +154,38 @@ class DeadLetterToPublish:
     kafka_value: bytes
     headers: list[tuple[str, bytes | None]]
     error: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Circuit:
+    """The upstream circuit breaker's shared row (operations.circuit says how it moves)."""
+
+    state: CircuitState
+    since: datetime
+    reason: str | None = None  # why it opened: 'failures' or 'announced'
+    failures: int = 0  # transient failures in a row within the current window
+    window_started: datetime | None = None
+    next_probe_at: datetime | None = None
+    probe_owner: str | None = None
+    probe_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceWindow:
+    window_id: str
+    starts_at: datetime
+    ends_at: datetime
+    reason: str
+    created_by: str
+    created_at: datetime
+    cancelled_at: datetime | None = None
+    cancelled_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamView:
+    """The breaker and the windows not yet over, as read at `read_at` (the database's clock)."""
+
+    circuit: Circuit
+    windows: tuple[MaintenanceWindow, ...]
+    read_at: datetime

@@ -35,6 +35,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from schemas.states import (
     BatchState,
+    CircuitState,
     DeadLetterReason,
     DeadLetterStatus,
     HoldState,
@@ -329,4 +330,41 @@ audit_checkpoints = Table(
     _at("at", nullable=False, now=True),
     Column("key_id", Text, nullable=False),
     Column("signature", Text, nullable=False),
+)
+
+# The upstream's circuit breaker (issue #8): one row per upstream, shared by every worker of
+# the group, changed only under its row lock (ledger.upstream).
+upstream_circuit = Table(
+    "upstream_circuit",
+    metadata,
+    Column("upstream", Text, primary_key=True),
+    Column("state", Text, nullable=False, server_default=CircuitState.CLOSED.value),
+    _at("since", nullable=False, now=True),
+    Column("reason", Text),
+    Column("failures", Integer, nullable=False, server_default="0"),
+    _at("window_started"),
+    _at("next_probe_at"),
+    Column("probe_owner", Text),
+    _at("probe_until"),
+    CheckConstraint(f"state IN {sql_values(CircuitState)}", name="upstream_circuit_state_check"),
+)
+
+# Maintenance windows operators declare ahead: no request is sent inside one.
+maintenance_windows = Table(
+    "maintenance_windows",
+    metadata,
+    Column("window_id", Text, primary_key=True),
+    _at("starts_at", nullable=False),
+    _at("ends_at", nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_by", Text, nullable=False),
+    _at("created_at", nullable=False, now=True),
+    _at("cancelled_at"),
+    Column("cancelled_by", Text),
+    CheckConstraint("ends_at > starts_at", name="maintenance_windows_span_check"),
+)
+Index(
+    "maintenance_windows_current",
+    maintenance_windows.c.ends_at,
+    postgresql_where=text("cancelled_at IS NULL"),
 )

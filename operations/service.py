@@ -17,16 +17,20 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import reconciliation as recon
+from ledger import upstream
 from ledger.crypto import PayloadCipher
-from ledger.rows import Actor
-from operations import rules
+from ledger.rows import Actor, MaintenanceWindow
+from operations import circuit, rules
 from operations.publishing import Progress, Republisher
+from schemas.records import iso_z
+from schemas.states import CircuitState
 
 log = structlog.get_logger("etrm.ops")
 
@@ -52,7 +56,68 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class Operations:
+class UpstreamOperations:
+    """The upstream's breaker and maintenance windows, for operators (issue #8)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def upstream_status(self) -> dict[str, Any]:
+        view = await upstream.read_view(self.engine)
+        c = view.circuit
+        waiting = circuit.waiting_of(c, view.windows, view.read_at)
+        return {
+            "circuit": str(c.state),
+            "since": iso_z(c.since),
+            "next_probe_at": iso_z(c.next_probe_at) if c.state is not CircuitState.CLOSED else None,
+            "reason": c.reason if c.state is not CircuitState.CLOSED else None,
+            "failures": c.failures,
+            "probe_owner": c.probe_owner,
+            "maintenance": [window_body(w) for w in view.windows],
+            "waiting": {"reason": str(waiting[0]), "until": iso_z(waiting[1])} if waiting else None,
+        }
+
+    async def add_maintenance(
+        self, actor: Actor, starts_at: datetime, ends_at: datetime, reason: str
+    ) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        problem = circuit.window_problem(starts_at, ends_at, now)
+        if problem is not None:
+            raise OperationRefused("invalid_window", problem)
+        window = await upstream.add_window(
+            self.engine, new_id("mw"), starts_at, ends_at, reason, actor
+        )
+        log.info(
+            "maintenance_window_added",
+            window_id=window.window_id,
+            starts_at=iso_z(starts_at),
+            ends_at=iso_z(ends_at),
+            operator=actor.name,
+        )
+        return window_body(window)
+
+    async def cancel_maintenance(self, window_id: str, actor: Actor) -> dict[str, Any]:
+        window = await upstream.cancel_window(self.engine, window_id, actor)
+        if window is None:
+            raise OperationRefused("not_found", "no such maintenance window (or it is over)")
+        log.info("maintenance_window_cancelled", window_id=window_id, operator=actor.name)
+        return window_body(window)
+
+
+def window_body(w: MaintenanceWindow) -> dict[str, Any]:
+    return {
+        "id": w.window_id,
+        "from": iso_z(w.starts_at),
+        "until": iso_z(w.ends_at),
+        "reason": w.reason,
+        "created_by": w.created_by,
+        "created_at": iso_z(w.created_at),
+        "cancelled_at": iso_z(w.cancelled_at),
+        "cancelled_by": w.cancelled_by,
+    }
+
+
+class Operations(UpstreamOperations):
     def __init__(
         self,
         engine: AsyncEngine,

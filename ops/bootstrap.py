@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+import uuid
 
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI
@@ -20,11 +21,14 @@ from ingest.auth import JwksKeys, TokenVerifier
 from ingest.deps import IntakeServices
 from ingest.limits import DeskRateLimiter, FailureAlarm
 from ingest.publisher import SettlementPublisher
+from ingest.waiting import WaitingWatch
 from ledger.acceptance import IntakeStore
 from ledger.crypto import PayloadCipher
 from ledger.db import database_unavailable, ensure_schema_current, make_engine
 from ledger.delivery import DeliveryStore
 from ledger.rows import Actor
+from ledger.upstream import CircuitStore
+from operations.circuit import BreakerConfig
 from operations.housekeeping import Housekeeping, Intervals
 from operations.publishing import Republisher
 from operations.service import Operations
@@ -32,8 +36,9 @@ from runtime.aio import until_up
 from runtime.kafka import KafkaPublisher, ensure_topics
 from runtime.settings import IntakeSettings, KafkaSettings, OperatorSettings, WorkerSettings
 from workers.app import WorkerParts, serve
+from workers.breaker import Breaker
 from workers.core import Policy
-from workers.pipeline import Pipeline
+from workers.pipeline import LEASE_MARGIN_S, Pipeline
 from workers.slots import LaneSlots
 from workers.upstream import HttpPool, TokenProvider, TokenUnavailable, UpstreamClient
 
@@ -94,9 +99,10 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
     republisher = Republisher(engine, kafka, cipher, signing_key)
     actor = Actor("system", f"intake {process_name()}")
     default_rate, desk_rates = settings.desk_rates()
+    ledger = IntakeStore(engine, cipher)
     return IntakeServices(
         settings=settings,
-        ledger=IntakeStore(engine, cipher),
+        ledger=ledger,
         kafka=kafka,
         publisher=SettlementPublisher(kafka, settings.lanes, signing_key),
         verifier=TokenVerifier(
@@ -109,6 +115,7 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
             engine, cipher, republisher, approval_threshold=settings.replay_approval_threshold
         ),
         rate_limiter=DeskRateLimiter(default_rate, desk_rates),
+        waiting=WaitingWatch(ledger.upstream_view),
         alarm=FailureAlarm(),
         housekeeping=_housekeeping(settings, engine, cipher, kafka, republisher, actor),
         close=lambda: _close_intake(kafka, engine),
@@ -160,6 +167,14 @@ def delivery_policy(settings: WorkerSettings) -> Policy:
     )
 
 
+def breaker_config(settings: WorkerSettings) -> BreakerConfig:
+    return BreakerConfig(
+        failures=settings.breaker_failures,
+        window_s=settings.breaker_window_s,
+        probe_interval_s=settings.breaker_probe_interval_s,
+    )
+
+
 async def worker_parts(settings: WorkerSettings) -> WorkerParts:
     engine = make_engine(settings.database_url, settings.database_pool_size)
     await _schema_current(engine)
@@ -167,10 +182,17 @@ async def worker_parts(settings: WorkerSettings) -> WorkerParts:
     cipher = PayloadCipher(settings.encryption_keyring())
     kafka = KafkaPublisher(settings)
     republisher = Republisher(engine, kafka, cipher, settings.signing_keys()[0])
-    owner = process_name()
+    owner = f"{process_name()}/{uuid.uuid4().hex[:6]}"  # unique per worker, also in one process
     actor = Actor("worker", owner)
     http = upstream_http(settings)
     upstream = upstream_client(settings, http)
+    breaker = Breaker(
+        CircuitStore(engine, actor),
+        breaker_config(settings),
+        owner=owner,
+        probe_lease_s=settings.upstream_timeout_s + LEASE_MARGIN_S,
+        announced_outage_s=settings.upstream_announced_outage_s,
+    )
     pipeline = Pipeline(
         ledger=DeliveryStore(
             engine, cipher, owner=owner, lease_s=settings.delivery_lease_s, actor=actor
@@ -184,6 +206,7 @@ async def worker_parts(settings: WorkerSettings) -> WorkerParts:
         lease_s=settings.delivery_lease_s,
         upstream_timeout_s=settings.upstream_timeout_s,
         actor=actor,
+        breaker=breaker,
     )
 
     async def close() -> None:
@@ -193,6 +216,7 @@ async def worker_parts(settings: WorkerSettings) -> WorkerParts:
 
     return WorkerParts(
         pipeline=pipeline,
+        breaker=breaker,
         housekeeping=_housekeeping(settings, engine, cipher, kafka, republisher, actor),
         token_valid=lambda: upstream.tokens.valid,
         close=close,

@@ -20,12 +20,19 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
-from ops.opscli import audit_app, dlq, holds, keys_app  # noqa: E402 - registered right below
+from ops.opscli import (  # noqa: E402 - registered right below
+    audit_app,
+    dlq,
+    holds,
+    keys_app,
+    upstream_app,
+)
 
 app.add_typer(dlq, name="dlq")
 app.add_typer(holds, name="holds")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
+app.add_typer(upstream_app, name="upstream")
 
 
 def _fail(message: str) -> None:

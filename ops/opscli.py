@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, TypeVar
 
@@ -25,6 +25,7 @@ from rich.table import Table
 
 from ledger import reconciliation as recon
 from operations.service import OperationRefused, Operations, operator_actor
+from runtime.logging import configure_logging
 from runtime.settings import OperatorSettings, SettingsError, load
 
 dlq = typer.Typer(no_args_is_help=True, help="The reconciliation queue (dead letters).")
@@ -55,6 +56,8 @@ async def _operations() -> AsyncIterator[Operations]:
 
 
 def _run(work: Callable[[Operations], Awaitable[T]]) -> T:
+    configure_logging("operator", "WARNING")  # to stderr: stdout is the command's answer
+
     async def main() -> T:
         async with _operations() as ops:
             return await work(ops)
@@ -442,3 +445,77 @@ def keys_rotate(operator: OperatorOpt = None, as_json: JsonOpt = False) -> None:
         print(json.dumps({"active_key": cipher.active_kid, **counts}))
     else:
         console.print(f"payloads now under key {cipher.active_kid}: {counts}")
+
+
+# -- the upstream (issue #8) -----------------------------------------------------------------
+
+upstream_app = typer.Typer(
+    no_args_is_help=True, help="The ETRM upstream: circuit breaker and maintenance windows."
+)
+maintenance_app = typer.Typer(no_args_is_help=True, help="Maintenance windows declared ahead.")
+upstream_app.add_typer(maintenance_app, name="maintenance")
+
+WINDOW_COLUMNS = ["id", "from", "until", "reason", "created_by"]
+
+
+@upstream_app.command("status")
+def upstream_status(as_json: JsonOpt = False) -> None:
+    """The circuit breaker (closed, open, half_open) and the windows not yet over."""
+    status = _run(lambda ops: ops.upstream_status())
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return
+    color = {"closed": "green", "open": "red", "half_open": "yellow"}[status["circuit"]]
+    line = f"circuit [{color}]{status['circuit']}[/] since {status['since']}"
+    if status["circuit"] != "closed":
+        line += f" ({status['reason']}); next probe at {status['next_probe_at']}"
+    console.print(line)
+    if status["waiting"]:
+        console.print(
+            f"records wait: {status['waiting']['reason']} until {status['waiting']['until']}"
+        )
+    _emit(status["maintenance"], WINDOW_COLUMNS, "Maintenance windows", False)
+
+
+def _when(name: str) -> Any:
+    return typer.Option(
+        name,
+        parser=lambda text: _utc(datetime.fromisoformat(text)),
+        metavar="ISO-8601",
+        help="e.g. 2026-12-06T02:00:00Z (UTC unless an offset is given)",
+    )
+
+
+@maintenance_app.command("add")
+def maintenance_add(
+    start: Annotated[datetime, _when("--from")],
+    until: Annotated[datetime, _when("--until")],
+    reason: ReasonReq,
+    operator: OperatorOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Declare a window: no request is sent to the upstream inside it (audited)."""
+    actor = operator_actor(_operator(operator))
+    window = _run(lambda ops: ops.add_maintenance(actor, start, until, reason))
+    if as_json:
+        print(json.dumps(window))
+    else:
+        console.print(f"maintenance {window['id']}: {window['from']} .. {window['until']}")
+
+
+@maintenance_app.command("remove")
+def maintenance_remove(
+    window_id: str, operator: OperatorOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Cancel a window that is not over yet (audited)."""
+    actor = operator_actor(_operator(operator))
+    window = _run(lambda ops: ops.cancel_maintenance(window_id, actor))
+    if as_json:
+        print(json.dumps(window))
+    else:
+        console.print(f"maintenance {window_id}: cancelled")
+
+
+def _utc(moment: datetime) -> datetime:
+    """typer reads dates without a zone: those are UTC, as every time in this system."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

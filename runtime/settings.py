@@ -235,6 +235,9 @@ class WorkerSettings(KafkaSettings, DatabaseSettings, _Keys, _Delivery):
     breaker_failures: int = Field(20, ge=1)
     breaker_window_s: float = Field(30.0, gt=0)
     breaker_probe_interval_s: float = Field(5.0, gt=0)
+    # A 503 asking to come back at least this much later announces a maintenance: the breaker
+    # opens until then at once, instead of each record spending its budget on it.
+    upstream_announced_outage_s: float = Field(60.0, gt=0)
     priority_share: float = Field(0.8, gt=0, le=1)
 
 

@@ -223,3 +223,31 @@ class Health(_Body):
 class Readiness(_Body):
     ready: bool
     checks: dict[str, str]
+
+
+class MaintenanceWindowBody(_Body):
+    """A maintenance window: no request is sent to the upstream inside it (#8)."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    id: str
+    from_: str = Field(alias="from")
+    until: str
+    reason: str
+    created_by: str
+    created_at: str
+    cancelled_at: str | None = None
+    cancelled_by: str | None = None
+
+
+class UpstreamStatus(_Body):
+    """The upstream's circuit breaker and its maintenance windows not yet over (#8)."""
+
+    circuit: Literal["closed", "open", "half_open"]
+    since: str
+    next_probe_at: str | None = Field(description="When the next probe is due (not closed)")
+    reason: str | None = Field(description="Why it opened: failures or announced (by the upstream)")
+    failures: int = Field(description="Transient failures in a row while closed")
+    probe_owner: str | None = Field(description="The worker sending the probe (half open)")
+    maintenance: list[MaintenanceWindowBody]
+    waiting: Waiting | None = Field(description="Why records are not being sent now, if so")

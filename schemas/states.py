@@ -109,6 +109,21 @@ class ReplayState(StrEnum):
     COMPLETED = "completed"
 
 
+class CircuitState(StrEnum):
+    """The upstream circuit breaker, shared by every worker of a group (issue #8)."""
+
+    CLOSED = "closed"  # sending
+    OPEN = "open"  # sending nothing until the next probe is due
+    HALF_OPEN = "half_open"  # one worker sends one record as a probe
+
+
+class Waiting(StrEnum):
+    """Why a record that is not settled is not being sent right now (`waiting.reason`)."""
+
+    CIRCUIT_OPEN = "circuit_open"
+    MAINTENANCE = "maintenance"  # declared by an operator, or announced by the upstream
+
+
 def sql_values(values: frozenset[str] | type[StrEnum]) -> str:
     """`('a', 'b')` for a CHECK constraint or an IN list; values are module constants."""
     return "(" + ", ".join(f"'{v}'" for v in sorted(str(v) for v in values)) + ")"

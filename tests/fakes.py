@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -29,12 +29,15 @@ from ledger.acceptance import (
 from ledger.reads import Batch, BatchRecord, HistoryRow, Message
 from ledger.rows import (
     Actor,
+    Circuit,
     ClaimRequest,
     ClaimRow,
     DeadLetterRow,
     LateTaken,
+    MaintenanceWindow,
     Outcome,
     Predecessors,
+    UpstreamView,
 )
 from runtime.kafka import OutgoingRecord, PublishFailed
 from schemas.envelope import Envelope, envelope_for, validate_record
@@ -44,6 +47,7 @@ from schemas.states import (
     TAKEN_UPSTREAM,
     UNCERTAIN_REASONS,
     BatchState,
+    CircuitState,
     MessageState,
 )
 from workers.rules import Answer
@@ -99,6 +103,7 @@ class FakeLedger:
         self.lease_s = lease_s
         self.now = 0.0  # a clock the test moves
         self.away = False
+        self.circuit = FakeCircuitStore()
 
     def _check(self) -> None:
         if self.away:
@@ -227,6 +232,10 @@ class FakeLedger:
 
     async def ping(self) -> None:
         self._check()
+
+    async def upstream_view(self) -> UpstreamView:
+        self._check()
+        return await self.circuit.view()
 
     # -- the workers -----------------------------------------------------------------------------
 
@@ -405,6 +414,7 @@ class FakeUpstream:
         self.posts: list[str] = []
         self.token_down = False
         self.gate: asyncio.Event | None = None  # when set, a POST waits for it
+        self.down: Answer | None = None  # when set, every POST gets this answer (an outage)
 
     async def token(self) -> str:
         if self.token_down:
@@ -418,6 +428,8 @@ class FakeUpstream:
         self.posts.append(message_id)
         if self.gate is not None:
             await self.gate.wait()
+        if self.down is not None:
+            return self.down
         script = self.scripts.get(message_id)
         if script:
             return script.pop(0) if len(script) > 1 else script[0]
@@ -525,3 +537,28 @@ class Desk:
         )
         assert await self.ledger.complete(request, Actor("trader", "trader-1"), len(by_id))
         return [r.message_id for r in request.records]
+
+
+class FakeCircuitStore:
+    """The shared breaker row and the maintenance windows in memory (ledger.upstream)."""
+
+    def __init__(self) -> None:
+        self.circuit = Circuit(CircuitState.CLOSED, datetime.now(UTC))
+        self.windows: list[MaintenanceWindow] = []
+        self.events: list[object] = []
+
+    async def view(self) -> UpstreamView:
+        now = datetime.now(UTC)
+        current = tuple(w for w in self.windows if w.cancelled_at is None and w.ends_at > now)
+        return UpstreamView(self.circuit, current, now)
+
+    async def apply(
+        self, events: Sequence[Any], step: Callable[[Circuit, Any, datetime], Circuit]
+    ) -> list[Circuit]:
+        now = datetime.now(UTC)
+        after = []
+        for event in events:
+            self.events.append(event)
+            self.circuit = step(self.circuit, event, now)
+            after.append(self.circuit)
+        return after

@@ -41,6 +41,7 @@ from runtime.aio import until_up
 from runtime.servers import EmbeddedServer
 from runtime.settings import WorkerSettings
 from workers import metrics
+from workers.breaker import Breaker
 from workers.pipeline import Pipeline
 
 log = structlog.get_logger("etrm.worker")
@@ -319,6 +320,7 @@ class WorkerParts:
     """Everything a worker runs, built by the composition root (ops.bootstrap)."""
 
     pipeline: Pipeline
+    breaker: Breaker
     housekeeping: Any  # operations.housekeeping.Housekeeping
     token_valid: Callable[[], bool]
     close: Callable[[], Awaitable[None]]
@@ -353,6 +355,7 @@ async def serve(
         server.serve(sockets=[health_socket]) if health_socket else asyncio.sleep(0)
     )
     parts.housekeeping.start()
+    parts.breaker.start()
     await until_up("broker", broker.start, transient=transient)
     for lane in lanes.values():
         lane.out_since = time.monotonic()
@@ -384,6 +387,7 @@ async def serve(
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await broker.stop()
+        await parts.breaker.stop()
         await parts.housekeeping.stop()
         server.should_exit = True
         await http_task

@@ -28,3 +28,21 @@ CONSUMER_RESTARTS = Counter(
     "Lane consumers replaced after staying out of their group too long",
     ["lane"],
 )
+CIRCUIT_STATE = Gauge(
+    "etrm_upstream_circuit_state",
+    "The upstream circuit breaker as this worker last saw it: 1 for the current state",
+    ["state"],
+)
+MAINTENANCE_ACTIVE = Gauge(
+    "etrm_upstream_maintenance_active", "1 while a maintenance window holds every request"
+)
+CIRCUIT_PROBES = Counter(
+    "etrm_upstream_circuit_probes_total",
+    "Probes this worker sent while the breaker was open",
+    ["result"],
+)
+HELD_BY_BREAKER = Counter(
+    "etrm_worker_held_by_breaker_total",
+    "Records handed back unsent (or their failed attempt not charged) because the upstream is "
+    "away or in maintenance",
+)

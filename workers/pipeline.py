@@ -53,6 +53,7 @@ from schemas.states import DeadLetterReason, MessageState
 from schemas.text import cap_text
 from workers import metrics
 from workers.batching import BadItem, GroupCommitter
+from workers.breaker import Admission, Breaker, Health
 from workers.core import (
     AbortExpired,
     DeadLetter,
@@ -72,7 +73,7 @@ from workers.core import (
     decide_token_failure,
 )
 from workers.offsets import OffsetTracker, PartitionKey, Ticket, Untracked
-from workers.rules import Answer
+from workers.rules import Answer, AnswerKind
 from workers.slots import LaneSlots
 
 log = structlog.get_logger("etrm.worker")
@@ -169,9 +170,11 @@ class Pipeline:
         lease_s: float,
         upstream_timeout_s: float,
         actor: Actor,
+        breaker: Breaker,
         rng: random.Random | None = None,
     ) -> None:
         self.ledger = ledger
+        self.breaker = breaker
         self.upstream = upstream
         self.token_errors = token_errors
         self.policy = policy
@@ -344,13 +347,20 @@ class Pipeline:
             if not self.offsets.current(copy.ticket):
                 chain.items.remove(copy)
                 continue
+            # The upstream away or in maintenance: wait here, touching nothing.
+            reserved = await self.breaker.wait_turn(chain.stopped)
+            if reserved is None:
+                break
             try:
-                finished = await self._deliver(copy, chain)
+                finished = await self._deliver(copy, chain, reserved)
             except BadItem:
                 finished = False
             except Exception:  # never let one copy kill its contract's chain
                 log.exception("delivery_step_failed", message_id=copy.message_id)
                 finished = False
+            finally:
+                if reserved:
+                    self.breaker.release()
             if finished:
                 chain.items.remove(copy)
                 self._finish(copy.ticket)
@@ -370,8 +380,9 @@ class Pipeline:
                 return None
         return None
 
-    async def _deliver(self, copy: Copy, chain: Chain) -> bool:
-        """One step for one copy: True when it is settled for good (its offset may pass)."""
+    async def _deliver(self, copy: Copy, chain: Chain, probe_reserved: bool = False) -> bool:
+        """One step for one copy: True when it is settled for good (its offset may pass).
+        `probe_reserved`: the breaker is open and this chain may send the group's probe."""
         row = await self.claims.submit(
             ClaimRequest(
                 copy.message_id, copy.publication, copy.record.partition, copy.record.offset
@@ -432,7 +443,7 @@ class Pipeline:
                     row.first_attempt_at,
                 )
             case Send():
-                return await self._send(copy, verdict, chain)
+                return await self._send(copy, verdict, chain, probe_reserved)
         raise AssertionError(verdict)  # pragma: no cover - every verdict is matched
 
     async def _settle_without_post(
@@ -462,7 +473,9 @@ class Pipeline:
 
     # -- sending under the lease -----------------------------------------------------------------
 
-    async def _send(self, copy: Copy, send: Send, chain: Chain) -> bool:
+    async def _send(
+        self, copy: Copy, send: Send, chain: Chain, probe_reserved: bool = False
+    ) -> bool:
         epoch = send.epoch
         progress = Progress(send.attempts, send.budget_used_s)
         lease_ends = time.monotonic() + self.lease_s
@@ -470,24 +483,31 @@ class Pipeline:
         try:
             while True:
                 if chain.stopping:
-                    # The partition moved on: hand the record over at once (the reserved POST
-                    # was not sent).
-                    await self._write(
-                        copy,
-                        Outcome(
-                            copy.message_id,
-                            epoch,
-                            MessageState.QUEUED,
-                            progress.attempts - 1,
-                            progress.budget_used_s,
-                        ),
-                    )
+                    # The partition moved on: hand the record over at once.
+                    await self._hand_back(copy, epoch, progress)
                     return False
+                admission = await self.breaker.admit(probe_reserved)
+                if admission is Admission.HOLD:
+                    # The upstream is away or in maintenance: send nothing, spend nothing.
+                    metrics.HELD_BY_BREAKER.inc()
+                    await self._hand_back(copy, epoch, progress)
+                    return False
+                probe = admission is Admission.PROBE
                 if lease_ends - time.monotonic() < self.upstream_timeout_s + LEASE_MARGIN_S:
                     await self._progress(copy, epoch, progress, None)
                     lease_ends = time.monotonic() + self.lease_s
                 started = time.monotonic()
-                decision, token, error = await self._attempt(copy, progress)
+                decision, token, error, health, retry_after = await self._attempt(copy, progress)
+                away = await self.breaker.report(health, probe=probe, retry_after_s=retry_after)
+                if probe:
+                    probe_reserved = False
+                    self.breaker.release()
+                if away and not isinstance(decision, Settle) and health is not Health.UP:
+                    # The upstream is away (this failure may have been the one that showed
+                    # it): the failure is the outage's, not the record's — not charged.
+                    metrics.HELD_BY_BREAKER.inc()
+                    await self._hand_back(copy, epoch, progress)
+                    return False
                 progress = replace(
                     progress, budget_used_s=progress.budget_used_s + time.monotonic() - started
                 )
@@ -516,21 +536,35 @@ class Pipeline:
 
     async def _attempt(
         self, copy: Copy, progress: Progress
-    ) -> tuple[Retry | Settle | DeadLetter, str | None, str | None]:
+    ) -> tuple[Retry | Settle | DeadLetter, str | None, str | None, Health, float | None]:
         """One POST (or the failure to get a token for it): the decision, the token used (None
-        when no POST was sent) and the error text to keep."""
+        when no POST was sent), the error text to keep, what it showed of the upstream's
+        health, and the Retry-After it asked for."""
         try:
             token = await self.upstream.token()
         except self.token_errors as exc:
             error = cap_text(str(exc))
             decision = decide_token_failure(error, progress, policy=self.policy, rng=self.rng)
-            return decision, None, error
+            return decision, None, error, Health.DOWN, None
         async with self.slots.slot(copy.lane):
             answer = await self.upstream.post(copy.value, copy.message_id, copy.trace_id, token)
         decision = decide_answer(
             answer, progress, submitted=copy.position, policy=self.policy, rng=self.rng
         )
-        return decision, token, answer.error or None
+        return decision, token, answer.error or None, _health(answer), answer.retry_after_s
+
+    async def _hand_back(self, copy: Copy, epoch: int, progress: Progress) -> None:
+        """Release the lease unsent: the POST this claim reserved is not counted."""
+        await self._write(
+            copy,
+            Outcome(
+                copy.message_id,
+                epoch,
+                MessageState.QUEUED,
+                progress.attempts - 1,
+                progress.budget_used_s,
+            ),
+        )
 
     async def _progress(
         self, copy: Copy, epoch: int, progress: Progress, error: str | None
@@ -789,6 +823,14 @@ def _copy_dead_letter(
         settlement_run_id=copy.settlement_run_id,
         contract_id=copy.contract_id,
     )
+
+
+def _health(answer: Answer) -> Health:
+    if answer.kind is AnswerKind.TRANSIENT:
+        return Health.DOWN
+    if answer.kind is AnswerKind.UNAUTHORIZED:
+        return Health.UNKNOWN
+    return Health.UP
 
 
 def _wait_delay(waits: int, rng: random.Random) -> float:

@@ -282,6 +282,7 @@ async def read_batch(batch_id: str, svc: ServicesDep, who: PrincipalDep) -> Batc
         created_at=iso_z(batch.created_at),
         counts=counts,
         messages=messages,
+        waiting=await svc.waiting.for_states([m.state for m in messages]),
     )
 
 
@@ -311,4 +312,5 @@ async def read_message(message_id: str, svc: ServicesDep, who: PrincipalDep) -> 
         history=[
             HistoryEntry(state=h.state, at=iso_z(h.at), detail=h.detail) for h in message.history
         ],
+        waiting=await svc.waiting.for_states([message.state]),
     )

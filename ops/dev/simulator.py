@@ -100,6 +100,7 @@ class SimState:
         # against `effects`, "sent more than needed" against this.
         self.posts_by_key: collections.Counter[str] = collections.Counter()
         self.posts = 0
+        self.arrivals: list[float] = []  # when each POST arrived (wall clock)
         self.duplicate_posts = 0
         self.rejected_posts = 0
         self.failed_posts = 0
@@ -175,6 +176,7 @@ def create_simulator(config: SimConfig | None = None) -> FastAPI:
     async def sync(request: Request) -> Response:
         cfg = state.config
         state.posts += 1
+        state.arrivals.append(time.time())
         body = await request.body()
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
         if state.tokens.get(bearer, 0) < time.time():

@@ -65,6 +65,9 @@ async def ops_pipeline(pipeline_factory: PipelineFactory) -> Pipeline:
             "token_outage": True,
         },
         upstream_max_attempts=2,
+        # Every failure here belongs to one record; the breaker would (rightly) treat a token
+        # endpoint down for good as an outage and keep the record instead of dead-lettering it.
+        breaker_failures=1000,
     )
     return pipe
 

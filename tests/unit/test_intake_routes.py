@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,16 @@ from ingest.auth import JwksKeys, TokenVerifier
 from ingest.deps import IntakeServices
 from ingest.limits import DeskRateLimiter, FailureAlarm
 from ingest.publisher import SettlementPublisher
+from ingest.waiting import WaitingWatch
 from ledger.reconciliation import DeadLetterFilter
-from ledger.rows import Actor
+from ledger.rows import Actor, Circuit, MaintenanceWindow
 from operations.service import OperationRefused, ReplayRequested
 from ops.dev.devkeys import generate_signing_key, mint_token
 from runtime.settings import IntakeSettings, load
 from schemas import samples
 from schemas.envelope import header_map, verify_message
-from schemas.states import BatchState, MessageState
+from schemas.records import iso_z
+from schemas.states import BatchState, CircuitState, MessageState
 from tests.fakes import FakeBroker, FakeLedger
 
 ISSUER, AUDIENCE = "https://idp.unit", "etrm-unit"
@@ -94,6 +97,46 @@ class FakeOperations:
             "continuation_id": None,
         }
 
+    async def upstream_status(self) -> dict[str, Any]:
+        return {
+            "circuit": "open",
+            "since": "2026-12-02T08:00:00.000000Z",
+            "next_probe_at": "2026-12-02T08:00:05.000000Z",
+            "reason": "failures",
+            "failures": 0,
+            "probe_owner": None,
+            "maintenance": [],
+            "waiting": {"reason": "circuit_open", "until": "2026-12-02T08:00:05.000000Z"},
+        }
+
+    async def add_maintenance(
+        self, actor: Actor, starts_at: datetime, ends_at: datetime, reason: str
+    ) -> dict[str, Any]:
+        self._maybe_refuse()
+        self.calls.append(("maintenance", (actor.name, starts_at, ends_at, reason)))
+        return {
+            "id": "mw_1",
+            "from": iso_z(starts_at),
+            "until": iso_z(ends_at),
+            "reason": reason,
+            "created_by": actor.name,
+            "created_at": iso_z(starts_at),
+        }
+
+    async def cancel_maintenance(self, window_id: str, actor: Actor) -> dict[str, Any]:
+        self._maybe_refuse()
+        self.calls.append(("cancel", window_id))
+        return {
+            "id": window_id,
+            "from": "2026-12-06T02:00:00.000000Z",
+            "until": "2026-12-06T04:00:00.000000Z",
+            "reason": "r",
+            "created_by": "op",
+            "created_at": "2026-12-02T08:00:00.000000Z",
+            "cancelled_at": "2026-12-02T09:00:00.000000Z",
+            "cancelled_by": actor.name,
+        }
+
     async def decide_hold(
         self, hold_id: str, decision: str, actor: Actor, reason: str
     ) -> dict[str, Any]:
@@ -153,6 +196,7 @@ async def intake(tmp_path: Path) -> AsyncIterator[Intake]:
         verifier=TokenVerifier(JwksKeys(str(jwks)), issuer=ISSUER, audience=AUDIENCE, leeway_s=30),
         operations=operations,
         rate_limiter=DeskRateLimiter(*settings.desk_rates()),
+        waiting=WaitingWatch(ledger.upstream_view, ttl_s=0.0),
         alarm=FailureAlarm(),
     )
 
@@ -436,3 +480,67 @@ async def test_operations_routes_scopes_and_refusals(intake: Intake) -> None:
         "status": "discarded",
         "continued": 0,
     }
+
+
+async def test_upstream_routes_scopes_bodies_and_refusals(intake: Intake) -> None:
+    desk = intake.auth()
+    reader = intake.auth(desk="ops", scopes="ops:read", subject="op-reader")
+    admin = intake.auth(desk="ops", scopes="ops:read ops:upstream", subject="op-alice")
+    assert (await intake.client.get("/v1/upstream", headers=desk)).status_code == 403
+    status = await intake.client.get("/v1/upstream", headers=reader)
+    assert status.status_code == 200
+    assert status.json()["circuit"] == "open"
+    window = {"from": "2026-12-06T02:00:00Z", "until": "2026-12-06T04:00:00Z", "reason": "patch"}
+    denied = await intake.client.post("/v1/upstream/maintenance", json=window, headers=reader)
+    assert denied.status_code == 403
+    assert denied.json()["required_scope"] == "ops:upstream"
+    created = await intake.client.post("/v1/upstream/maintenance", json=window, headers=admin)
+    assert created.status_code == 201, created.text
+    assert created.json()["from"] == "2026-12-06T02:00:00.000000Z"
+    assert (
+        intake.operations.calls[-1][0],
+        intake.operations.calls[-1][1][:1],
+    ) == ("maintenance", ("op-alice",))
+    for bad in ({**window, "extra": 1}, {"from": window["from"], "until": window["until"]}):
+        answer = await intake.client.post("/v1/upstream/maintenance", json=bad, headers=admin)
+        assert answer.status_code == 422
+        assert answer.headers["content-type"] == "application/problem+json"
+    intake.operations.refuse = OperationRefused("invalid_window", "until must be after from")
+    refused = await intake.client.post("/v1/upstream/maintenance", json=window, headers=admin)
+    assert (refused.status_code, refused.json()["code"]) == (422, "invalid_window")
+    intake.operations.refuse = OperationRefused("not_found", "no such window")
+    gone = await intake.client.delete("/v1/upstream/maintenance/mw_x", headers=admin)
+    assert gone.status_code == 404
+    intake.operations.refuse = None
+    cancelled = await intake.client.delete("/v1/upstream/maintenance/mw_1", headers=admin)
+    assert cancelled.status_code == 200
+    assert cancelled.json()["cancelled_by"] == "op-alice"
+
+
+async def test_status_reads_say_why_unsettled_records_wait(intake: Intake) -> None:
+    run = samples.run_id()
+    accepted = await submit(intake, run, [samples.otc_confirmation(run, "OTC-WAIT-0001")])
+    batch_url = accepted.json()["status_url"]
+    message_url = f"/v1/settlements/{accepted.json()['messages'][0]['message_id']}"
+    assert (await intake.client.get(message_url, headers=intake.auth())).json()["waiting"] is None
+    now = datetime.now(UTC)
+    intake.ledger.circuit.circuit = Circuit(
+        CircuitState.OPEN, now, "failures", next_probe_at=now + timedelta(seconds=60)
+    )
+    message = (await intake.client.get(message_url, headers=intake.auth())).json()
+    assert message["waiting"] == {
+        "reason": "circuit_open",
+        "until": iso_z(now + timedelta(seconds=60)),
+    }
+    batch = (await intake.client.get(batch_url, headers=intake.auth())).json()
+    assert batch["waiting"]["reason"] == "circuit_open"
+    intake.ledger.circuit.circuit = Circuit(CircuitState.CLOSED, now)
+    intake.ledger.circuit.windows.append(
+        MaintenanceWindow("mw_9", now, now + timedelta(hours=1), "patch", "op", now)
+    )
+    message = (await intake.client.get(message_url, headers=intake.auth())).json()
+    assert message["waiting"]["reason"] == "maintenance"
+    for row in intake.ledger.rows.values():
+        row.state = MessageState.DELIVERED
+    settled = (await intake.client.get(message_url, headers=intake.auth())).json()
+    assert settled["waiting"] is None

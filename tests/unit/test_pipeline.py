@@ -8,16 +8,28 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
 from ingest.publisher import SettlementPublisher
-from ledger.rows import Actor, ClaimRequest, Outcome
+from ledger.rows import Actor, ClaimRequest, MaintenanceWindow, Outcome
+from operations.circuit import BreakerConfig, Failed, Succeeded, TakeProbe
 from schemas import samples
-from schemas.states import DeadLetterReason, MessageState, Sequencing
-from tests.fakes import Consumed, DatabaseAway, Desk, FakeBroker, FakeLedger, FakeUpstream, taken
+from schemas.states import CircuitState, DeadLetterReason, MessageState, Sequencing
+from tests.fakes import (
+    Consumed,
+    DatabaseAway,
+    Desk,
+    FakeBroker,
+    FakeCircuitStore,
+    FakeLedger,
+    FakeUpstream,
+    taken,
+)
 from tests.support import never, wait_for
+from workers.breaker import Breaker
 from workers.core import Policy
 from workers.pipeline import Pipeline
 from workers.rules import Answer, AnswerKind
@@ -43,6 +55,7 @@ class Harness:
     upstream: FakeUpstream
     desk: Desk
     pipeline: Pipeline
+    circuit: FakeCircuitStore
     fed: int = 0
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
 
@@ -72,8 +85,27 @@ class Harness:
         await wait_for(condition, timeout, every=0.01)
 
 
+BREAKER = BreakerConfig(failures=50, window_s=30.0, probe_interval_s=0.2)
+
+
+def make_breaker(store: FakeCircuitStore, config: BreakerConfig = BREAKER) -> Breaker:
+    return Breaker(
+        store,
+        config,
+        owner="unit-worker",
+        probe_lease_s=2.0,
+        announced_outage_s=5.0,
+        refresh_s=0.05,
+        margin_s=0.0,
+    )
+
+
 def make_pipeline(
-    ledger: FakeLedger, upstream: FakeUpstream, policy: Policy = POLICY, lease_s: float = 10.0
+    ledger: FakeLedger,
+    upstream: FakeUpstream,
+    policy: Policy = POLICY,
+    lease_s: float = 10.0,
+    breaker: Breaker | None = None,
 ) -> Pipeline:
     return Pipeline(
         ledger=ledger,
@@ -86,16 +118,22 @@ def make_pipeline(
         lease_s=lease_s,
         upstream_timeout_s=1.0,
         actor=Actor("worker", "unit-worker"),
+        breaker=breaker or make_breaker(FakeCircuitStore()),
     )
 
 
-async def harness_with(policy: Policy) -> AsyncIterator[Harness]:
-    ledger, broker = FakeLedger(), FakeBroker()
+async def harness_with(
+    policy: Policy, breaker_config: BreakerConfig = BREAKER
+) -> AsyncIterator[Harness]:
+    ledger, broker, circuit = FakeLedger(), FakeBroker(), FakeCircuitStore()
     upstream = FakeUpstream(taken())
-    pipeline = make_pipeline(ledger, upstream, policy)
+    breaker = make_breaker(circuit, breaker_config)
+    pipeline = make_pipeline(ledger, upstream, policy, breaker=breaker)
     desk = Desk(ledger, SettlementPublisher(broker, LANES, KEY))
-    yield Harness(ledger, broker, upstream, desk, pipeline)
+    breaker.start()
+    yield Harness(ledger, broker, upstream, desk, pipeline, circuit)
     await pipeline.stop(2.0)
+    await breaker.stop()
 
 
 @pytest.fixture
@@ -325,3 +363,120 @@ def test_database_away_is_recognised_as_such() -> None:
     from ledger.db import database_unavailable
 
     assert database_unavailable(DatabaseAway())
+
+
+# -- the upstream away (issue #8): the breaker and maintenance windows ----------------------
+
+OUTAGE = Answer(AnswerKind.TRANSIENT, 503, "503: down")
+FAST_BREAKER = BreakerConfig(failures=3, window_s=30.0, probe_interval_s=0.2)
+
+
+@pytest.fixture
+async def fragile() -> AsyncIterator[Harness]:
+    """A record's budget is 0.5 s; the breaker opens after 3 failures in a row."""
+    async for harness in harness_with(replace(POLICY, budget_s=0.5), FAST_BREAKER):
+        yield harness
+
+
+async def test_an_outage_longer_than_the_budget_dead_letters_nothing(fragile: Harness) -> None:
+    h = fragile
+    run = samples.run_id()
+    ids = await h.desk.accept([otc(run, f"OTC-OUT{i}") for i in range(8)])
+    h.upstream.down = OUTAGE
+    h.feed()
+    await h.until(lambda: h.circuit.circuit.state is not CircuitState.CLOSED)
+    # Three times the records' budget: only probes go out, one per interval, none charged.
+    await asyncio.sleep(1.5)
+    assert h.ledger.dead_letters == {}
+    assert {h.state(m) for m in ids} <= {S.QUEUED, S.DELIVERING}
+    probes = [e for e in h.circuit.events if isinstance(e, TakeProbe)]
+    assert 1 <= len(probes) <= 1.5 / FAST_BREAKER.probe_interval_s + 1
+    assert len(h.upstream.posts) <= FAST_BREAKER.failures + 8 + len(probes)
+    h.upstream.down = None
+    await h.until(lambda: all(h.ledger.settled(m) for m in ids))
+    assert {h.state(m) for m in ids} == {S.DELIVERED}
+    assert h.ledger.dead_letters == {}
+    assert h.circuit.circuit.state is CircuitState.CLOSED
+
+
+async def test_a_failing_probe_opens_again_and_a_good_one_closes(fragile: Harness) -> None:
+    h = fragile
+    run = samples.run_id()
+    ids = await h.desk.accept([otc(run, f"OTC-PRB{i}") for i in range(4)])
+    h.upstream.down = OUTAGE
+    h.feed()
+    await h.until(lambda: sum(isinstance(e, Failed) and e.probe for e in h.circuit.events) >= 2)
+    assert h.circuit.circuit.state in (CircuitState.OPEN, CircuitState.HALF_OPEN)
+    h.upstream.down = None
+    await h.until(lambda: h.circuit.circuit.state is CircuitState.CLOSED)
+    assert any(isinstance(e, Succeeded) and e.probe for e in h.circuit.events)
+    await h.until(lambda: all(h.ledger.settled(m) for m in ids))
+    assert h.ledger.dead_letters == {}
+
+
+async def test_nothing_is_sent_inside_a_maintenance_window(h: Harness) -> None:
+    run = samples.run_id()
+    now = datetime.now(UTC)
+    h.circuit.windows.append(
+        MaintenanceWindow("mw_1", now, now + timedelta(seconds=0.6), "patching", "op", now)
+    )
+    await h.pipeline.breaker.refresh()
+    ids = await h.desk.accept([otc(run, "OTC-MW1"), samples.canonical(run, "RT-MW-000001")])
+    h.feed()
+    await never(lambda: bool(h.upstream.posts), 0.4, every=0.01)
+    assert {h.state(m) for m in ids} == {S.QUEUED}  # never even claimed
+    await h.until(lambda: all(h.ledger.settled(m) for m in ids))
+
+
+async def test_a_503_announcing_maintenance_opens_the_breaker_until_then(h: Harness) -> None:
+    h.pipeline.breaker.announced_outage_s = 0.3
+    run = samples.run_id()
+    [first, *rest] = await h.desk.accept([otc(run, f"OTC-ANN{i}") for i in range(4)])
+    h.upstream.scripts[first] = [
+        Answer(AnswerKind.TRANSIENT, 503, "503: maintenance", retry_after_s=0.5),
+        taken(),
+    ]
+    h.upstream.gate = asyncio.Event()
+    h.feed()
+    await h.until(lambda: len(h.upstream.posts) == 4)
+    h.upstream.gate.set()
+    await h.until(lambda: h.circuit.circuit.state is not CircuitState.CLOSED)
+    assert h.circuit.circuit.reason == "announced"
+    await h.until(lambda: all(h.ledger.settled(m) for m in [first, *rest]))
+    row = h.ledger.rows[first]
+    assert (row.state, row.attempts) == (S.DELIVERED, 1)  # the announced 503 was not charged
+
+
+async def test_two_workers_sharing_one_breaker_send_one_probe_at_a_time(
+    fragile: Harness,
+) -> None:
+    h = fragile
+    other_breaker = make_breaker(h.circuit, FAST_BREAKER)
+    other_breaker.owner = "unit-worker-2"
+    other = make_pipeline(
+        h.ledger, h.upstream, replace(POLICY, budget_s=0.5), breaker=other_breaker
+    )
+    other_breaker.start()
+    try:
+        run = samples.run_id()
+        ids = await h.desk.accept([otc(run, f"OTC-TWO{i}") for i in range(12)])
+        h.upstream.down = OUTAGE
+        copies = h.feed()
+        # The second worker holds copies of its own (another partition) of the same records.
+        other.assign(("unit.standard", 1), 0)
+        other.accept([replace(c, partition=1) for c in copies])
+        await h.until(lambda: h.circuit.circuit.state is not CircuitState.CLOSED)
+        started = len(h.upstream.posts)
+        await asyncio.sleep(1.0)
+        probes = [e for e in h.circuit.events if isinstance(e, TakeProbe)]
+        owners = {e.owner for e in probes}
+        sent = len(h.upstream.posts) - started
+        assert sent <= 1.0 / FAST_BREAKER.probe_interval_s + 2  # one probe per interval
+        assert owners  # someone probed
+        h.upstream.down = None
+        await h.until(lambda: all(h.ledger.settled(m) for m in ids))
+        assert h.ledger.dead_letters == {}
+        assert sorted(set(h.upstream.posts) & set(ids)) == sorted(ids)
+    finally:
+        await other.stop(2.0)
+        await other_breaker.stop()

@@ -11,13 +11,15 @@ from faststream.kafka import TestKafkaBroker
 
 from ingest.publisher import SettlementPublisher
 from ledger.rows import Actor
+from operations.circuit import BreakerConfig
 from runtime.settings import WorkerSettings, load
 from schemas import samples
 from schemas.envelope import header_map
 from schemas.states import MessageState
-from tests.fakes import Desk, FakeBroker, FakeLedger, FakeUpstream, taken
+from tests.fakes import Desk, FakeBroker, FakeCircuitStore, FakeLedger, FakeUpstream, taken
 from tests.support import wait_for
 from workers.app import Lane, build_broker, make_handler, wire_lane
+from workers.breaker import Breaker
 from workers.core import Policy
 from workers.pipeline import Pipeline
 from workers.slots import LaneSlots
@@ -53,6 +55,13 @@ async def test_a_published_record_is_delivered_once_through_the_lane_subscriber(
         lease_s=10.0,
         upstream_timeout_s=1.0,
         actor=Actor("worker", "unit"),
+        breaker=Breaker(
+            FakeCircuitStore(),
+            BreakerConfig(20, 30.0, 5.0),
+            owner="unit",
+            probe_lease_s=2.0,
+            announced_outage_s=60.0,
+        ),
     )
     broker = build_broker(config)
     lanes = {name: Lane(name, topic, 100) for name, topic in config.lanes.items()}
