@@ -12,6 +12,7 @@ import signal
 import socket
 import uuid
 
+import structlog
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -41,6 +42,8 @@ from workers.core import Policy
 from workers.pipeline import LEASE_MARGIN_S, Pipeline
 from workers.slots import LaneSlots
 from workers.upstream import HttpPool, TokenProvider, TokenUnavailable, UpstreamClient
+
+log = structlog.get_logger("etrm.startup")
 
 
 def process_name() -> str:
@@ -177,7 +180,9 @@ def breaker_config(settings: WorkerSettings) -> BreakerConfig:
 
 async def worker_parts(settings: WorkerSettings) -> WorkerParts:
     engine = make_engine(settings.database_url, settings.database_pool_size)
+    log.info("worker_starting", step="database schema")
     await _schema_current(engine)
+    log.info("worker_starting", step="topics")
     await until_up("broker", lambda: _topics(settings), transient=kafka_unavailable)
     cipher = PayloadCipher(settings.encryption_keyring())
     kafka = KafkaPublisher(settings)

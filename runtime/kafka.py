@@ -28,15 +28,20 @@ class PublishFailed(Exception):
     """The broker did not acknowledge every record in time."""
 
 
-async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
+async def ensure_topics(
+    bootstrap: str, names: Iterable[str], partitions: int, timeout_s: float = 30.0
+) -> None:
+    """Create the topics that do not exist yet. Bounded: a broker that takes the connection
+    and never answers is a TimeoutError (the callers retry), never a start that hangs."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     try:
-        existing = set(await admin.list_topics())
-        wanted = [NewTopic(n, partitions, 1) for n in names if n not in existing]
-        if wanted:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(wanted)
+        async with asyncio.timeout(timeout_s):
+            await admin.start()
+            existing = set(await admin.list_topics())
+            wanted = [NewTopic(n, partitions, 1) for n in names if n not in existing]
+            if wanted:
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    await admin.create_topics(wanted)
     finally:
         await admin.close()
 

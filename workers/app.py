@@ -356,6 +356,7 @@ async def serve(
     )
     parts.housekeeping.start()
     parts.breaker.start()
+    log.info("worker_starting", step="joining the consumer group")
     await until_up("broker", broker.start, transient=transient)
     for lane in lanes.values():
         lane.out_since = time.monotonic()
@@ -386,6 +387,12 @@ async def serve(
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        # One LeaveGroup at a time: FastStream stops subscribers concurrently, and two
+        # members leaving in the same instant left Tansu's group with a departed leader that
+        # every later join waited on for ever (a worker restart that never consumed).
+        for subscriber in broker.subscribers:
+            with contextlib.suppress(Exception):
+                await subscriber.stop()
         await broker.stop()
         await parts.breaker.stop()
         await parts.housekeeping.stop()

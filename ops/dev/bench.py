@@ -38,7 +38,7 @@ from ops.dev.stack import Broker, Database, free_port, isolated_settings
 from runtime.kafka import KafkaPublisher, ensure_topics, make_producer
 from runtime.settings import StackSettings, settings_env
 from schemas import samples
-from schemas.envelope import Envelope, envelope_for, validate_record
+from schemas.envelope import Envelope, envelope_for, lane_for, validate_record
 from workers.upstream import HttpPool
 
 RESULTS = Path("bench-results")
@@ -81,6 +81,7 @@ class Bench:
     # -- infrastructure ------------------------------------------------------------------------
 
     async def up(self) -> None:
+        generate_signing_key(self.root)  # the desks' token key (the intake trusts its JWKS)
         self.broker = await asyncio.to_thread(Broker(free_port(), self.root / "tansu.log").start)
         if not self.database_url:
             self.database = await asyncio.to_thread(Database(self.root / "pg", free_port()).start)
@@ -108,6 +109,9 @@ class Bench:
             upstream_client_id="bench",
             upstream_client_secret=self.client_secret,
             upstream_signing_secret=self.signing_secret,
+            jwks_url=str(self.root / "jwks.json"),
+            jwt_issuer="bench",
+            jwt_audience="bench",
             **overrides,
         )
 
@@ -153,20 +157,10 @@ class Bench:
 
     async def intake(self, settings: StackSettings) -> tuple[str, str, subprocess.Popen[bytes]]:
         """An intake process on its own port; returns its URL and a desk token for it."""
-        pem, jwks = self.root / "etrm-dev-es256.pem", self.root / "jwks.json"
-        if not pem.exists():
-            generate_signing_key(self.root)
+        pem = self.root / "etrm-dev-es256.pem"
         port = free_port()
         env = settings_env(
-            settings.model_copy(
-                update={
-                    "intake_port": port,
-                    "jwks_url": str(jwks),
-                    "jwt_issuer": "bench",
-                    "jwt_audience": "bench",
-                    "desk_rate_limit": "100000:100000",
-                }
-            )
+            settings.model_copy(update={"intake_port": port, "desk_rate_limit": "100000:100000"})
         )
         process = self.spawn(["intake"], env)
         url = f"http://127.0.0.1:{port}"
@@ -250,6 +244,22 @@ class Bench:
         finally:
             await kafka.stop()
             await engine.dispose()
+
+
+def dump_stacks(process: subprocess.Popen[bytes]) -> None:
+    """What a process that stopped making progress is doing (py-spy, from the dev tools)."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if process.poll() is not None:
+        console.print(f"process {process.pid} exited with {process.returncode}")
+    elif spy.exists():
+        done = subprocess.run(
+            [str(spy), "dump", "--pid", str(process.pid)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        console.print(done.stdout[-20000:] or done.stderr[-2000:])
 
 
 async def wait_http(
@@ -679,6 +689,105 @@ async def scenario_memory(bench: Bench, scale: int) -> list[Row]:
     ]
 
 
+async def priority_latencies(
+    url: str, token: str, sim_url: str, count: int, rate: float
+) -> list[float]:
+    """Real-time price records (the priority lane) submitted one at a time at `rate`; seconds
+    from each 202 to its effect at the upstream."""
+    answered: dict[str, float] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
+        for i in range(count):
+            run = samples.run_id()
+            record = samples.canonical(run, f"RT-PRI-{uuid.uuid4().hex[:8]}", hour=i % 24)
+            response = await http.post(
+                "/v1/settlements/sync",
+                json=record,
+                headers={"Authorization": f"Bearer {token}", "X-Settlement-Run-ID": run},
+            )
+            if response.status_code != 202:
+                raise RuntimeError(f"intake answered {response.status_code}")
+            answered[response.json()["message_id"]] = time.time()
+            await asyncio.sleep(1 / rate)
+        deadline = time.monotonic() + 300
+        while True:
+            effects = (await http.post(f"{sim_url}/_sim/effects", json=list(answered))).json()
+            if len(effects) == len(answered):
+                return [effects[k]["received_at"] - at for k, at in answered.items()]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(answered) - len(effects)} priority records not delivered")
+            await asyncio.sleep(0.2)
+
+
+def standard_envelopes(count: int, contracts: int) -> list[Envelope]:
+    """A backlog for the standard lane only (no real-time prices in it)."""
+    found: list[Envelope] = []
+    while len(found) < count:
+        found.extend(
+            e for e in Bench.envelopes(count, contracts) if lane_for(e.market) == "standard"
+        )
+    return found[:count]
+
+
+async def scenario_priority(bench: Bench, scale: int) -> list[Row]:
+    """Issue #8: priority records' time from 202 to delivered behind a standard backlog of
+    20 x scale records, against the same on an idle system (same worker, same upstream)."""
+    sim_url, sim = await bench.simulator(20)
+    settings = bench.settings(sim_url, worker_concurrency=64)
+    await ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, 4)
+    url, token, intake = await bench.intake(settings)
+    backlog = 20 * scale
+    samples_per_phase = 40
+    try:
+        worker = bench.spawn(["worker"], settings_env(settings))
+        try:
+            await priority_latencies(url, token, sim_url, 10, 10)  # warm-up
+            idle = await priority_latencies(url, token, sim_url, samples_per_phase, 5)
+        finally:
+            await bench.stop(worker)
+        await bench.preload(settings, standard_envelopes(backlog, 500), 4)
+        before = (await sim_stats(sim_url))["effects"]
+        worker = bench.spawn(["worker"], settings_env(settings))
+        try:
+            for _ in range(600):  # until draining has begun (a minute at most)
+                if (await sim_stats(sim_url))["effects"] >= before + 200:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                dump_stacks(worker)
+                raise TimeoutError("the worker did not start draining the backlog")
+            loaded = await priority_latencies(url, token, sim_url, samples_per_phase, 5)
+            left = backlog - ((await sim_stats(sim_url))["effects"] - before - samples_per_phase)
+        finally:
+            await bench.stop(worker)
+    finally:
+        await bench.stop(intake)
+        await bench.stop(sim)
+    console.print(
+        f"priority lane: idle p90 {percentile(idle, 0.9) * 1000:.0f} ms, behind the backlog "
+        f"p90 {percentile(loaded, 0.9) * 1000:.0f} ms; {max(0, left):,} standard records were "
+        "still waiting when the last priority record was delivered"
+    )
+    label = f"priority lane behind a {backlog:,}-record standard backlog, 20 ms upstream"
+    return [
+        Row(
+            f"{label}, p50",
+            "202 -> delivered",
+            percentile(loaded, 0.5) * 1000,
+            percentile(idle, 0.5) * 1000,
+            "ms",
+            "baseline: the same on an idle system",
+        ),
+        Row(
+            f"{label}, p90",
+            "202 -> delivered",
+            percentile(loaded, 0.9) * 1000,
+            percentile(idle, 0.9) * 1000,
+            "ms",
+            "<= 5 x idle",
+        ),
+    ]
+
+
 Scenario = Callable[[Bench, int], Awaitable[list[Row]]]
 
 
@@ -711,6 +820,7 @@ SCENARIOS: dict[str, Scenario] = {
     "single-partition": scenario_single_partition,
     "scale-out": scenario_scale_out,
     "memory": scenario_memory,
+    "priority": scenario_priority,
 }
 
 

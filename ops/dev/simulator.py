@@ -267,6 +267,12 @@ def create_simulator(config: SimConfig | None = None) -> FastAPI:
     async def stats() -> dict[str, Any]:
         return state.summary()
 
+    @app.post("/_sim/effects")
+    async def effects_of(request: Request) -> dict[str, Any]:
+        """When each of the given Idempotency-Keys took effect (absent: not yet)."""
+        keys = await request.json()
+        return {k: asdict(state.by_key[k]) for k in keys if k in state.by_key}
+
     @app.get("/_sim/config")
     async def get_config() -> dict[str, Any]:
         public = asdict(state.config)
