@@ -176,6 +176,7 @@ def create_app(build: ServicesFactory, *, body_limit: int) -> FastAPI:
     async def on_problem(request: Request, exc: Problem) -> JSONResponse:
         who = getattr(request.state, "principal", None)
         if exc.status in (401, 403):
+            metrics.AUTH_FAILURES.labels(str(exc.status), exc.code).inc()
             log.warning(
                 "access_denied",
                 status=exc.status,

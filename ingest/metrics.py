@@ -9,6 +9,15 @@ PUBLISH_FAILURES = Counter("etrm_intake_publish_failures_total", "Requests the b
 LEDGER_UNAVAILABLE = Counter(
     "etrm_intake_ledger_unavailable_total", "Requests answered 503 because the database was away"
 )
+AUTH_FAILURES = Counter(
+    "etrm_intake_auth_failures_total",
+    "Requests refused by authentication (401) or authorization (403)",
+    ["status", "code"],
+)
+OLDEST_OPEN_AGE = Gauge(
+    "etrm_oldest_undelivered_age_seconds",
+    "Age of the oldest accepted record not yet final (queued or delivering); 0 when none",
+)
 REQUEST_LATENCY = Histogram(
     "etrm_intake_request_seconds",
     "Intake request latency",

@@ -486,7 +486,7 @@ class IntakeStore:
     async def get_message(self, message_id: str, desk: str | None) -> reads.Message | None:
         return await reads.get_message(self.engine, message_id, desk)
 
-    async def open_work(self) -> tuple[int, int]:
+    async def open_work(self) -> reads.OpenWork:
         return await reads.open_work(self.engine)
 
     async def ping(self) -> None:

@@ -141,18 +141,29 @@ async def get_message(engine: AsyncEngine, message_id: str, desk: str | None) ->
     )
 
 
-async def open_work(engine: AsyncEngine) -> tuple[int, int]:
-    """Holds awaiting review and dead letters not yet dealt with."""
+@dataclass(frozen=True, slots=True)
+class OpenWork:
+    holds: int  # awaiting review
+    dead_letters: int  # not yet replayed or discarded
+    oldest_undelivered_s: float  # age of the oldest record still queued or delivering; 0 if none
+
+
+_UNDELIVERED = sql_values(frozenset({MessageState.QUEUED, MessageState.DELIVERING}))
+
+
+async def open_work(engine: AsyncEngine) -> OpenWork:
     async with engine.connect() as conn:
         row = (
             await conn.execute(
                 text(
                     "SELECT (SELECT count(*) FROM holds WHERE state = 'open'), "
-                    "(SELECT count(*) FROM dead_letters WHERE status = 'open')"
+                    "(SELECT count(*) FROM dead_letters WHERE status = 'open'), "
+                    "(SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0) "
+                    f"FROM messages WHERE state IN {_UNDELIVERED})"
                 )
             )
         ).one()
-        return int(row[0]), int(row[1])
+        return OpenWork(int(row[0]), int(row[1]), max(0.0, float(row[2])))
 
 
 async def ping(engine: AsyncEngine) -> None:

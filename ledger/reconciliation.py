@@ -543,6 +543,23 @@ async def get_replay(engine: AsyncEngine, replay_id: str) -> dict[str, Any] | No
         return result
 
 
+async def list_replays(
+    engine: AsyncEngine, state: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    """Replays (and continuations of parked records), newest first."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT replay_id, kind, state, item_count, reason, requested_by, approved_by, "
+                "created_at, completed_at FROM replays "
+                "WHERE CAST(:state AS text) IS NULL OR state = :state "
+                "ORDER BY created_at DESC, replay_id LIMIT :limit"
+            ),
+            {"state": state, "limit": limit},
+        )
+        return [dict(r._mapping) for r in rows]
+
+
 async def runnable_replays(engine: AsyncEngine) -> list[str]:
     async with engine.connect() as conn:
         rows = await conn.execute(

@@ -18,13 +18,15 @@ app = typer.Typer(
     add_completion=False,
     help="Settlement sync from trading desks to the ETRM engine.",
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 from ops.opscli import (  # noqa: E402 - registered right below
     audit_app,
     dlq,
     holds,
     keys_app,
+    messages_app,
+    replays_app,
     upstream_app,
 )
 
@@ -33,6 +35,29 @@ app.add_typer(holds, name="holds")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
 app.add_typer(upstream_app, name="upstream")
+app.add_typer(replays_app, name="replays")
+app.add_typer(messages_app, name="messages")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"etrm-sync {version('etrm-sync')}")
+        except PackageNotFoundError:
+            print("etrm-sync (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version"),
+    ] = False,
+) -> None:
+    """Settlement sync from trading desks to the ETRM engine."""
 
 
 def _fail(message: str) -> None:

@@ -8,10 +8,11 @@ Every action is audited like its API twin.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import getpass
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -19,10 +20,14 @@ from typing import Annotated, Any, TypeVar
 
 import structlog
 import typer
+from aiokafka.errors import KafkaError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
+from sqlalchemy.exc import DBAPIError
 
+from ledger import reads
 from ledger import reconciliation as recon
 from operations.service import OperationRefused, Operations, operator_actor
 from runtime.logging import configure_logging
@@ -31,6 +36,8 @@ from runtime.settings import OperatorSettings, SettingsError, load
 dlq = typer.Typer(no_args_is_help=True, help="The reconciliation queue (dead letters).")
 holds = typer.Typer(no_args_is_help=True, help="Drift holds awaiting review.")
 console = Console()
+# Errors and hints go to stderr: stdout stays the command's answer (--json).
+err = Console(stderr=True, soft_wrap=True)
 security_log = structlog.get_logger("etrm.security")
 T = TypeVar("T")
 
@@ -62,14 +69,27 @@ def _run(work: Callable[[Operations], Awaitable[T]]) -> T:
         async with _operations() as ops:
             return await work(ops)
 
+    return _guarded(main)
+
+
+def _guarded(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a command's coroutine; what goes wrong is one line on stderr and an exit code."""
     try:
         return asyncio.run(main())
     except SettingsError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     except OperationRefused as exc:
-        console.print(f"[red]refused ({exc.code}):[/] {exc.detail}")
+        err.print(f"[red]refused ({exc.code}):[/] {escape(exc.detail)}")
         raise typer.Exit(1) from None
+    except (DBAPIError, OSError, TimeoutError) as exc:
+        # One line, never the URL (it may hold a password) nor a traceback.
+        cause = exc.orig if isinstance(exc, DBAPIError) else exc
+        err.print(f"[red]error:[/] database unreachable ({escape(type(cause).__name__)})")
+        raise typer.Exit(3) from None
+    except KafkaError as exc:
+        err.print(f"[red]error:[/] broker unreachable ({escape(type(exc).__name__)})")
+        raise typer.Exit(3) from None
 
 
 def _plain(value: Any) -> Any:
@@ -90,7 +110,9 @@ def _emit(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: b
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(str(_plain(row.get(c)) if row.get(c) is not None else "") for c in columns))
+        table.add_row(
+            *(escape(str(_plain(row.get(c)))) if row.get(c) is not None else "" for c in columns)
+        )
     console.print(table)
 
 
@@ -107,8 +129,12 @@ def _filter(
 
 
 DeskOpt = Annotated[str | None, typer.Option(help="Only this desk")]
-RunOpt = Annotated[str | None, typer.Option("--run", help="Only this settlement run")]
-ContractOpt = Annotated[str | None, typer.Option("--contract", help="Only this contract")]
+RunOpt = Annotated[
+    str | None, typer.Option("--settlement-run-id", "--run", help="Only this settlement run")
+]
+ContractOpt = Annotated[
+    str | None, typer.Option("--contract-id", "--contract", help="Only this contract")
+]
 ReasonOpt = Annotated[str | None, typer.Option(help="Only this dead-letter reason")]
 StatusOpt = Annotated[str | None, typer.Option(help="open, replayed, …")]
 SinceOpt = Annotated[datetime | None, typer.Option(help="Dead-lettered at or after (UTC)")]
@@ -125,17 +151,19 @@ def dlq_list(
     since: SinceOpt = None,
     until: UntilOpt = None,
     limit: int = 100,
+    cursor: Annotated[str | None, typer.Option(help="Continue after a previous page")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List dead letters, oldest first."""
+    """List dead letters, oldest first, a page at a time (the next page's --cursor on stderr)."""
     where = _filter(desk, run, contract, reason, status, since, until)
-    items, _ = _run(
-        lambda ops: recon.list_dead_letters(ops.engine, where, limit=limit, cursor=None)
+    items, next_cursor = _run(
+        lambda ops: recon.list_dead_letters(ops.engine, where, limit=limit, cursor=cursor)
     )
     _emit(
         items,
         [
             "dead_letter_id",
+            "message_id",
             "desk",
             "contract_id",
             "reason",
@@ -147,6 +175,8 @@ def dlq_list(
         "Reconciliation queue",
         as_json,
     )
+    if next_cursor:
+        err.print(f"more: etrm-sync dlq list --limit {limit} --cursor {next_cursor} …")
 
 
 @dlq.command("show")
@@ -154,16 +184,15 @@ def dlq_show(dead_letter_id: str, as_json: JsonOpt = False) -> None:
     """One dead letter with its Kafka coordinates and headers."""
     item = _run(lambda ops: recon.get_dead_letter(ops.engine, dead_letter_id))
     if item is None:
-        console.print("[red]no such dead letter")
+        err.print(f"[red]error:[/] no dead letter {escape(dead_letter_id)}")
         raise typer.Exit(1)
     if as_json:
         print(json.dumps({k: _plain(v) for k, v in item.items()}, indent=2))
         return
     table = Table(title=dead_letter_id, show_header=False)
     for key, value in item.items():
-        table.add_row(
-            key, json.dumps(value, indent=1) if isinstance(value, dict) else str(_plain(value))
-        )
+        shown = json.dumps(value, indent=1) if isinstance(value, dict) else str(_plain(value))
+        table.add_row(key, escape(shown))
     console.print(table)
 
 
@@ -372,7 +401,7 @@ def audit_verify(as_json: JsonOpt = False) -> None:
             "checkpoint_problems": problems,
         }
 
-    result = asyncio.run(work())
+    result = _guarded(work)
     if as_json:
         print(json.dumps(result, indent=2))
     elif result["ok"]:
@@ -402,7 +431,7 @@ def audit_checkpoint() -> None:
 
     signer = load(OperatorSettings).audit_signer()
     if signer is None:
-        console.print("[red]error:[/] ETRM_AUDIT_SIGNING_KEY is not set")
+        err.print("[red]error:[/] ETRM_AUDIT_SIGNING_KEY is not set")
         raise typer.Exit(2)
 
     async def work() -> int | None:
@@ -412,7 +441,7 @@ def audit_checkpoint() -> None:
         finally:
             await engine.dispose()
 
-    console.print(f"checkpoint at row {asyncio.run(work())}")
+    console.print(f"checkpoint at row {_guarded(work)}")
 
 
 @keys_app.command("rotate")
@@ -439,7 +468,7 @@ def keys_rotate(operator: OperatorOpt = None, as_json: JsonOpt = False) -> None:
         finally:
             await engine.dispose()
 
-    counts = asyncio.run(work())
+    counts = _guarded(work)
     security_log.info("key_rotation", active_key=cipher.active_kid, operator=actor.name, **counts)
     if as_json:
         print(json.dumps({"active_key": cipher.active_kid, **counts}))
@@ -519,3 +548,89 @@ def maintenance_remove(
 def _utc(moment: datetime) -> datetime:
     """typer reads dates without a zone: those are UTC, as every time in this system."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+# -- replays and messages (issue #10) --------------------------------------------------------
+
+replays_app = typer.Typer(no_args_is_help=True, help="Replays of dead letters and their approval.")
+messages_app = typer.Typer(no_args_is_help=True, help="One record's state and history.")
+
+
+def _show(title: str, item: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(item, indent=2, default=_plain))
+        return
+    table = Table(title=escape(title), show_header=False)
+    for key, value in item.items():
+        shown = (
+            json.dumps(value, indent=1, default=_plain)
+            if isinstance(value, dict | list)
+            else str(_plain(value))
+        )
+        table.add_row(key, escape(shown))
+    console.print(table)
+
+
+@replays_app.command("list")
+def replays_list(
+    state: Annotated[
+        str | None, typer.Option(help="pending_approval, approved, running, completed, …")
+    ] = None,
+    limit: int = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replays, newest first."""
+    rows = _run(lambda ops: recon.list_replays(ops.engine, state=state, limit=limit))
+    _emit(
+        rows,
+        ["replay_id", "kind", "state", "item_count", "requested_by", "approved_by", "created_at"],
+        "Replays",
+        as_json,
+    )
+
+
+@replays_app.command("show")
+def replays_show(replay_id: str, as_json: JsonOpt = False) -> None:
+    """One replay: who asked and approved, progress, and what became of its records."""
+    item = _run(lambda ops: recon.get_replay(ops.engine, replay_id))
+    if item is None:
+        err.print(f"[red]error:[/] no replay {escape(replay_id)}")
+        raise typer.Exit(1)
+    _show(replay_id, {k: _plain(v) for k, v in item.items()}, as_json)
+
+
+@replays_app.command("approve")
+def replays_approve(
+    replay_id: str,
+    reason: Annotated[str | None, typer.Option(help="Why (audited)")] = None,
+    operator: OperatorOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve a replay another operator requested (four eyes), then run it."""
+    dlq_replay(
+        message_id=None,
+        desk=None,
+        run=None,
+        contract=None,
+        reason_filter=None,
+        since=None,
+        until=None,
+        reason=reason,
+        dry_run=False,
+        approve=replay_id,
+        resume=None,
+        operator=operator,
+        as_json=as_json,
+    )
+
+
+@messages_app.command("show")
+def messages_show(message_id: str, as_json: JsonOpt = False) -> None:
+    """A record's state, attempts, last error, dead letter and every state it went through."""
+    found = _run(lambda ops: reads.get_message(ops.engine, message_id, None))
+    if found is None:
+        err.print(f"[red]error:[/] no message {escape(message_id)}")
+        raise typer.Exit(1)
+    item = dataclasses.asdict(found)
+    item["state"] = str(found.state)
+    _show(message_id, {k: _plain(v) for k, v in item.items()}, as_json)

@@ -6,6 +6,7 @@ tested without servers."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,7 @@ from ledger.acceptance import (
     Request,
     RevisionConflict,
 )
-from ledger.reads import Batch, BatchRecord, HistoryRow, Message
+from ledger.reads import Batch, BatchRecord, HistoryRow, Message, OpenWork
 from ledger.rows import (
     Actor,
     Circuit,
@@ -226,9 +227,10 @@ class FakeLedger:
             [HistoryRow(s, datetime.now(UTC), d) for s, d in row.history],
         )
 
-    async def open_work(self) -> tuple[int, int]:
+    async def open_work(self) -> OpenWork:
         self._check()
-        return len(self.holds), sum(1 for s in self.dead_letter_status.values() if s == "open")
+        open_dead_letters = sum(1 for s in self.dead_letter_status.values() if s == "open")
+        return OpenWork(len(self.holds), open_dead_letters, 0.0)
 
     async def ping(self) -> None:
         self._check()
@@ -459,6 +461,7 @@ class Consumed:
     key: bytes | None
     value: bytes | None
     headers: Sequence[tuple[str, bytes | None]]
+    timestamp: int = field(default_factory=lambda: int(time.time() * 1000))
 
 
 class Desk:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -118,3 +121,26 @@ def assert_contract_order(sim: SimState, order: dict[str, int]) -> None:
 async def states(client: httpx.AsyncClient, batch_id: str) -> dict[str, str]:
     body = (await client.get(f"/v1/batches/{batch_id}")).json()
     return {m["message_id"]: m["state"] for m in body["messages"]}
+
+
+@dataclass(frozen=True)
+class CliRun:
+    code: int
+    stdout: str
+    stderr: str
+
+
+async def run_cli(env: dict[str, str], *args: str, timeout: float = 60.0) -> CliRun:
+    """`etrm-sync ARGS` as an operator types it, in a subprocess with the pipeline's settings."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ops.cli",
+        *args,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return CliRun(process.returncode, stdout.decode(), stderr.decode())

@@ -6,10 +6,25 @@ DELIVERIES = Counter(
     "etrm_worker_deliveries_total", "Records that reached a settled state", ["outcome"]
 )
 DEAD_LETTERS = Counter("etrm_worker_dead_letters_total", "Dead letters by reason", ["reason"])
-UPSTREAM_ATTEMPTS = Counter("etrm_worker_upstream_attempts_total", "POSTs sent to the upstream")
+UPSTREAM_ATTEMPTS = Counter(
+    "etrm_worker_upstream_attempts_total",
+    "POSTs sent to the upstream, by the status it answered (timeout / error when none)",
+    ["status"],
+)
+END_TO_END = Histogram(
+    "etrm_end_to_end_seconds",
+    "From the intake's publish (the 202) to the record's settled state",
+    ["lane", "outcome"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+TOKEN_FAILURES = Counter(
+    "etrm_worker_token_failures_total",
+    "Upstream access-token requests that gave no token (unreachable, refused, malformed)",
+)
 UPSTREAM_LATENCY = Histogram(
     "etrm_worker_upstream_latency_seconds",
-    "Upstream round trip per attempt",
+    "Upstream round trip per attempt, by the status it answered (timeout / error when none)",
+    ["status"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 TOKEN_RENEWALS = Counter("etrm_worker_token_renewals_total", "Upstream access tokens obtained")

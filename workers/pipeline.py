@@ -94,6 +94,7 @@ class ConsumedRecord(Protocol):
     key: bytes | None
     value: bytes | None
     headers: Sequence[tuple[str, bytes | None]]
+    timestamp: int  # ms since the epoch: the intake's publish, just before its 202
 
 
 class DeliveryLedger(Protocol):
@@ -726,6 +727,10 @@ class Pipeline:
     def _log_outcome(copy: Copy, state: MessageState, attempts: int, **extra: object) -> None:
         """One log line per settled record: the trace id follows the record from the intake."""
         metrics.DELIVERIES.labels(str(state)).inc()
+        if copy.record.timestamp > 0:
+            metrics.END_TO_END.labels(copy.lane, str(state)).observe(
+                max(0.0, time.time() - copy.record.timestamp / 1000)
+            )
         log.info(
             "delivery_outcome",
             state=str(state),

@@ -92,6 +92,13 @@ class TokenProvider:
 
     async def _fetch(self) -> None:
         try:
+            await self._obtain()
+        except TokenUnavailable:
+            metrics.TOKEN_FAILURES.inc()
+            raise
+
+    async def _obtain(self) -> None:
+        try:
             response = await self._http.post(
                 self._url, data={"grant_type": "client_credentials"}, auth=self._auth
             )
@@ -154,16 +161,19 @@ class UpstreamClient:
             "X-Signature": self.signature(body, now),
             "Content-Type": "application/json",
         }
-        metrics.UPSTREAM_ATTEMPTS.inc()
         started = time.perf_counter()
+        outcome = "error"
         try:
             status, raw, retry_after = await self._send(body, headers)
+            outcome = str(status)
         except httpx.TimeoutException:
+            outcome = "timeout"
             return Answer(AnswerKind.TRANSIENT, None, "upstream timed out")
         except httpx.HTTPError as exc:
             return Answer(AnswerKind.TRANSIENT, None, f"upstream unreachable: {type(exc).__name__}")
         finally:
-            metrics.UPSTREAM_LATENCY.observe(time.perf_counter() - started)
+            metrics.UPSTREAM_ATTEMPTS.labels(outcome).inc()
+            metrics.UPSTREAM_LATENCY.labels(outcome).observe(time.perf_counter() - started)
         return read_answer(status, raw, retry_after, time.time())
 
     async def _send(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str | None]:

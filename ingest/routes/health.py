@@ -47,9 +47,10 @@ async def readyz(svc: ServicesDep) -> JSONResponse:
 @router.get("/metrics", include_in_schema=False)
 async def prometheus(svc: ServicesDep) -> Response:
     try:
-        open_holds, open_dead_letters = await svc.ledger.open_work()
-        metrics.HOLDS_OPEN.set(open_holds)
-        metrics.DEAD_LETTERS_OPEN.set(open_dead_letters)
+        work = await svc.ledger.open_work()
+        metrics.HOLDS_OPEN.set(work.holds)
+        metrics.DEAD_LETTERS_OPEN.set(work.dead_letters)
+        metrics.OLDEST_OPEN_AGE.set(work.oldest_undelivered_s)
     except Exception:  # noqa: S110 - the other series are still worth serving
         pass
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

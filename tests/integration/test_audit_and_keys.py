@@ -4,12 +4,9 @@ superuser is found at the row it happened, and the database refuses to change au
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import os
 import secrets
-import sys
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,6 +20,7 @@ from ledger.keys import rotate
 from ledger.rows import Actor
 from schemas import samples
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
+from tests.support import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -148,19 +146,9 @@ async def test_audit_chain_verifies_and_names_the_tampered_row(pipeline: Pipelin
             tampered = await audit.verify(engine)
             assert not tampered.ok
             assert tampered.first_bad_seq == target
-            cli = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "ops.cli",
-                "audit",
-                "verify",
-                "--json",
-                env={**os.environ, **pipeline.env},
-                stdout=asyncio.subprocess.PIPE,
-            )
-            stdout, _ = await asyncio.wait_for(cli.communicate(), 60)
-            assert cli.returncode == 1
-            assert json.loads(stdout)["first_bad_seq"] == target
+            cli = await run_cli(pipeline.env, "audit", "verify", "--json")
+            assert cli.code == 1
+            assert json.loads(cli.stdout)["first_bad_seq"] == target
         finally:
             async with engine.begin() as conn:
                 await conn.execute(

@@ -3,10 +3,7 @@ metrics (CONTRACT §3, issue 4)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from collections import Counter
 from typing import Any
 
@@ -22,7 +19,7 @@ from operations.service import operator_actor
 from schemas import samples
 from schemas.envelope import sign_message
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
-from tests.support import never, wait_for
+from tests.support import never, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 OPS = "ops:read ops:replay ops:holds"
@@ -181,23 +178,11 @@ async def test_dead_letters_of_every_reason_listed_and_filtered(ops_pipeline: Pi
     # A desk token never reaches the operations routes.
     assert (await desk.get("/v1/reconciliation")).status_code == 403
     # The CLI shows the same queue.
-    cli = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ops.cli",
-        "dlq",
-        "list",
-        "--json",
-        "--reason",
-        "upstream_rejected",
-        "--run",
-        run,
-        env={**os.environ, **pipe.env},
-        stdout=asyncio.subprocess.PIPE,
+    cli = await run_cli(
+        pipe.env, "dlq", "list", "--json", "--reason", "upstream_rejected", "--run", run
     )
-    stdout, _ = await asyncio.wait_for(cli.communicate(), 60)
-    assert cli.returncode == 0
-    assert [i["contract_id"] for i in json.loads(stdout)] == ["REJECT-0001"]
+    assert cli.code == 0, cli.stderr[-2000:]
+    assert [i["contract_id"] for i in json.loads(cli.stdout)] == ["REJECT-0001"]
 
 
 async def test_replay_after_recovery_is_exactly_once(ops_pipeline: Pipeline) -> None:

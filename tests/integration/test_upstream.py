@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -24,7 +22,7 @@ from ledger.db import make_engine
 from schemas import samples
 from schemas.records import iso_z
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
-from tests.support import assert_contract_order, assert_effects_once, never, wait_for
+from tests.support import assert_contract_order, assert_effects_once, never, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -249,20 +247,9 @@ async def test_a_503_announcing_maintenance_holds_everything_until_then(
 
 
 async def cli(pipe: Pipeline, *args: str) -> Any:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ops.cli",
-        "upstream",
-        *args,
-        "--json",
-        env={**os.environ, **pipe.env, "ETRM_OPERATOR": "op-cli"},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, stderr.decode()[-2000:]
-    return json.loads(stdout)
+    done = await run_cli({**pipe.env, "ETRM_OPERATOR": "op-cli"}, "upstream", *args, "--json")
+    assert done.code == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
 
 
 async def test_the_command_line_declares_shows_and_cancels_windows(guarded: Pipeline) -> None:
