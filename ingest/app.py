@@ -35,6 +35,7 @@ from ledger.rows import Actor
 from schemas.api import ProblemDetails
 
 log = structlog.get_logger("etrm.intake")
+access_log = structlog.get_logger("etrm.access")
 
 ServicesFactory = Callable[[], Awaitable[IntakeServices]]
 
@@ -72,8 +73,20 @@ class TraceAndTiming:
             status = await _unexpected(exc, trace_id, scope, send_with_trace, status)
         finally:
             route = scope.get("route")
+            elapsed = time.perf_counter() - started
             metrics.REQUEST_LATENCY.labels(getattr(route, "path", "other"), str(status)).observe(
-                time.perf_counter() - started
+                elapsed
+            )
+            principal = scope["state"].get("principal")
+            access_log.info(
+                "request",
+                method=scope.get("method"),
+                path=scope.get("path", "")[:200],
+                status=status,
+                ms=round(elapsed * 1000, 2),
+                trace_id=trace_id,
+                desk=getattr(principal, "desk", None),
+                client=(scope.get("client") or ("", 0))[0],
             )
 
 

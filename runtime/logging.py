@@ -7,6 +7,7 @@ line of defence for field names that look like secrets.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -28,7 +29,13 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def configure_logging(service: str, level: str = "INFO") -> None:
+    """JSON lines on stderr at `level`, or at ETRM_LOG_LEVEL when that names a level."""
+    wanted = os.environ.get("ETRM_LOG_LEVEL", "").strip().upper()
+    level = wanted if wanted in LEVELS else level
     logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
     for noisy in ("aiokafka", "faststream", "uvicorn.access", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
+from prometheus_client import REGISTRY
 
 from ingest.app import create_app
 from ingest.auth import JwksKeys, TokenVerifier
@@ -426,6 +428,25 @@ async def test_access_rules(intake: Intake) -> None:
         headers={"X-Settlement-Run-ID": run, "X-Trader-Scope": "gas-west", **intake.auth()},
     )
     assert spoof.status_code == 403
+
+
+async def test_every_request_leaves_one_access_line_with_its_trace_id(intake: Intake) -> None:
+    def refused() -> float:
+        labels = {"status": "401", "code": "unauthorized"}
+        return REGISTRY.get_sample_value("etrm_intake_auth_failures_total", labels) or 0.0
+
+    refused_before = refused()
+    with structlog.testing.capture_logs() as lines:
+        anonymous = await intake.client.get("/v1/batches/b-1")
+        known = await intake.client.get("/v1/batches/b-1", headers=intake.auth())
+    access = [line for line in lines if line["event"] == "request"]
+    assert [(a["status"], a["desk"]) for a in access] == [(401, None), (404, "power-east")]
+    assert [a["trace_id"] for a in access] == [
+        anonymous.headers["x-trace-id"],
+        known.headers["x-trace-id"],
+    ]
+    assert all(a["path"] == "/v1/batches/b-1" and a["method"] == "GET" for a in access)
+    assert refused() == refused_before + 1
 
 
 async def test_rate_limit_per_desk(intake: Intake) -> None:
