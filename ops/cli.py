@@ -209,27 +209,52 @@ def token(
     ] = "settlements:write settlements:read",
     contracts: Annotated[str | None, typer.Option(help="Comma-separated contract patterns")] = None,
     ttl: Annotated[int, typer.Option(help="Lifetime in seconds")] = 3600,
+    key: Annotated[
+        Path | None,
+        typer.Option(help="Private key (PEM: EC P-256, RSA or Ed25519); default: the dev stack's"),
+    ] = None,
+    kid: Annotated[
+        str | None, typer.Option(help="Key id in the JWKS; default: the PEM's stem")
+    ] = None,
+    issuer: Annotated[str | None, typer.Option(help="iss; default ETRM_JWT_ISSUER")] = None,
+    audience: Annotated[str | None, typer.Option(help="aud; default ETRM_JWT_AUDIENCE")] = None,
+    new_key: Annotated[
+        Path | None,
+        typer.Option(help="First write a new key pair here (<kid>.pem and jwks.json) and use it"),
+    ] = None,
 ) -> None:
-    """Mint a development token signed with the dev stack's key."""
+    """Mint a token: with the dev stack's key, or with any key whose public half is in the
+    JWKS the intake reads (ETRM_JWKS_URL), e.g. the compose stack's ./jwks.json."""
     _dev_tools()
-    from ops.dev.devkeys import mint_token
+    from ops.dev.devkeys import DEV_KID, algorithm_of, generate_signing_key, mint_token
     from ops.dev.devstack import read_dev_env
 
     env = {**read_dev_env(), **{k: v for k, v in os.environ.items() if k.startswith("ETRM_")}}
-    key = env.get("ETRM_DEV_JWT_PRIVATE_KEY")
-    if not key or not Path(key).exists():
-        _fail("no development signing key (ETRM_DEV_JWT_PRIVATE_KEY); start `etrm-sync dev`")
-    assert key is not None
+    if new_key is not None:
+        key, jwks = generate_signing_key(new_key, kid or "etrm-compose-es256")
+        err.print(f"wrote {key} (private, keep it) and {jwks} (give it to the intake)")
+    if key is None:
+        dev_key = env.get("ETRM_DEV_JWT_PRIVATE_KEY")
+        if not dev_key or not Path(dev_key).exists():
+            _fail("no signing key: pass --key PEM (or --new-key DIR), or start `etrm-sync dev`")
+        key, kid = Path(str(dev_key)), kid or DEV_KID
+    issuer = issuer or env.get("ETRM_JWT_ISSUER")
+    audience = audience or env.get("ETRM_JWT_AUDIENCE")
+    if not issuer or not audience:
+        _fail("--issuer and --audience are needed (or ETRM_JWT_ISSUER / ETRM_JWT_AUDIENCE)")
+    pem = key.read_bytes()
     print(
         mint_token(
-            Path(key),
-            issuer=env["ETRM_JWT_ISSUER"],
-            audience=env["ETRM_JWT_AUDIENCE"],
+            pem,
+            issuer=str(issuer),
+            audience=str(audience),
             subject=sub,
             desk=desk,
             scopes=scope.split(),
             contracts=[c.strip() for c in contracts.split(",")] if contracts else None,
             ttl_s=ttl,
+            kid=kid or key.stem,
+            algorithm=algorithm_of(pem),
         )
     )
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm
 
 DEV_KID = "etrm-dev-es256"
@@ -39,6 +39,18 @@ def generate_signing_key(directory: Path, kid: str = DEV_KID) -> tuple[Path, Pat
     jwks_path = directory / "jwks.json"
     jwks_path.write_text(json.dumps({"keys": [jwk]}, indent=2))
     return pem_path, jwks_path
+
+
+def algorithm_of(private_pem: bytes) -> str:
+    """The JWS algorithm the intake accepts for this kind of key."""
+    loaded = serialization.load_pem_private_key(private_pem, password=None)
+    if isinstance(loaded, ec.EllipticCurvePrivateKey):
+        return "ES256"
+    if isinstance(loaded, rsa.RSAPrivateKey):
+        return "RS256"
+    if isinstance(loaded, ed25519.Ed25519PrivateKey):
+        return "EdDSA"
+    raise ValueError(f"unsupported key type {type(loaded).__name__}")
 
 
 def mint_token(

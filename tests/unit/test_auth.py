@@ -91,3 +91,34 @@ async def test_a_rotated_key_set_is_read_once_the_cooldown_has_passed(
     assert who.subject == "trader-9"
     with pytest.raises(Problem):
         await check.verify(f"Bearer {old.token()}")
+
+
+async def test_the_token_command_mints_for_any_jwks_whose_key_you_hold(tmp_path: Path) -> None:
+    """`etrm-sync token --new-key DIR` (the compose stack's way in) and `--key PEM` give tokens
+    the intake accepts with that JWKS and nothing else."""
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    issuer, audience = "https://idp.example.com", "etrm-sync"
+    minted = CliRunner().invoke(
+        app,
+        ["token", "--new-key", str(tmp_path), "--issuer", issuer, "--audience", audience],
+    )
+    assert minted.exit_code == 0, minted.output
+    token = minted.stdout.strip()
+    jwks = tmp_path / "jwks.json"
+    check = TokenVerifier(JwksKeys(str(jwks)), issuer=issuer, audience=audience, leeway_s=30)
+    who = await check.verify(f"Bearer {token}")
+    assert (who.desk, who.subject) == ("power-east", "trader-1")
+
+    pem = tmp_path / "etrm-compose-es256.pem"
+    again = CliRunner().invoke(
+        app,
+        ["token", "--key", str(pem), "--issuer", issuer, "--audience", audience, "--desk", "ops"],
+    )
+    assert again.exit_code == 0, again.output
+    assert (await check.verify(f"Bearer {again.stdout.strip()}")).desk == "ops"
+    other = TokenVerifier(JwksKeys(str(jwks)), issuer=issuer, audience="someone-else", leeway_s=30)
+    with pytest.raises(Problem):
+        await other.verify(f"Bearer {token}")

@@ -69,3 +69,33 @@ def test_startup_is_gated_on_health() -> None:
         assert "healthcheck" in svc[name], name
     assert svc["kafka"]["image"].startswith("apache/kafka:")
     assert svc["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+
+
+def test_queued_records_survive_the_containers() -> None:
+    """Kafka and Postgres write where a named volume is mounted (the Kafka image's default log
+    dir is under /tmp, inside the container)."""
+    svc = services()
+    kafka_dir = svc["kafka"]["environment"]["KAFKA_LOG_DIRS"]
+    assert any(v.split(":", 1)[1] == kafka_dir for v in svc["kafka"]["volumes"])
+    assert any(v.split(":", 1)[1] == "/var/lib/postgresql/data" for v in svc["postgres"]["volumes"])
+
+
+def test_the_image_is_named_and_carries_every_package_the_product_runs() -> None:
+    import tomllib
+
+    svc = services()
+    for name, service in svc.items():
+        if "build" in service:
+            assert service["image"].startswith("etrm-sync:"), name
+    root = COMPOSE.parents[1]
+    packages = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["hatch"]["build"][
+        "targets"
+    ]["wheel"]["packages"]
+    copied = {
+        line.split()[1]
+        for line in (COMPOSE.parent / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ") and not line.startswith("COPY pyproject")
+    }
+    assert set(packages) <= copied, f"the image lacks {sorted(set(packages) - copied)}"
+    ignored = (root / ".dockerignore").read_text().splitlines()
+    assert {".git", ".venv", ".env", "*.pem"} <= set(ignored)
