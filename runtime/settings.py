@@ -93,7 +93,7 @@ class KafkaSettings(_Settings):
 
 class DatabaseSettings(_Settings):
     database_url: str
-    database_pool_size: int = Field(10, ge=1)
+    database_pool_size: int = Field(20, ge=1)
 
     @field_validator("database_url")
     @classmethod

@@ -788,6 +788,147 @@ async def scenario_priority(bench: Bench, scale: int) -> list[Row]:
     ]
 
 
+async def single_closed_loop(url: str, token: str, clients: int, each: int) -> list[float]:
+    """`clients` desks each sending single records one after another; seconds per request."""
+    latencies: list[float] = []
+
+    async def desk(c: int) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
+            for i in range(each):
+                run = samples.run_id()
+                record = samples.canonical(run, f"SGL-{c}-{uuid.uuid4().hex[:8]}", hour=i % 24)
+                started = time.perf_counter()
+                response = await http.post(
+                    "/v1/settlements/sync",
+                    json=record,
+                    headers={"Authorization": f"Bearer {token}", "X-Settlement-Run-ID": run},
+                )
+                latencies.append(time.perf_counter() - started)
+                if response.status_code != 202:
+                    raise RuntimeError(f"intake answered {response.status_code}")
+
+    await asyncio.gather(*(desk(c) for c in range(clients)))
+    return latencies
+
+
+async def floor_latencies(settings: StackSettings, count: int) -> tuple[list[float], list[float]]:
+    """What one single-record acceptance cannot avoid: an acks=all send-and-wait of one record
+    and one Postgres commit, each timed alone."""
+    from sqlalchemy import text
+
+    envelope = Bench.envelopes(1, 1)[0]
+    producer = make_producer(settings)
+    await producer.start()
+    sends: list[float] = []
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            await producer.send_and_wait(
+                settings.topic_standard, value=envelope.value, key=envelope.contract_id.encode()
+            )
+            sends.append(time.perf_counter() - started)
+    finally:
+        await producer.stop()
+    engine = make_engine(settings.database_url, 1)
+    commits: list[float] = []
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("CREATE TEMP TABLE bench_floor (n int)"))
+            await conn.commit()
+            for n in range(count):
+                started = time.perf_counter()
+                await conn.execute(text("INSERT INTO bench_floor VALUES (:n)"), {"n": n})
+                await conn.commit()
+                commits.append(time.perf_counter() - started)
+    finally:
+        await engine.dispose()
+    return sends, commits
+
+
+async def scenario_single(bench: Bench, scale: int) -> list[Row]:
+    """Issue #11: a desk that sends records one by one. Closed loop with 1 and 16 clients."""
+    sim_url, sim = await bench.simulator(0)
+    settings = bench.settings(sim_url)
+    await ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, 4)
+    url, token, intake = await bench.intake(settings)
+    try:
+        await single_closed_loop(url, token, 4, 25)  # warm-up
+        count = max(200, scale // 2)
+        one = await single_closed_loop(url, token, 1, count)
+        started = time.perf_counter()
+        sixteen = await single_closed_loop(url, token, 16, max(25, count // 8))
+        rate = len(sixteen) / (time.perf_counter() - started)
+        sends, commits = await floor_latencies(settings, count)
+    finally:
+        await bench.stop(intake)
+        await bench.stop(sim)
+    floor = percentile(sends, 0.5) + percentile(commits, 0.5)
+    return [
+        Row(
+            "single record, one client, p50",
+            "latency",
+            percentile(one, 0.5) * 1000,
+            floor * 1000,
+            "ms",
+            "<= 3 x (send-and-wait p50 + commit p50)",
+        ),
+        Row(
+            "single records, 16 clients, one intake process",
+            f"requests/s (p50 {percentile(sixteen, 0.5) * 1000:.1f} ms)",
+            rate,
+            None,
+            "req/s",
+            ">= 500 req/s",
+        ),
+    ]
+
+
+async def scenario_settlement_run(bench: Bench, scale: int) -> list[Row]:
+    """Issue #11: a desk's settlement run — 20 x scale records in batches of 1,000 from 4
+    clients, 2 workers at C = 64, 20 ms upstream — from the first POST to the last effect,
+    against the ideal max(accept time, records x L / (C x workers))."""
+    latency_s, concurrency, workers = 0.02, 64, 2
+    sim_url, sim = await bench.simulator(int(latency_s * 1000))
+    settings = bench.settings(sim_url, worker_concurrency=concurrency)
+    await ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, 4)
+    url, token, intake = await bench.intake(settings)
+    records = 20 * scale
+    bodies = batch_bodies(records // 1000, 1000)
+    processes = [
+        bench.spawn(
+            ["worker"],
+            settings_env(settings.model_copy(update={"worker_metrics_port": free_port()})),
+        )
+        for _ in range(workers)
+    ]
+    try:
+        await asyncio.sleep(5)  # both workers in the group before the run starts
+        started = time.perf_counter()
+        accept_s = await post_batches(url, token, bodies, clients=4)
+        deadline = time.monotonic() + 1800
+        while (await sim_stats(sim_url))["effects"] < records:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the settlement run was not delivered in 30 minutes")
+            await asyncio.sleep(0.2)
+        total_s = time.perf_counter() - started
+    finally:
+        for process in processes:
+            await bench.stop(process)
+        await bench.stop(intake)
+        await bench.stop(sim)
+    ideal = max(accept_s, records * latency_s / (concurrency * workers))
+    return [
+        Row(
+            f"settlement run of {records:,}: batches of 1,000, 4 clients, 2 workers, 20 ms",
+            f"first POST -> last delivered (accepted in {accept_s:.1f} s)",
+            total_s,
+            ideal,
+            "s",
+            "<= 1.5 x ideal",
+        )
+    ]
+
+
 Scenario = Callable[[Bench, int], Awaitable[list[Row]]]
 
 
@@ -821,6 +962,8 @@ SCENARIOS: dict[str, Scenario] = {
     "scale-out": scenario_scale_out,
     "memory": scenario_memory,
     "priority": scenario_priority,
+    "single": scenario_single,
+    "settlement-run": scenario_settlement_run,
 }
 
 
