@@ -116,6 +116,29 @@ def _emit(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: b
     console.print(table)
 
 
+def _found(item: dict[str, Any] | None, what: str, ident: str) -> dict[str, Any]:
+    """The item ready to print, or a one-line error and exit 1."""
+    if item is None:
+        err.print(f"[red]error:[/] no {what} {escape(ident)}")
+        raise typer.Exit(1)
+    return {k: _plain(v) for k, v in item.items()}
+
+
+def _show(title: str, item: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(item, indent=2, default=_plain))
+        return
+    table = Table(title=escape(title), show_header=False)
+    for key, value in item.items():
+        shown = (
+            json.dumps(value, indent=1, default=_plain)
+            if isinstance(value, dict | list)
+            else str(_plain(value))
+        )
+        table.add_row(key, escape(shown))
+    console.print(table)
+
+
 def _filter(
     desk: str | None,
     run: str | None,
@@ -183,17 +206,7 @@ def dlq_list(
 def dlq_show(dead_letter_id: str, as_json: JsonOpt = False) -> None:
     """One dead letter with its Kafka coordinates and headers."""
     item = _run(lambda ops: recon.get_dead_letter(ops.engine, dead_letter_id))
-    if item is None:
-        err.print(f"[red]error:[/] no dead letter {escape(dead_letter_id)}")
-        raise typer.Exit(1)
-    if as_json:
-        print(json.dumps({k: _plain(v) for k, v in item.items()}, indent=2))
-        return
-    table = Table(title=dead_letter_id, show_header=False)
-    for key, value in item.items():
-        shown = json.dumps(value, indent=1) if isinstance(value, dict) else str(_plain(value))
-        table.add_row(key, escape(shown))
-    console.print(table)
+    _show(dead_letter_id, _found(item, "dead letter", dead_letter_id), as_json)
 
 
 @dlq.command("replay")
@@ -556,21 +569,6 @@ replays_app = typer.Typer(no_args_is_help=True, help="Replays of dead letters an
 messages_app = typer.Typer(no_args_is_help=True, help="One record's state and history.")
 
 
-def _show(title: str, item: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(item, indent=2, default=_plain))
-        return
-    table = Table(title=escape(title), show_header=False)
-    for key, value in item.items():
-        shown = (
-            json.dumps(value, indent=1, default=_plain)
-            if isinstance(value, dict | list)
-            else str(_plain(value))
-        )
-        table.add_row(key, escape(shown))
-    console.print(table)
-
-
 @replays_app.command("list")
 def replays_list(
     state: Annotated[
@@ -593,10 +591,7 @@ def replays_list(
 def replays_show(replay_id: str, as_json: JsonOpt = False) -> None:
     """One replay: who asked and approved, progress, and what became of its records."""
     item = _run(lambda ops: recon.get_replay(ops.engine, replay_id))
-    if item is None:
-        err.print(f"[red]error:[/] no replay {escape(replay_id)}")
-        raise typer.Exit(1)
-    _show(replay_id, {k: _plain(v) for k, v in item.items()}, as_json)
+    _show(replay_id, _found(item, "replay", replay_id), as_json)
 
 
 @replays_app.command("approve")
@@ -628,9 +623,5 @@ def replays_approve(
 def messages_show(message_id: str, as_json: JsonOpt = False) -> None:
     """A record's state, attempts, last error, dead letter and every state it went through."""
     found = _run(lambda ops: reads.get_message(ops.engine, message_id, None))
-    if found is None:
-        err.print(f"[red]error:[/] no message {escape(message_id)}")
-        raise typer.Exit(1)
-    item = dataclasses.asdict(found)
-    item["state"] = str(found.state)
-    _show(message_id, {k: _plain(v) for k, v in item.items()}, as_json)
+    item = _found(None if found is None else dataclasses.asdict(found), "message", message_id)
+    _show(message_id, item, as_json)

@@ -15,6 +15,8 @@ from typing import Any
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 
+from runtime.settings import SettingsError
+
 _SECRET_WORDS = ("secret", "password", "token", "authorization", "key", "signature")
 
 
@@ -33,9 +35,14 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def configure_logging(service: str, level: str = "INFO") -> None:
-    """JSON lines on stderr at `level`, or at ETRM_LOG_LEVEL when that names a level."""
+    """JSON lines on stderr at `level`, or at ETRM_LOG_LEVEL when set (a value that names no
+    level stops the process at start, as any malformed setting does)."""
     wanted = os.environ.get("ETRM_LOG_LEVEL", "").strip().upper()
-    level = wanted if wanted in LEVELS else level
+    if wanted and wanted not in LEVELS:
+        raise SettingsError(
+            "invalid setting(s): ETRM_LOG_LEVEL: expected one of debug, info, warning, error"
+        )
+    level = wanted or level
     logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
     for noisy in ("aiokafka", "faststream", "uvicorn.access", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -516,23 +516,28 @@ async def scenario_intake(bench: Bench, scale: int) -> list[Row]:
     return rows
 
 
+async def post_single(http: httpx.AsyncClient, token: str, prefix: str, i: int) -> float:
+    """One single-record submission (a real-time price); seconds until its 202."""
+    run = samples.run_id()
+    record = samples.canonical(run, f"{prefix}-{uuid.uuid4().hex[:10]}", hour=i % 24)
+    started = time.perf_counter()
+    response = await http.post(
+        "/v1/settlements/sync",
+        json=record,
+        headers={"Authorization": f"Bearer {token}", "X-Settlement-Run-ID": run},
+    )
+    if response.status_code != 202:
+        raise RuntimeError(f"intake answered {response.status_code}")
+    return time.perf_counter() - started
+
+
 async def single_latencies(url: str, token: str, count: int, rate: float) -> list[float]:
     """Single-record submissions at a fixed rate; seconds per request."""
     latencies: list[float] = []
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
 
         async def one(i: int) -> None:
-            run = samples.run_id()
-            record = samples.canonical(run, f"LAT-{uuid.uuid4().hex[:10]}", hour=i % 24)
-            started = time.perf_counter()
-            response = await http.post(
-                "/v1/settlements/sync",
-                json=record,
-                headers={"Authorization": f"Bearer {token}", "X-Settlement-Run-ID": run},
-            )
-            latencies.append(time.perf_counter() - started)
-            if response.status_code != 202:
-                raise RuntimeError(f"intake answered {response.status_code}")
+            latencies.append(await post_single(http, token, "LAT", i))
 
         tasks = []
         for i in range(count):
@@ -795,17 +800,7 @@ async def single_closed_loop(url: str, token: str, clients: int, each: int) -> l
     async def desk(c: int) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
             for i in range(each):
-                run = samples.run_id()
-                record = samples.canonical(run, f"SGL-{c}-{uuid.uuid4().hex[:8]}", hour=i % 24)
-                started = time.perf_counter()
-                response = await http.post(
-                    "/v1/settlements/sync",
-                    json=record,
-                    headers={"Authorization": f"Bearer {token}", "X-Settlement-Run-ID": run},
-                )
-                latencies.append(time.perf_counter() - started)
-                if response.status_code != 202:
-                    raise RuntimeError(f"intake answered {response.status_code}")
+                latencies.append(await post_single(http, token, f"SGL-{c}", i))
 
     await asyncio.gather(*(desk(c) for c in range(clients)))
     return latencies

@@ -66,27 +66,19 @@ def promtool() -> str:
     return found
 
 
-def test_alert_rules_pass_promtool_check() -> None:
+def passes_promtool(*args: str, cwd: Path | None = None) -> None:
     done = subprocess.run(
-        [promtool(), "check", "rules", str(RULES)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [promtool(), *args], check=False, capture_output=True, text=True, timeout=60, cwd=cwd
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_alert_rules_pass_promtool_check() -> None:
+    passes_promtool("check", "rules", str(RULES))
 
 
 def test_alert_rules_fire_as_their_unit_tests_expect() -> None:
-    done = subprocess.run(
-        [promtool(), "test", "rules", RULE_TESTS.name],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=RULE_TESTS.parent,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    passes_promtool("test", "rules", RULE_TESTS.name, cwd=RULE_TESTS.parent)
 
 
 def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
@@ -97,14 +89,7 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     ]
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    done = subprocess.run(
-        [promtool(), "check", "rules", str(path)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    passes_promtool("check", "rules", str(path))
 
 
 @pytest.mark.parametrize("source", ["rules", "dashboard"])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import structlog
 
 from runtime.settings import (
     IntakeSettings,
@@ -74,3 +75,17 @@ def test_process_refuses_to_start_without_its_settings(command: str) -> None:
     assert done.returncode == 2
     assert "ETRM_DATABASE_URL" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_log_level_is_a_setting_like_any_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.logging import configure_logging
+
+    monkeypatch.setenv("ETRM_LOG_LEVEL", "loud")
+    with pytest.raises(SettingsError, match="ETRM_LOG_LEVEL"):
+        configure_logging("worker")
+    monkeypatch.setenv("ETRM_LOG_LEVEL", "debug")
+    try:
+        configure_logging("worker")
+        assert structlog.get_config()["wrapper_class"].__name__.endswith("AtDebug")
+    finally:
+        structlog.reset_defaults()
