@@ -5,18 +5,24 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+log = structlog.get_logger("etrm.ledger")
 
 
 class SchemaBehind(RuntimeError):
     """The database is older than this code; run `etrm-sync migrate` first."""
+
+
+class SchemaAhead(RuntimeError):
+    """The database is newer than this code and does not declare that it still serves it."""
 
 
 def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
@@ -55,11 +61,38 @@ async def ensure_schema_current(engine: AsyncEngine) -> None:
 
     async with engine.connect() as conn:
         revision = await conn.run_sync(current)
-    if revision != head:
+        if revision == head:
+            return
+        known = revision is None or _known(url, revision)
+        serves = None
+        if not known:
+            serves = (
+                await conn.execute(
+                    text("SELECT serves_code_at FROM schema_compatibility WHERE revision = :r"),
+                    {"r": revision},
+                )
+            ).scalar_one_or_none()
+    if known:
         raise SchemaBehind(
             f"database schema is at {revision or 'nothing'}, this code needs {head}: "
             "run `etrm-sync migrate`"
         )
+    if serves != head:
+        raise SchemaAhead(
+            f"database schema is at {revision}, newer than this code ({head}), and does not "
+            "serve it: deploy the newer release"
+        )
+    log.warning("schema_one_migration_ahead", database=revision, code=head)
+
+
+def _known(url: str, revision: str) -> bool:
+    """A revision of this code's own migrations (so the database is behind, not ahead)."""
+    from alembic.util.exc import CommandError
+
+    try:
+        return ScriptDirectory.from_config(alembic_config(url)).get_revision(revision) is not None
+    except CommandError:
+        return False
 
 
 _AWAY = (

@@ -368,3 +368,12 @@ Index(
     maintenance_windows.c.ends_at,
     postgresql_where=text("cancelled_at IS NULL"),
 )
+
+# Rolling upgrades: a migration that only adds (expand) declares the code revision it still
+# serves, so processes of that older code keep running while the new code rolls out.
+schema_compatibility = Table(
+    "schema_compatibility",
+    metadata,
+    Column("revision", Text, primary_key=True),
+    Column("serves_code_at", Text, nullable=False),
+)

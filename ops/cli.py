@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from runtime.settings import SettingsError
 
@@ -289,10 +290,12 @@ def chaos(
 
 
 def main() -> None:
+    from ledger.db import SchemaAhead, SchemaBehind
+
     try:
         app()
-    except SettingsError as exc:
-        err.print(f"[red]error:[/] {exc}")
+    except (SettingsError, SchemaBehind, SchemaAhead) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(2)
 
 

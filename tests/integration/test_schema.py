@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from ledger.db import SchemaAhead, SchemaBehind, alembic_config, ensure_schema_current
 from ledger.tables import metadata
 from tests.conftest import Infra, fresh_database
 
@@ -29,3 +33,32 @@ async def test_migrated_database_matches_the_table_metadata(infra: Infra) -> Non
     finally:
         await engine.dispose()
     assert found == []
+
+
+async def test_a_rolling_upgrade_gate_accepts_one_declared_migration_ahead(infra: Infra) -> None:
+    """Old processes keep running while the next release migrates, if (and only if) that
+    migration declares it still serves their code; a database behind is always refused."""
+    url = await fresh_database(infra)
+    engine = create_async_engine(url)
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+    async def stamp(revision: str) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+
+    try:
+        await ensure_schema_current(engine)
+        await stamp("9999_next_release")
+        with pytest.raises(SchemaAhead, match="9999_next_release"):
+            await ensure_schema_current(engine)
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("INSERT INTO schema_compatibility VALUES ('9999_next_release', :head)"),
+                {"head": head},
+            )
+        await ensure_schema_current(engine)  # declared: accepted
+        await stamp("0003_upstream_circuit")
+        with pytest.raises(SchemaBehind, match="run `etrm-sync migrate`"):
+            await ensure_schema_current(engine)
+    finally:
+        await engine.dispose()
