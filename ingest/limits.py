@@ -4,6 +4,7 @@ a body size cap on every route, and repeated authentication failures raising an 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections import deque
@@ -109,10 +110,28 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
+        headers = scope.get("headers", [])
+        if {b"content-length", b"transfer-encoding"} <= {name for name, _ in headers}:
+            # Two framings of one body: a proxy in front may read it one way and we the other
+            # (request smuggling). Refused, and the connection closed (RFC 9112 §6.1).
+            await _refuse(
+                send,
+                400,
+                "ambiguous_framing",
+                "Bad request",
+                "Content-Length and Transfer-Encoding together are refused",
+            )
+            return
+        for name, value in headers:
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await self._drain(receive, int(value))
-                await _reject(send, self.limit)
+                await _refuse(
+                    send,
+                    413,
+                    "payload_too_large",
+                    "Payload too large",
+                    f"body exceeds {self.limit} bytes",
+                )
                 return
         seen = 0
 
@@ -140,17 +159,22 @@ class BodyLimit:
                 return
 
 
-async def _reject(send: Send, limit: int) -> None:
-    body = (
-        b'{"type":"https://etrm-sync.dev/problems/payload_too_large","title":"Payload too '
-        b'large","status":413,"code":"payload_too_large","detail":"body exceeds '
-        + str(limit).encode()
-        + b' bytes"}'
-    )
+async def _refuse(send: Send, status: int, code: str, title: str, detail: str) -> None:
+    """A problem+json answer before any route ran; the connection is closed after it."""
+    body = json.dumps(
+        {
+            "type": f"https://etrm-sync.dev/problems/{code}",
+            "title": title,
+            "status": status,
+            "code": code,
+            "detail": detail,
+        },
+        separators=(",", ":"),
+    ).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/problem+json"),
                 (b"content-length", str(len(body)).encode()),

@@ -449,6 +449,26 @@ async def test_every_request_leaves_one_access_line_with_its_trace_id(intake: In
     assert refused() == refused_before + 1
 
 
+async def test_two_framings_of_one_body_are_refused_and_the_connection_closed(
+    intake: Intake,
+) -> None:
+    run = samples.run_id()
+    smuggled = await intake.client.post(
+        "/v1/settlements/sync",
+        content=json.dumps(samples.otc_confirmation(run, "OTC-FRAMING-1")).encode(),
+        headers={
+            **intake.auth(),
+            "X-Settlement-Run-ID": run,
+            "Content-Type": "application/json",
+            "Transfer-Encoding": "chunked",
+        },
+    )
+    assert smuggled.status_code == 400
+    assert smuggled.json()["code"] == "ambiguous_framing"
+    assert smuggled.headers["connection"] == "close"
+    assert intake.broker.records == []
+
+
 async def test_rate_limit_per_desk(intake: Intake) -> None:
     answers = [
         (
