@@ -441,6 +441,25 @@ async def _abort_batches(
     return [r.batch_id for r in rows]
 
 
+async def forget_keys(engine: AsyncEngine, retention_s: float, limit: int = 5000) -> int:
+    """Delete idempotency keys older than the retention (never one in flight); how many."""
+    async with engine.begin() as conn:
+        done = await conn.execute(
+            text(
+                """
+                DELETE FROM idempotency_keys k
+                 USING (SELECT desk, key FROM idempotency_keys
+                         WHERE created_at < now() - make_interval(secs => :keep)
+                           AND (state = 'completed' OR lease_until < now())
+                         ORDER BY created_at LIMIT :limit) old
+                 WHERE k.desk = old.desk AND k.key = old.key
+                """
+            ),
+            {"keep": retention_s, "limit": limit},
+        )
+        return int(done.rowcount or 0)
+
+
 async def sweep_expired(engine: AsyncEngine, limit: int = 500) -> int:
     """Abort requests pending past their lease: their intake died or stalled and never
     answered 202, so their records must never be delivered (a retry may accept them again)."""

@@ -187,6 +187,7 @@ idempotency_keys = Table(
     PrimaryKeyConstraint("desk", "key"),
     CheckConstraint("state IN ('in_flight', 'completed')", name="idempotency_keys_state_check"),
 )
+Index("idempotency_keys_created", idempotency_keys.c.created_at)
 
 dead_letters = Table(
     "dead_letters",

@@ -5,7 +5,8 @@ particular process being alive:
 - aborting acceptances pending past their lease (their intake never answered 202);
 - the dead-letter outbox;
 - replays and continuations that are approved, or whose runner died;
-- parked records whose contract has nothing open any more.
+- parked records whose contract has nothing open any more;
+- idempotency keys past their retention (ETRM_IDEMPOTENCY_RETENTION_H).
 
 Each loop survives any error (a database or broker outage is waited out, logged once a round).
 """
@@ -42,6 +43,7 @@ class Intervals:
     republisher_s: float = 2.0
     continuation_s: float = 2.0
     checkpoint_s: float = 300.0
+    key_expiry_s: float = 60.0
 
 
 class Housekeeping:
@@ -56,6 +58,7 @@ class Housekeeping:
         actor: Actor,
         audit_signer: Ed25519PrivateKey | None = None,
         intervals: Intervals | None = None,
+        key_retention_s: float = 24 * 3600.0,
     ) -> None:
         self.engine = engine
         self.cipher = cipher
@@ -65,6 +68,7 @@ class Housekeeping:
         self.actor = actor
         self.signer = audit_signer
         self.every = intervals or Intervals()
+        self.key_retention_s = key_retention_s
         self.stop_event = asyncio.Event()
         self.outbox_nudge = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -76,6 +80,7 @@ class Housekeeping:
             ("dead_letter_outbox", self.every.outbox_s, self.outbox, self.outbox_nudge),
             ("republisher", self.every.republisher_s, self.republish, None),
             ("continuations", self.every.continuation_s, self.continuations, None),
+            ("idempotency_key_expiry", self.every.key_expiry_s, self.forget_keys, None),
         ]
         if self.signer is not None:
             loops.append(("audit_checkpoints", self.every.checkpoint_s, self.checkpoint, None))
@@ -120,6 +125,10 @@ class Housekeeping:
         assert self.signer is not None
         seq = await audit.write_checkpoint(self.engine, self.signer)
         log.info("audit_checkpoint", seq=seq)
+
+    async def forget_keys(self) -> None:
+        while (forgotten := await acceptance.forget_keys(self.engine, self.key_retention_s)) > 0:
+            log.info("idempotency_keys_forgotten", keys=forgotten)
 
     async def sweep(self) -> None:
         aborted = await acceptance.sweep_expired(self.engine)

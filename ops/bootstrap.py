@@ -83,6 +83,7 @@ def _housekeeping(
         actor=actor,
         audit_signer=settings.audit_signer(),
         intervals=Intervals(checkpoint_s=settings.audit_checkpoint_interval_s),
+        key_retention_s=settings.idempotency_retention_h * 3600,
     )
 
 

@@ -169,6 +169,10 @@ class _Delivery(_Settings):
     # How long an acceptance may stay pending (broker acknowledging) before it counts as
     # aborted; a little more than the publish timeout.
     acceptance_grace_s: float = Field(5.0, gt=0)
+    # Idempotency keys are forgotten after this many hours (the IETF Idempotency-Key draft
+    # suggests 24 h). A retry after that is still safe: its records' ids are derived from their
+    # content, so records accepted before are not published again.
+    idempotency_retention_h: float = Field(24.0, gt=0)
 
 
 class IntakeSettings(KafkaSettings, DatabaseSettings, _Keys, _Delivery):

@@ -263,3 +263,36 @@ async def test_concurrent_claims_hand_out_one_lease(b: Backend) -> None:
     [m] = await b.desk.accept([otc(run, "SCN-H1")])
     rows = await asyncio.gather(*(claim(b, m) for _ in range(8)))
     assert [r.epoch for r in rows if r.epoch is not None] == [1]
+
+
+async def test_keys_past_their_retention_are_forgotten_and_a_late_retry_sends_nothing_twice(
+    infra: Infra,
+) -> None:
+    """Postgres only (the expiry job runs SQL): a completed key older than the retention goes,
+    an in-flight one stays; the same request under the forgotten key publishes nothing again,
+    because its records' ids are derived from their content."""
+    from ledger.acceptance import forget_keys
+
+    engine = make_engine(await fresh_database(infra), 2)
+    intake = IntakeStore(engine, PayloadCipher([("e1", b"\x01" * 32)]))
+    desk = Desk(intake, SettlementPublisher(FakeBroker(), LANES, ("k1", b"scenario-key")))
+    run = samples.run_id()
+    try:
+        done = desk.request([otc(run, "KEEP-A1")], key="old-key")
+        assert isinstance(await intake.begin(done), Pending)
+        assert await intake.complete(done, WORKER, 1)
+        flying = desk.request([otc(run, "KEEP-B1")], key="in-flight-key")
+        assert isinstance(await intake.begin(flying), Pending)
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE idempotency_keys SET created_at = now() - interval '25 hours'")
+            )
+        assert await forget_keys(engine, retention_s=24 * 3600) == 1
+        async with engine.connect() as conn:
+            left = (await conn.execute(text("SELECT key FROM idempotency_keys"))).scalars().all()
+        assert left == ["in-flight-key"]
+        again = await intake.begin(desk.request([otc(run, "KEEP-A1")], key="old-key"))
+        assert isinstance(again, Pending)
+        assert again.to_publish == []
+    finally:
+        await engine.dispose()
