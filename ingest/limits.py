@@ -9,11 +9,13 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest.problems import Problem
+from schemas.text import has_unsafe_chars
 
 security_log = structlog.get_logger("etrm.security")
 
@@ -110,6 +112,18 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        unsafe = _unsafe_part(scope)
+        if unsafe is not None:
+            # NUL and other control characters never reach SQL (Postgres refuses NUL in text,
+            # which would surface as a 500) nor a log line.
+            await _refuse(
+                send,
+                400,
+                "invalid_characters",
+                "Bad request",
+                f"{unsafe} contains a control character or an invalid code point",
+            )
+            return
         headers = scope.get("headers", [])
         if {b"content-length", b"transfer-encoding"} <= {name for name, _ in headers}:
             # Two framings of one body: a proxy in front may read it one way and we the other
@@ -157,6 +171,23 @@ class BodyLimit:
                 return
             if message["type"] != "http.request" or not message.get("more_body", False):
                 return
+
+
+def _unsafe_part(scope: Scope) -> str | None:
+    """'path' or 'query parameter <name>' when it holds NUL, a control character or a lone
+    surrogate; None when the request line is clean."""
+    if has_unsafe_chars(scope.get("path", "")):
+        return "path"
+    raw = scope.get("query_string", b"")
+    if raw:
+        try:
+            pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True, errors="strict")
+        except UnicodeDecodeError:
+            return "query"
+        for name, value in pairs:
+            if has_unsafe_chars(name) or has_unsafe_chars(value):
+                return "query parameter " + (name if not has_unsafe_chars(name) else "(name)")
+    return None
 
 
 async def _refuse(send: Send, status: int, code: str, title: str, detail: str) -> None:

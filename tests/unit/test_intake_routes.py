@@ -469,6 +469,32 @@ async def test_two_framings_of_one_body_are_refused_and_the_connection_closed(
     assert intake.broker.records == []
 
 
+@pytest.mark.parametrize(
+    ("url", "names"),
+    [
+        ("/v1/batches/ab%00cd", "path"),
+        ("/v1/settlements/m%1b[31m", "path"),
+        ("/v1/reconciliation?desk=a%00b", "query parameter desk"),
+        ("/v1/reconciliation?contract_id=%ED%A0%80", "query"),
+        ("/v1/reconciliation?desk=x&%07=1", "query parameter (name)"),
+    ],
+)
+async def test_control_characters_in_the_request_line_are_a_400_before_any_sql(
+    intake: Intake, url: str, names: str
+) -> None:
+    operator = intake.auth(desk="ops", scopes="settlements:read ops:read")
+    answer = await intake.client.get(url, headers=operator)
+    assert answer.status_code == 400
+    assert answer.json()["code"] == "invalid_characters"
+    assert answer.json()["detail"].startswith(names + " ")
+
+
+async def test_printable_unicode_in_the_request_line_is_fine(intake: Intake) -> None:
+    operator = intake.auth(desk="ops", scopes="settlements:read ops:read")
+    answer = await intake.client.get("/v1/reconciliation?desk=caf%C3%A9", headers=operator)
+    assert answer.status_code == 200
+
+
 async def test_rate_limit_per_desk(intake: Intake) -> None:
     answers = [
         (
