@@ -7,6 +7,7 @@ stack trace and never the secret's value.
 from __future__ import annotations
 
 import base64
+import hmac
 import re
 from decimal import Decimal
 from typing import Annotated, Any, TypeVar
@@ -175,7 +176,19 @@ class _Delivery(_Settings):
     idempotency_retention_h: float = Field(24.0, gt=0)
 
 
-class IntakeSettings(KafkaSettings, DatabaseSettings, _Keys, _Delivery):
+class _Metrics(_Settings):
+    # /metrics names desks and their volumes: with a token set, a scrape must present it
+    # (`Authorization: Bearer …`, Prometheus' `authorization` scrape setting). Off by default.
+    metrics_token: SecretStr | None = None
+
+    def metrics_allowed(self, authorization: str | None) -> bool:
+        if self.metrics_token is None:
+            return True
+        expected = f"Bearer {self.metrics_token.get_secret_value()}".encode()
+        return hmac.compare_digest(expected, (authorization or "").encode())
+
+
+class IntakeSettings(KafkaSettings, DatabaseSettings, _Keys, _Delivery, _Metrics):
     intake_host: str = "127.0.0.1"
     intake_port: int = Field(8080, ge=0, le=65535)
     jwks_url: str
@@ -219,7 +232,7 @@ class IntakeSettings(KafkaSettings, DatabaseSettings, _Keys, _Delivery):
         return self.kafka_publish_timeout_s + self.acceptance_grace_s
 
 
-class WorkerSettings(KafkaSettings, DatabaseSettings, _Keys, _Delivery):
+class WorkerSettings(KafkaSettings, DatabaseSettings, _Keys, _Delivery, _Metrics):
     worker_metrics_host: str = "127.0.0.1"
     worker_metrics_port: int = Field(9108, ge=0, le=65535)
     worker_concurrency: int = Field(64, ge=1, le=4096)

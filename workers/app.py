@@ -305,11 +305,16 @@ def bind_health_port(host: str, port: int) -> socket.socket | None:
     return sock
 
 
-def health_app(token_valid: Callable[[], bool]) -> Starlette:
+def health_app(
+    token_valid: Callable[[], bool],
+    metrics_allowed: Callable[[str | None], bool] = lambda _: True,
+) -> Starlette:
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "upstream_token_valid": token_valid()})
 
-    async def prometheus(_: Request) -> Response:
+    async def prometheus(request: Request) -> Response:
+        if not metrics_allowed(request.headers.get("authorization")):
+            return Response(status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[Route("/healthz", healthz), Route("/metrics", prometheus)])
@@ -343,7 +348,7 @@ async def serve(
         wire_lane(broker, settings, lane, handle, Rebalance(lane, pipeline, committer))
     server = EmbeddedServer(
         uvicorn.Config(
-            health_app(parts.token_valid),
+            health_app(parts.token_valid, settings.metrics_allowed),
             host=settings.worker_metrics_host,
             port=settings.worker_metrics_port,
             log_level="warning",

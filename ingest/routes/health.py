@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -45,7 +45,9 @@ async def readyz(svc: ServicesDep) -> JSONResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def prometheus(svc: ServicesDep) -> Response:
+async def prometheus(svc: ServicesDep, request: Request) -> Response:
+    if not svc.settings.metrics_allowed(request.headers.get("authorization")):
+        return Response(status_code=401, headers={"WWW-Authenticate": "Bearer"})
     try:
         work = await svc.ledger.open_work()
         metrics.HOLDS_OPEN.set(work.holds)

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import structlog
 from prometheus_client import REGISTRY
+from pydantic import SecretStr
 
 from ingest.app import create_app
 from ingest.auth import JwksKeys, TokenVerifier
@@ -154,6 +155,7 @@ class Intake:
     operations: FakeOperations
     settings: IntakeSettings
     private_key: Path
+    services: IntakeServices
 
     def token(
         self,
@@ -209,7 +211,7 @@ async def intake(tmp_path: Path) -> AsyncIterator[Intake]:
     app.state.services, app.state.background = services, set()
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://intake") as client:
-        yield Intake(client, ledger, broker, operations, settings, private_key)
+        yield Intake(client, ledger, broker, operations, settings, private_key, services)
 
 
 def batch_headers(run: str, key: str | None = None) -> dict[str, str]:
@@ -493,6 +495,20 @@ async def test_printable_unicode_in_the_request_line_is_fine(intake: Intake) -> 
     operator = intake.auth(desk="ops", scopes="settlements:read ops:read")
     answer = await intake.client.get("/v1/reconciliation?desk=caf%C3%A9", headers=operator)
     assert answer.status_code == 200
+
+
+async def test_metrics_can_require_a_scrape_token(intake: Intake) -> None:
+    assert (await intake.client.get("/metrics")).status_code == 200  # off by default
+    intake.services.settings = intake.settings.model_copy(
+        update={"metrics_token": SecretStr("scrape-secret")}
+    )
+    assert (await intake.client.get("/metrics")).status_code == 401
+    wrong = {"Authorization": "Bearer scrape-secre"}
+    assert (await intake.client.get("/metrics", headers=wrong)).status_code == 401
+    right = {"Authorization": "Bearer scrape-secret"}
+    scraped = await intake.client.get("/metrics", headers=right)
+    assert scraped.status_code == 200
+    assert "etrm_intake_request_seconds" in scraped.text
 
 
 async def test_rate_limit_per_desk(intake: Intake) -> None:
