@@ -148,7 +148,7 @@ def problem_openapi(app: FastAPI) -> dict[str, Any]:
     return document
 
 
-def create_app(build: ServicesFactory, *, body_limit: int) -> FastAPI:
+def create_app(build: ServicesFactory, *, body_limit: int, body_timeout_s: float = 30.0) -> FastAPI:
     """`build()` gives the services (ops.bootstrap builds real adapters; tests may give fakes)."""
 
     @asynccontextmanager
@@ -182,7 +182,7 @@ def create_app(build: ServicesFactory, *, body_limit: int) -> FastAPI:
         redoc_url=None,
     )
     app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]
-    app.add_middleware(BodyLimit, limit=body_limit)
+    app.add_middleware(BodyLimit, limit=body_limit, timeout_s=body_timeout_s)
     app.add_middleware(TraceAndTiming)
 
     @app.exception_handler(Problem)

@@ -94,7 +94,8 @@ class FailureAlarm:
 
 
 class BodyLimit:
-    """413 for any request body over the limit, declared or streamed, on every route.
+    """413 for any request body over the limit, declared or streamed, on every route; 408 for a
+    body that does not arrive within `timeout_s`.
 
     The body is read (and thrown away) before the 413 is sent, up to DRAIN_LIMIT: a client
     still writing its body when the server answers and closes would see a reset connection
@@ -104,9 +105,10 @@ class BodyLimit:
     DRAIN_LIMIT = 64 * 1024 * 1024
     DRAIN_SECONDS = 30.0
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -147,15 +149,26 @@ class BodyLimit:
                     f"body exceeds {self.limit} bytes",
                 )
                 return
-        seen = 0
+        seen, complete = 0, False
+        deadline = time.monotonic() + self.timeout_s
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # the body is in: what follows is a disconnect, wait as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise Problem(
+                    408, "request_timeout", f"the body did not arrive within {self.timeout_s:g} s"
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise Problem(413, "payload_too_large", f"body exceeds {self.limit} bytes")
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
             return message
 
         await self.app(scope, counted, send)

@@ -31,6 +31,8 @@ class Problem(Exception):
         self.code = code
         self.detail = detail
         self.headers = headers or {}
+        if status in (408, 413):  # the body was not read to its end: the connection cannot stay
+            self.headers.setdefault("Connection", "close")
         self.extra = extra
 
 
@@ -40,6 +42,7 @@ _TITLES = {
     403: "Forbidden",
     404: "Not found",
     405: "Method not allowed",
+    408: "Request timeout",
     409: "Conflict",
     413: "Payload too large",
     415: "Unsupported media type",

@@ -135,7 +135,9 @@ def intake_app(settings: IntakeSettings) -> FastAPI:
     async def build() -> IntakeServices:
         return await intake_services(settings)
 
-    return create_app(build, body_limit=settings.max_body_bytes)
+    return create_app(
+        build, body_limit=settings.max_body_bytes, body_timeout_s=settings.body_read_timeout_s
+    )
 
 
 # -- worker ---------------------------------------------------------------------------------

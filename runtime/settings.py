@@ -202,6 +202,9 @@ class IntakeSettings(KafkaSettings, DatabaseSettings, _Keys, _Delivery, _Metrics
     desk_rate_limit: str = "200:400"
     desk_rate_limits: str = ""
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # A client that takes longer than this to send its body gets a 408 and loses the
+    # connection: a slow sender cannot hold a connection and a request slot for ever.
+    body_read_timeout_s: float = Field(30.0, gt=0)
     idempotency_lease_s: float = Field(30.0, gt=0)
 
     @field_validator("desk_rate_limit")

@@ -497,6 +497,36 @@ async def test_printable_unicode_in_the_request_line_is_fine(intake: Intake) -> 
     assert answer.status_code == 200
 
 
+async def test_a_body_that_does_not_arrive_in_time_is_a_408(intake: Intake) -> None:
+    import asyncio
+
+    from ingest.limits import BodyLimit
+
+    slow = httpx.ASGITransport(app=BodyLimit(intake.client._transport.app, 1 << 20, 0.3))  # type: ignore[attr-defined]
+    run = samples.run_id()
+    record = json.dumps(samples.otc_confirmation(run, "OTC-SLOWBODY-1")).encode()
+
+    async def trickle() -> Any:
+        yield record[:10]
+        await asyncio.sleep(2)
+        yield record[10:]
+
+    async with httpx.AsyncClient(transport=slow, base_url="http://intake") as client:
+        answer = await client.post(
+            "/v1/settlements/sync",
+            content=trickle(),
+            headers={
+                **intake.auth(),
+                "X-Settlement-Run-ID": run,
+                "Content-Type": "application/json",
+            },
+        )
+    assert answer.status_code == 408
+    assert answer.json()["code"] == "request_timeout"
+    assert answer.headers["connection"] == "close"
+    assert intake.broker.records == []
+
+
 async def test_metrics_can_require_a_scrape_token(intake: Intake) -> None:
     assert (await intake.client.get("/metrics")).status_code == 200  # off by default
     intake.services.settings = intake.settings.model_copy(
