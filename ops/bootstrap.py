@@ -35,7 +35,13 @@ from operations.publishing import Republisher
 from operations.service import Operations
 from runtime.aio import until_up
 from runtime.kafka import KafkaPublisher, ensure_topics
-from runtime.settings import IntakeSettings, KafkaSettings, OperatorSettings, WorkerSettings
+from runtime.settings import (
+    IntakeSettings,
+    KafkaSettings,
+    OperatorSettings,
+    WorkerSettings,
+    load,
+)
 from workers.app import WorkerParts, serve
 from workers.breaker import Breaker
 from workers.core import Policy
@@ -138,6 +144,15 @@ def intake_app(settings: IntakeSettings) -> FastAPI:
     return create_app(
         build, body_limit=settings.max_body_bytes, body_timeout_s=settings.body_read_timeout_s
     )
+
+
+def intake_app_from_env() -> FastAPI:
+    """The app of one intake process among several (`etrm-sync intake --processes N`): each
+    reads its settings from the environment, as the first did."""
+    from runtime.logging import configure_logging
+
+    configure_logging("intake")
+    return intake_app(load(IntakeSettings))
 
 
 # -- worker ---------------------------------------------------------------------------------

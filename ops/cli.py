@@ -102,7 +102,14 @@ def demo() -> None:
 
 
 @app.command()
-def intake() -> None:
+def intake(
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Processes sharing the port (one per core); /metrics is per process"
+        ),
+    ] = 1,
+) -> None:
     """Serve the HTTP intake (ETRM_INTAKE_HOST:ETRM_INTAKE_PORT)."""
     import ssl
 
@@ -117,7 +124,9 @@ def intake() -> None:
     configure_logging("intake")
     client_ca = settings.tls_client_ca if settings.tls_cert else None
     uvicorn.run(
-        intake_app(settings),
+        intake_app(settings) if processes == 1 else "ops.bootstrap:intake_app_from_env",
+        factory=processes > 1,
+        workers=processes if processes > 1 else None,
         host=settings.intake_host,
         port=settings.intake_port,
         log_level="warning",
