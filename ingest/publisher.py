@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from opentelemetry.trace import SpanKind
+
+from runtime import tracing
 from runtime.kafka import OutgoingRecord
 from schemas.envelope import SCHEMA_VERSION, Envelope, kafka_headers, sign_message
 
@@ -54,10 +57,16 @@ class SettlementPublisher:
         batch_id: str,
     ) -> None:
         """Raises runtime.kafka.PublishFailed unless the broker acknowledged all of them."""
-        await self.kafka.send_all(
-            [
+        with tracing.span(
+            "kafka publish", SpanKind.PRODUCER, records=len(envelopes), batch_id=batch_id
+        ):
+            parent = tracing.traceparent()
+            records = [
                 self.record_for(e, desk=desk, trader=trader, trace_id=trace_id, batch_id=batch_id)
                 for e in envelopes
-            ],
-            what=f"batch {batch_id}",
-        )
+            ]
+            if parent is not None:  # the worker continues this trace (W3C trace context)
+                records = [
+                    (t, k, v, [*h, ("traceparent", parent.encode())]) for t, k, v, h in records
+                ]
+            await self.kafka.send_all(records, what=f"batch {batch_id}")

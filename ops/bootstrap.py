@@ -150,8 +150,10 @@ def intake_app_from_env() -> FastAPI:
     """The app of one intake process among several (`etrm-sync intake --processes N`): each
     reads its settings from the environment, as the first did."""
     from runtime.logging import configure_logging
+    from runtime.tracing import setup_tracing
 
     configure_logging("intake")
+    setup_tracing("intake")
     return intake_app(load(IntakeSettings))
 
 

@@ -119,9 +119,11 @@ def intake(
     from ops.bootstrap import intake_app
     from runtime.logging import configure_logging
     from runtime.settings import IntakeSettings, load
+    from runtime.tracing import setup_tracing
 
     settings = load(IntakeSettings)
     configure_logging("intake")
+    setup_tracing("intake")
     client_ca = settings.tls_client_ca if settings.tls_cert else None
     uvicorn.run(
         intake_app(settings) if processes == 1 else "ops.bootstrap:intake_app_from_env",
@@ -145,9 +147,11 @@ def worker() -> None:
     from ops.bootstrap import run_worker
     from runtime.logging import configure_logging
     from runtime.settings import WorkerSettings, load
+    from runtime.tracing import setup_tracing
 
     settings = load(WorkerSettings)
     configure_logging("worker")
+    setup_tracing("worker")
     asyncio.run(run_worker(settings))
 
 

@@ -34,6 +34,7 @@ from typing import Protocol
 
 import orjson
 import structlog
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from ledger.rows import (
@@ -46,6 +47,7 @@ from ledger.rows import (
     LateTaken,
     Outcome,
 )
+from runtime import tracing
 from runtime.aio import first_of
 from schemas.envelope import header_map, message_id_for, publication_of, verify_message
 from schemas.records import CanonicalRecord
@@ -548,7 +550,18 @@ class Pipeline:
             decision = decide_token_failure(error, progress, policy=self.policy, rng=self.rng)
             return decision, None, error, Health.DOWN, None
         async with self.slots.slot(copy.lane):
-            answer = await self.upstream.post(copy.value, copy.message_id, copy.trace_id, token)
+            with (
+                tracing.span(
+                    "kafka deliver",
+                    SpanKind.CONSUMER,
+                    tracing.from_headers(copy.record.headers),
+                    message_id=copy.message_id,
+                    attempt=progress.attempts,
+                ),
+                tracing.span("POST upstream", SpanKind.CLIENT) as post,
+            ):
+                answer = await self.upstream.post(copy.value, copy.message_id, copy.trace_id, token)
+                post.set_attribute("http.response.status_code", answer.status or 0)
         decision = decide_answer(
             answer, progress, submitted=copy.position, policy=self.policy, rng=self.rng
         )

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from runtime import tracing
 from workers import metrics
 from workers.rules import BODY_LIMIT, Answer, AnswerKind, read_answer
 
@@ -161,6 +162,9 @@ class UpstreamClient:
             "X-Signature": self.signature(body, now),
             "Content-Type": "application/json",
         }
+        parent = tracing.traceparent()
+        if parent is not None:
+            headers["traceparent"] = parent
         started = time.perf_counter()
         outcome = "error"
         try:

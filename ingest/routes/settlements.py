@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from opentelemetry.trace import SpanKind
 from pydantic import TypeAdapter
 
 from ingest.acceptance import MAX_BATCH, Accepted, accept
@@ -17,6 +18,7 @@ from ingest.auth import Principal
 from ingest.body import read_json
 from ingest.deps import IntakeServices, PrincipalDep, ServicesDep, actor_of, require
 from ingest.problems import Problem, problem_responses
+from runtime import tracing
 from schemas import samples
 from schemas.api import (
     AcceptedMessage,
@@ -231,16 +233,24 @@ async def _accept(
     key: str | None,
     run_id: str,
 ) -> Accepted:
-    return await accept(
-        svc,
-        who,
-        actor_of(request, who),
-        route=route,
-        raw_records=raw_records,
-        key=key,
-        run_id=run_id,
-        trace_id=request.state.trace_id,
-    )
+    trace_id = request.state.trace_id
+    with tracing.span(
+        f"POST {request.url.path}",
+        SpanKind.SERVER,
+        tracing.desk_trace(trace_id),
+        desk=who.desk,
+        records=len(raw_records),
+    ):
+        return await accept(
+            svc,
+            who,
+            actor_of(request, who),
+            route=route,
+            raw_records=raw_records,
+            key=key,
+            run_id=run_id,
+            trace_id=trace_id,
+        )
 
 
 def _shape_problem(detail: str, fields: list[str], message: str) -> Problem:
