@@ -42,6 +42,11 @@ RECORD_HEADERS: dict[str, Any] = {
         "replay_id": {**_TEXT, "description": "The replay or continuation that re-published it"},
         "replay_of": {**_TEXT, "description": "On replays: the dead letter replayed"},
         "replay_count": {**_TEXT, "description": "On replays: 1 for the first replay, then 2…"},
+        "traceparent": {
+            **_TEXT,
+            "description": "W3C trace context of the intake's publish (when tracing is on); "
+            "not signed, informational only",
+        },
     },
 }
 DEAD_LETTER_HEADERS: dict[str, Any] = {
