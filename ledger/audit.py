@@ -16,9 +16,11 @@ Rules kept here (as a transparency log's sequencer does, e.g. Trillian):
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -266,9 +268,45 @@ async def _chain_head(conn: AsyncConnection) -> tuple[int, str] | None:
     return (int(head.seq), str(head.hash)) if head is not None else None
 
 
-async def write_checkpoint(engine: AsyncEngine, signer: Ed25519PrivateKey) -> int | None:
+EXTERNAL_FILE = "audit-checkpoints.jsonl"
+
+
+def append_external(directory: Path, checkpoint: dict[str, Any]) -> None:
+    """One signed checkpoint, appended (and synced) to a file outside the database, where its
+    administrator cannot quietly delete it together with the rows it vouches for."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / EXTERNAL_FILE).open("ab") as out:
+        out.write(orjson.dumps(checkpoint) + b"\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def read_external(directory: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The checkpoints kept outside the database, and what could not be read of them."""
+    path = directory / EXTERNAL_FILE
+    if not path.exists():
+        return [], [f"no external checkpoint file at {path}"]
+    found, problems = [], []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            item = orjson.loads(line)
+            found.append(
+                {
+                    "seq": int(item["seq"]),
+                    "head_hash": str(item["head_hash"]),
+                    "signature": str(item["signature"]),
+                }
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            problems.append(f"external checkpoint file line {number} is unreadable")
+    return found, problems
+
+
+async def write_checkpoint(
+    engine: AsyncEngine, signer: Ed25519PrivateKey, external_dir: Path | None = None
+) -> int | None:
     """Sign the head of the sequenced chain; the key stays with the process, only the
-    signature is stored."""
+    signature is stored — in the database and, with `external_dir`, in a file beside it."""
     async with engine.begin() as conn:
         await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SEQUENCER_LOCK})
         head = await _chain_head(conn)
@@ -276,25 +314,31 @@ async def write_checkpoint(engine: AsyncEngine, signer: Ed25519PrivateKey) -> in
             return None
         seq, head_hash = head
         signature = signer.sign(checkpoint_message(seq, head_hash)).hex()
-        await conn.execute(
+        kid = key_id(signer.public_key())
+        inserted = await conn.scalar(
             text(
                 "INSERT INTO audit_checkpoints (seq, head_hash, key_id, signature) "
-                "VALUES (:seq, :hash, :kid, :sig) ON CONFLICT (seq) DO NOTHING"
+                "VALUES (:seq, :hash, :kid, :sig) ON CONFLICT (seq) DO NOTHING RETURNING seq"
             ),
-            {
-                "seq": seq,
-                "hash": head_hash,
-                "kid": key_id(signer.public_key()),
-                "sig": signature,
-            },
+            {"seq": seq, "hash": head_hash, "kid": kid, "sig": signature},
         )
-        return seq
+    if inserted is not None and external_dir is not None:
+        checkpoint = {"seq": seq, "head_hash": head_hash, "key_id": kid, "signature": signature}
+        append_external(external_dir, {**checkpoint, "at": iso_z(datetime.now(UTC))})
+    return seq
 
 
 async def verify_checkpoints(
-    engine: AsyncEngine, public: Ed25519PublicKey
+    engine: AsyncEngine,
+    public: Ed25519PublicKey,
+    *,
+    max_age_s: float | None = None,
+    external_dir: Path | None = None,
 ) -> tuple[int, list[str]]:
-    """Every checkpoint's signature, and its hash against the chain row it names."""
+    """Every checkpoint's signature, and its hash against the chain row it names; with
+    `max_age_s`, chain rows older than that must be covered by a signed checkpoint (no
+    checkpoint, a stale one, or a chain extended past it unsigned all fail); with
+    `external_dir`, every checkpoint kept outside the database must still hold in it."""
     problems: list[str] = []
     async with engine.connect() as conn:
         rows = (
@@ -305,14 +349,56 @@ async def verify_checkpoints(
                 )
             )
         ).all()
+        uncovered = (
+            await conn.scalar(
+                text(
+                    "SELECT max(seq) FROM audit_log WHERE seq IS NOT NULL "
+                    "AND at < now() - make_interval(secs => :age)"
+                ),
+                {"age": max_age_s},
+            )
+            if max_age_s is not None
+            else None
+        )
+        external, unreadable = read_external(external_dir) if external_dir else ([], [])
+        chain = {
+            r.seq: r.hash
+            for r in await conn.execute(
+                text("SELECT seq, hash FROM audit_log WHERE seq = ANY(CAST(:seqs AS bigint[]))"),
+                {"seqs": [e["seq"] for e in external]},
+            )
+        }
+    signed = 0
     for row in rows:
-        try:
-            public.verify(bytes.fromhex(row.signature), checkpoint_message(row.seq, row.head_hash))
-        except (InvalidSignature, ValueError):
+        if not _signed(public, row.seq, row.head_hash, row.signature):
             problems.append(f"checkpoint {row.seq}: signature does not verify")
             continue
+        signed = max(signed, row.seq)
         if row.chain_hash != row.head_hash:
             problems.append(
                 f"checkpoint {row.seq}: chain row {row.seq} no longer has the signed hash"
             )
+    if uncovered is not None and uncovered > signed:
+        problems.append(
+            f"rows {signed + 1}..{uncovered} are older than {max_age_s:g} s and no signed "
+            "checkpoint covers them (checkpoints deleted, stale, or the chain rewritten past them)"
+        )
+    problems.extend(unreadable)
+    in_database = {row.seq: row.head_hash for row in rows}
+    for item in external:
+        seq = item["seq"]
+        if not _signed(public, seq, item["head_hash"], item["signature"]):
+            problems.append(f"external checkpoint {seq}: signature does not verify")
+        elif chain.get(seq) != item["head_hash"]:
+            problems.append(f"external checkpoint {seq}: chain row {seq} no longer has that hash")
+        elif in_database.get(seq) != item["head_hash"]:
+            problems.append(f"external checkpoint {seq}: missing from the database")
     return len(rows), problems
+
+
+def _signed(public: Ed25519PublicKey, seq: int, head_hash: str, signature: str) -> bool:
+    try:
+        public.verify(bytes.fromhex(signature), checkpoint_message(seq, head_hash))
+    except (InvalidSignature, ValueError):
+        return False
+    return True

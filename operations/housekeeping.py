@@ -18,6 +18,7 @@ import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -59,6 +60,7 @@ class Housekeeping:
         audit_signer: Ed25519PrivateKey | None = None,
         intervals: Intervals | None = None,
         key_retention_s: float = 24 * 3600.0,
+        checkpoint_dir: Path | None = None,
     ) -> None:
         self.engine = engine
         self.cipher = cipher
@@ -69,6 +71,7 @@ class Housekeeping:
         self.signer = audit_signer
         self.every = intervals or Intervals()
         self.key_retention_s = key_retention_s
+        self.checkpoint_dir = checkpoint_dir
         self.stop_event = asyncio.Event()
         self.outbox_nudge = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -123,7 +126,7 @@ class Housekeeping:
 
     async def checkpoint(self) -> None:
         assert self.signer is not None
-        seq = await audit.write_checkpoint(self.engine, self.signer)
+        seq = await audit.write_checkpoint(self.engine, self.signer, self.checkpoint_dir)
         log.info("audit_checkpoint", seq=seq)
 
     async def forget_keys(self) -> None:

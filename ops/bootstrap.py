@@ -90,6 +90,7 @@ def _housekeeping(
         audit_signer=settings.audit_signer(),
         intervals=Intervals(checkpoint_s=settings.audit_checkpoint_interval_s),
         key_retention_s=settings.idempotency_retention_h * 3600,
+        checkpoint_dir=settings.checkpoint_dir(),
     )
 
 

@@ -396,9 +396,17 @@ def audit_verify(as_json: JsonOpt = False) -> None:
         try:
             await audit.sequence_all(engine)  # anything appended but not chained yet
             chain = await audit.verify(engine)
-            public = load(OperatorSettings).audit_verifier()
+            settings = load(OperatorSettings)
+            public = settings.audit_verifier()
             checkpoints, problems = (
-                await audit.verify_checkpoints(engine, public) if public else (0, [])
+                await audit.verify_checkpoints(
+                    engine,
+                    public,
+                    max_age_s=settings.audit_checkpoint_max_age_s,
+                    external_dir=settings.checkpoint_dir(),
+                )
+                if public
+                else (0, [])
             )
         finally:
             await engine.dispose()
@@ -442,7 +450,8 @@ def audit_checkpoint() -> None:
     """Sign the current head of the chain now (ETRM_AUDIT_SIGNING_KEY)."""
     from ledger import audit
 
-    signer = load(OperatorSettings).audit_signer()
+    settings = load(OperatorSettings)
+    signer = settings.audit_signer()
     if signer is None:
         err.print("[red]error:[/] ETRM_AUDIT_SIGNING_KEY is not set")
         raise typer.Exit(2)
@@ -450,7 +459,7 @@ def audit_checkpoint() -> None:
     async def work() -> int | None:
         engine = await _engine()
         try:
-            return await audit.write_checkpoint(engine, signer)
+            return await audit.write_checkpoint(engine, signer, settings.checkpoint_dir())
         finally:
             await engine.dispose()
 

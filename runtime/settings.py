@@ -10,6 +10,7 @@ import base64
 import hmac
 import re
 from decimal import Decimal
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -110,6 +111,12 @@ class _Keys(_Settings):
     audit_signing_key: Annotated[SecretStr | None, NoDecode] = None
     audit_verify_key: str | None = None
     audit_checkpoint_interval_s: float = Field(300.0, gt=0)
+    # `audit verify` (with a key) fails when chain rows older than this are not covered by a
+    # signed checkpoint: a deleted, stale or bypassed checkpoint is a finding.
+    audit_checkpoint_max_age_s: float = Field(900.0, gt=0)
+    # Signed checkpoints are also appended here (outside the database; e.g. a WORM mount), and
+    # `audit verify` checks each against the chain.
+    audit_checkpoint_dir: str | None = None
 
     @field_validator("message_signing_keys")
     @classmethod
@@ -153,6 +160,9 @@ class _Keys(_Settings):
             return None
         seed = base64.b64decode(self.audit_signing_key.get_secret_value())
         return Ed25519PrivateKey.from_private_bytes(seed)
+
+    def checkpoint_dir(self) -> Path | None:
+        return Path(self.audit_checkpoint_dir) if self.audit_checkpoint_dir else None
 
     def audit_verifier(self) -> Ed25519PublicKey | None:
         """ETRM_AUDIT_VERIFY_KEY (base64, raw 32 bytes) for auditors, else derived."""

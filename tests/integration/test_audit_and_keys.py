@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -183,4 +185,74 @@ async def test_signed_checkpoints(pipeline: Pipeline) -> None:
     finally:
         async with engine.begin() as conn:  # leave no checkpoint signed by a throwaway key
             await conn.execute(text("DELETE FROM audit_checkpoints"))
+        await engine.dispose()
+
+
+TRIGGER = "audit_log_sequence_once"
+
+
+async def test_a_superuser_rewrite_is_caught_by_the_checkpoints_kept_outside_the_database(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """The attack of issue #13: a database superuser deletes the signed checkpoints, edits a
+    row and recomputes the whole chain. The chain alone then verifies; the checkpoint kept
+    outside the database, and the rule that old rows must be covered by one, do not."""
+    await deliver_some(pipeline, "OTC-DBA-00001")
+    await pipeline.stop_worker()  # nothing appends to the trail while it is rewritten
+    engine = make_engine(pipeline.settings.database_url)
+    signer = Ed25519PrivateKey.generate()
+    public = signer.public_key()
+    try:
+        await audit.sequence_all(engine)
+        seq = await audit.write_checkpoint(engine, signer, tmp_path)
+        assert seq is not None
+        honest = await audit.verify_checkpoints(
+            engine, public, max_age_s=3600, external_dir=tmp_path
+        )
+        assert honest == (1, [])
+
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:k)"), {"k": audit._SEQUENCER_LOCK}
+            )
+            await conn.execute(
+                text("ALTER TABLE audit_log DISABLE TRIGGER audit_log_sequence_once")
+            )
+            await conn.execute(text("DELETE FROM audit_checkpoints"))
+            await conn.execute(text("UPDATE audit_log SET detail = 'rewritten' WHERE seq = 1"))
+            rows = await conn.execute(
+                text("SELECT * FROM audit_log WHERE seq IS NOT NULL ORDER BY seq")
+            )
+            prev = audit.GENESIS
+            for row in [dict(r._mapping) for r in rows]:
+                row["prev_hash"] = prev
+                prev = audit.row_hash(row)
+                await conn.execute(
+                    text("UPDATE audit_log SET prev_hash = :p, hash = :h WHERE seq = :s"),
+                    {"p": row["prev_hash"], "h": prev, "s": row["seq"]},
+                )
+            await conn.execute(text(f"ALTER TABLE audit_log ENABLE TRIGGER {TRIGGER}"))
+
+        assert (await audit.verify(engine)).ok  # the chain alone is fooled
+        _, problems = await audit.verify_checkpoints(
+            engine, public, max_age_s=0.0, external_dir=tmp_path
+        )
+        assert f"external checkpoint {seq}: chain row {seq} no longer has that hash" in problems
+        assert any("no signed checkpoint covers them" in p for p in problems)
+
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        cli = await run_cli(
+            {
+                **pipeline.env,
+                "ETRM_AUDIT_VERIFY_KEY": base64.b64encode(raw).decode(),
+                "ETRM_AUDIT_CHECKPOINT_DIR": str(tmp_path),
+            },
+            "audit",
+            "verify",
+            "--json",
+        )
+        assert cli.code == 1, cli.stderr
+        found = json.loads(cli.stdout)
+        assert any(f"external checkpoint {seq}" in p for p in found["checkpoint_problems"])
+    finally:
         await engine.dispose()
