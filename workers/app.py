@@ -364,7 +364,10 @@ async def serve(
     log.info("worker_starting", step="joining the consumer group")
     await until_up("broker", broker.start, transient=transient)
     for lane in lanes.values():
-        lane.out_since = time.monotonic()
+        # The clock of a lane still out of its group starts now (joining may take long); a lane
+        # already assigned during the start is in, and stays so (it was restarted 20 s later).
+        if lane.out_since is not None:
+            lane.out_since = time.monotonic()
     background = [
         asyncio.create_task(committer.run(), name="committer"),
         asyncio.create_task(resume_when_settled(pipeline, lanes), name="resume"),

@@ -341,11 +341,12 @@ class Pipeline:
             if copy is None:
                 wake_at = min(c.not_before for c in list(chain.items)[: LOOKAHEAD + 1])
                 chain.arrived.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        first_of(chain.arrived.wait(), chain.stopped.wait()),
-                        max(0.0, wake_at - time.monotonic()),
-                    )
+                if wake_at > time.monotonic():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            first_of(chain.arrived.wait(), chain.stopped.wait()),
+                            wake_at - time.monotonic(),
+                        )
                 continue
             if not self.offsets.current(copy.ticket):
                 chain.items.remove(copy)

@@ -998,6 +998,7 @@ def render(rows: list[Row], title: str = "etrm-sync bench") -> Table:
 async def run_bench(names: list[str], scale: int, runs: int = 1) -> list[Row]:
     """Run the scenarios `runs` times; with several runs, print and keep the medians."""
     all_runs: list[list[Row]] = []
+    failed: list[str] = []
     for number in range(1, runs + 1):
         root = Path(tempfile.mkdtemp(prefix="etrm-bench-"))
         bench = Bench(root)
@@ -1005,7 +1006,15 @@ async def run_bench(names: list[str], scale: int, runs: int = 1) -> list[Row]:
             await bench.up()
             for name in names:
                 console.print(f"[bold]run {number}/{runs}: {name}…")
-                bench.rows.extend(await SCENARIOS[name](bench, scale))
+                try:
+                    bench.rows.extend(await SCENARIOS[name](bench, scale))
+                except Exception as exc:  # one scenario's failure must not lose the others
+                    failed.append(f"run {number}: {name}: {type(exc).__name__}: {exc}")
+                    console.print(f"[red]scenario {name} failed[/]: {exc}")
+                    for process in bench.processes:
+                        if process.poll() is None:
+                            process.kill()
+                    continue
                 console.print(render(bench.rows))
         finally:
             bench.down()
@@ -1020,6 +1029,7 @@ async def run_bench(names: list[str], scale: int, runs: int = 1) -> list[Row]:
         json.dumps(
             {
                 "runs": runs,
+                "failed": failed,
                 "median": [{**row.__dict__, "ratio": row.ratio} for row in rows],
                 "each_run": [
                     [{**row.__dict__, "ratio": row.ratio} for row in run] for run in all_runs
@@ -1029,6 +1039,8 @@ async def run_bench(names: list[str], scale: int, runs: int = 1) -> list[Row]:
         ),
     )
     console.print(f"results: {out}")
+    for failure in failed:
+        console.print(f"[red]failed[/]: {failure}")
     return rows
 
 
@@ -1036,8 +1048,12 @@ def median_rows(runs: list[list[Row]]) -> list[Row]:
     if len(runs) == 1:
         return runs[0]
     rows = []
-    for index, first in enumerate(runs[0]):
-        same = [run[index] for run in runs if index < len(run)]
+    names: list[str] = []
+    for run in runs:  # by scenario name: a scenario that failed in one run is simply absent
+        names.extend(r.scenario for r in run if r.scenario not in names)
+    for name in names:
+        same = [r for run in runs for r in run if r.scenario == name]
+        first = same[0]
         baselines = [r.baseline for r in same if r.baseline is not None]
         ratios = [r.ratio for r in same if r.ratio is not None]
         rows.append(
