@@ -140,6 +140,10 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         consumer = self.lane.consumer
+        # Nothing of these partitions is handed to the pipeline before their generation is
+        # recorded: positions are looked up below (awaits), and the fetcher does not wait.
+        with contextlib.suppress(Exception):
+            consumer.pause(*assigned)
         for tp in assigned:
             position = 0
             for attempt in range(5):
@@ -150,6 +154,8 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
                     log.warning("position_unknown", partition=str(tp), error=type(exc).__name__)
                     await asyncio.sleep(0.2 * (attempt + 1))
             self.pipeline.assign((tp.topic, tp.partition), position)
+        with contextlib.suppress(Exception):
+            consumer.resume(*assigned)
         self.lane.paused = False
         self.lane.out_since = None
         log.info("partitions_assigned", lane=self.lane.name, partitions=len(assigned))
@@ -212,6 +218,13 @@ def make_handler(pipeline: Pipeline) -> Callable[[Lane, Any], Awaitable[None]]:
             return
         for (topic, partition), offset in seeks.items():
             consumer.seek(TopicPartition(topic, partition), offset)
+        if pipeline.untracked:
+            held = consumer.assignment()
+            for (topic, partition), offset in pipeline.untracked.items():
+                tp = TopicPartition(topic, partition)
+                if tp in held:  # ours, but its assignment is not recorded yet: read it again
+                    log.info("read_before_assignment_recorded", partition=str(tp), offset=offset)
+                    consumer.seek(tp, offset)
         apply_backpressure(pipeline, lane)
 
     return handle

@@ -197,6 +197,7 @@ class Pipeline:
         )
         self.tasks: set[asyncio.Task[None]] = set()
         self.settled = asyncio.Event()  # set whenever a copy finishes (back-pressure)
+        self.untracked: dict[PartitionKey, int] = {}  # of the last poll: see accept()
 
     # -- the consumer's side -------------------------------------------------------------------
 
@@ -212,17 +213,25 @@ class Pipeline:
                 del self.chains[key]
 
     def accept(self, records: Sequence[ConsumedRecord]) -> dict[PartitionKey, int]:
-        """Track and route one poll; returns partitions to seek back (a gap was seen)."""
+        """Track and route one poll; returns partitions to seek back (a gap was seen).
+        Records of partitions not (yet) assigned here are left in `self.untracked` (first
+        offset per partition): the caller seeks back to them when its consumer does hold the
+        partition — records handed over before the assignment was recorded are read again,
+        never dropped."""
         seeks: dict[PartitionKey, int] = {}
+        self.untracked = {}
         for record in records:
             partition = (record.topic, record.partition)
-            if partition in seeks:
+            if partition in seeks or partition in self.untracked:
                 continue
             ticket = self.offsets.track(partition, record.offset)
             if ticket is Untracked.GAP:
                 expected = self.offsets.expected(partition)
                 if expected is not None:
                     seeks[partition] = expected
+                continue
+            if ticket is Untracked.STALE:
+                self.untracked[partition] = record.offset
                 continue
             if not isinstance(ticket, Ticket):
                 continue

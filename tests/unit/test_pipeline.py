@@ -480,3 +480,22 @@ async def test_two_workers_sharing_one_breaker_send_one_probe_at_a_time(
     finally:
         await other.stop(2.0)
         await other_breaker.stop()
+
+
+async def test_records_handed_over_before_their_assignment_is_recorded_are_kept_for_a_reread(
+    h: Harness,
+) -> None:
+    """The fetcher may hand over a partition's records while the rebalance callback is still
+    looking up positions: they are not tracked (no generation yet) and must be read again —
+    never dropped with the consumer's position already past them."""
+    run = samples.run_id()
+    [message_id] = await h.desk.accept([otc(run, "OTC-EARLY")])
+    topic, key, value, headers = h.broker.records[-1]
+    early = Consumed(topic, 3, 41, key, value, headers)
+    assert h.pipeline.accept([early]) == {}
+    assert h.pipeline.untracked == {(topic, 3): 41}
+    assert h.upstream.posts == []
+    h.pipeline.assign((topic, 3), 41)  # the callback records the generation
+    assert h.pipeline.accept([early]) == {}
+    assert h.pipeline.untracked == {}
+    await h.until(lambda: h.upstream.posts == [message_id])
