@@ -125,6 +125,16 @@ class Bench:
         self.processes.append(process)
         return process
 
+    def workers(self, settings: StackSettings, count: int) -> list[subprocess.Popen[bytes]]:
+        """`count` worker processes of one group, each with a metrics port of its own."""
+        return [
+            self.spawn(
+                ["worker"],
+                settings_env(settings.model_copy(update={"worker_metrics_port": free_port()})),
+            )
+            for _ in range(count)
+        ]
+
     async def stop(self, process: subprocess.Popen[bytes]) -> None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -643,13 +653,7 @@ async def scenario_scale_out(bench: Bench, scale: int) -> list[Row]:
             settings = bench.settings(sim_url, worker_concurrency=64)
             records = 3 * scale
             await bench.preload(settings, bench.envelopes(records, 500), 4)
-            processes = [
-                bench.spawn(
-                    ["worker"],
-                    settings_env(settings.model_copy(update={"worker_metrics_port": free_port()})),
-                )
-                for _ in range(workers)
-            ]
+            processes = bench.workers(settings, workers)
             try:
                 rates[workers] = await effects_rate(
                     sim_url, records, timeout=600, process=processes[0]
@@ -914,13 +918,7 @@ async def scenario_settlement_run(bench: Bench, scale: int) -> list[Row]:
     url, token, intake = await bench.intake(settings)
     records = 20 * scale
     bodies = batch_bodies(records // 1000, 1000)
-    processes = [
-        bench.spawn(
-            ["worker"],
-            settings_env(settings.model_copy(update={"worker_metrics_port": free_port()})),
-        )
-        for _ in range(workers)
-    ]
+    processes = bench.workers(settings, workers)
     try:
         await asyncio.sleep(5)  # both workers in the group before the run starts
         started = time.perf_counter()
