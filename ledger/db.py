@@ -54,7 +54,8 @@ async def migrate(url: str) -> None:
 
 async def ensure_schema_current(engine: AsyncEngine) -> None:
     url = engine.url.render_as_string(hide_password=False)
-    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    script = ScriptDirectory.from_config(alembic_config(url))
+    head = script.get_current_head()
 
     def current(sync_conn: Connection) -> str | None:
         return MigrationContext.configure(sync_conn).get_current_revision()
@@ -63,7 +64,7 @@ async def ensure_schema_current(engine: AsyncEngine) -> None:
         revision = await conn.run_sync(current)
         if revision == head:
             return
-        known = revision is None or _known(url, revision)
+        known = revision is None or _known(script, revision)
         serves = None
         if not known:
             serves = (
@@ -85,12 +86,12 @@ async def ensure_schema_current(engine: AsyncEngine) -> None:
     log.warning("schema_one_migration_ahead", database=revision, code=head)
 
 
-def _known(url: str, revision: str) -> bool:
+def _known(script: ScriptDirectory, revision: str) -> bool:
     """A revision of this code's own migrations (so the database is behind, not ahead)."""
     from alembic.util.exc import CommandError
 
     try:
-        return ScriptDirectory.from_config(alembic_config(url)).get_revision(revision) is not None
+        return script.get_revision(revision) is not None
     except CommandError:
         return False
 

@@ -536,8 +536,10 @@ async def scenario_intake(bench: Bench, scale: int) -> list[Row]:
     return rows
 
 
-async def post_single(http: httpx.AsyncClient, token: str, prefix: str, i: int) -> float:
-    """One single-record submission (a real-time price); seconds until its 202."""
+async def post_single(
+    http: httpx.AsyncClient, token: str, prefix: str, i: int
+) -> tuple[float, str]:
+    """One single-record submission (a real-time price): seconds until its 202, message id."""
     run = samples.run_id()
     record = samples.canonical(run, f"{prefix}-{uuid.uuid4().hex[:10]}", hour=i % 24)
     started = time.perf_counter()
@@ -548,7 +550,7 @@ async def post_single(http: httpx.AsyncClient, token: str, prefix: str, i: int) 
     )
     if response.status_code != 202:
         raise RuntimeError(f"intake answered {response.status_code}")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, str(response.json()["message_id"])
 
 
 async def single_latencies(url: str, token: str, count: int, rate: float) -> list[float]:
@@ -557,7 +559,7 @@ async def single_latencies(url: str, token: str, count: int, rate: float) -> lis
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
 
         async def one(i: int) -> None:
-            latencies.append(await post_single(http, token, "LAT", i))
+            latencies.append((await post_single(http, token, "LAT", i))[0])
 
         tasks = []
         for i in range(count):
@@ -716,16 +718,8 @@ async def priority_latencies(
     answered: dict[str, float] = {}
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
         for i in range(count):
-            run = samples.run_id()
-            record = samples.canonical(run, f"RT-PRI-{uuid.uuid4().hex[:8]}", hour=i % 24)
-            response = await http.post(
-                "/v1/settlements/sync",
-                json=record,
-                headers={"Authorization": f"Bearer {token}", "X-Settlement-Run-ID": run},
-            )
-            if response.status_code != 202:
-                raise RuntimeError(f"intake answered {response.status_code}")
-            answered[response.json()["message_id"]] = time.time()
+            _, message_id = await post_single(http, token, "RT-PRI", i)
+            answered[message_id] = time.time()
             await asyncio.sleep(1 / rate)
         deadline = time.monotonic() + 300
         while True:
@@ -814,7 +808,7 @@ async def single_closed_loop(url: str, token: str, clients: int, each: int) -> l
     async def desk(c: int) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
             for i in range(each):
-                latencies.append(await post_single(http, token, f"SGL-{c}", i))
+                latencies.append((await post_single(http, token, f"SGL-{c}", i))[0])
 
     await asyncio.gather(*(desk(c) for c in range(clients)))
     return latencies
