@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest import metrics
 from ingest.acceptance import ledger_unavailable
+from ingest.console import routes as console
 from ingest.deps import IntakeServices
 from ingest.limits import BodyLimit
 from ingest.problems import Problem, problem_response
@@ -227,4 +228,5 @@ def create_app(build: ServicesFactory, *, body_limit: int, body_timeout_s: float
     app.include_router(operations.router)
     app.include_router(upstream.router)
     app.include_router(health.router)
+    console.install(app)
     return app

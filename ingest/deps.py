@@ -21,6 +21,7 @@ from ingest.tls import presented_thumbprint
 from ingest.waiting import WaitingWatch
 from ledger.acceptance import Begun
 from ledger.acceptance import Request as Request_
+from ledger.console import Hit, Overview
 from ledger.reads import Batch, Message, OpenWork
 from ledger.reconciliation import DeadLetterFilter
 from ledger.rows import Actor, UpstreamView
@@ -44,6 +45,16 @@ class IntakeLedger(Protocol):
     async def open_work(self) -> OpenWork: ...
     async def ping(self) -> None: ...
     async def upstream_view(self) -> UpstreamView: ...
+
+
+class ConsoleReadsPort(Protocol):
+    """What the console reads besides the API's reads (ledger.console.ConsoleReads)."""
+
+    async def overview(self) -> Overview: ...
+    async def search(self, term: str, *, limit: int = 100) -> list[Hit]: ...
+    async def audit_rows(self, message_id: str, batch_id: str | None) -> list[dict[str, Any]]: ...
+    async def replays(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]: ...
+    async def replay_items(self, replay_id: str, limit: int = 500) -> list[dict[str, Any]]: ...
 
 
 class Broker(Protocol):
@@ -100,6 +111,7 @@ class IntakeServices:
     alarm: FailureAlarm
     waiting: WaitingWatch
     housekeeping: Housekeeping | None = None
+    console: ConsoleReadsPort | None = None  # the operations console's reads (/console)
     close: Callable[[], Awaitable[None]] | None = None  # releases what the root built
 
 

@@ -24,6 +24,7 @@ from ingest.limits import DeskRateLimiter, FailureAlarm
 from ingest.publisher import SettlementPublisher
 from ingest.waiting import WaitingWatch
 from ledger.acceptance import IntakeStore
+from ledger.console import ConsoleReads
 from ledger.crypto import PayloadCipher
 from ledger.db import database_unavailable, ensure_schema_current, make_engine
 from ledger.delivery import DeliveryStore
@@ -129,6 +130,7 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
         waiting=WaitingWatch(ledger.upstream_view),
         alarm=FailureAlarm(),
         housekeeping=_housekeeping(settings, engine, cipher, kafka, republisher, actor),
+        console=ConsoleReads(engine),
         close=lambda: _close_intake(kafka, engine),
     )
 

@@ -216,6 +216,31 @@ class IntakeSettings(KafkaSettings, DatabaseSettings, _Keys, _Delivery, _Metrics
     # connection: a slow sender cannot hold a connection and a request slot for ever.
     body_read_timeout_s: float = Field(30.0, gt=0)
     idempotency_lease_s: float = Field(30.0, gt=0)
+    # The operations console (/console): OpenID Connect sign-in (authorization code + PKCE) at
+    # this issuer for this public client. Unset: the console is off (404).
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_scopes: str = "openid ops:read ops:replay ops:holds ops:upstream"
+    # How browsers reach the intake (the console's sign-in redirect URI and its origin check);
+    # unset: http(s)://<intake host>:<port> as configured.
+    public_base_url: str | None = None
+
+    @field_validator("oidc_issuer", "public_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("expected an http(s) URL")
+        return value.rstrip("/") if value else value
+
+    @property
+    def console_enabled(self) -> bool:
+        return bool(self.oidc_issuer and self.oidc_client_id)
+
+    def public_base(self) -> str:
+        if self.public_base_url:
+            return self.public_base_url
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{self.intake_host}:{self.intake_port}"
 
     @field_validator("desk_rate_limit")
     @classmethod

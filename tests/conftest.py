@@ -153,8 +153,8 @@ def make_settings(infra: Infra, **overrides: Any) -> StackSettings:
 class Server:
     """A uvicorn server in this event loop, on a free loopback port."""
 
-    def __init__(self, app: Any, **config: Any) -> None:
-        self.port = free_port()
+    def __init__(self, app: Any, port: int | None = None, **config: Any) -> None:
+        self.port = port or free_port()
         self.tls = "ssl_certfile" in config
         self.server = EmbeddedServer(
             uvicorn.Config(

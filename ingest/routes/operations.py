@@ -37,7 +37,7 @@ from schemas.records import iso_z
 router = APIRouter(tags=["operations"])
 Text = Annotated[str, Field(min_length=1, max_length=1000)]
 
-_REFUSALS = {
+REFUSALS = {
     "not_found": 404,
     "four_eyes": 403,
     "not_pending": 409,
@@ -48,7 +48,7 @@ _REFUSALS = {
 
 
 def refused(exc: OperationRefused) -> Problem:
-    return Problem(_REFUSALS.get(exc.code, 409), exc.code, exc.detail)
+    return Problem(REFUSALS.get(exc.code, 409), exc.code, exc.detail)
 
 
 class _Body(BaseModel):
