@@ -214,6 +214,38 @@ def mock_etrm(
     )
 
 
+@app.command("dev-idp")
+def dev_idp(
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8070,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    client_id: Annotated[str, typer.Option(help="The console's client id")] = "etrm-console",
+    redirect_uri: Annotated[
+        list[str], typer.Option(help="A registered redirect URI (repeatable)")
+    ] = [],  # noqa: B006 - typer reads the default
+    private_key: Annotated[Path, typer.Option(help="Signing key (PEM)")] = Path(
+        ".etrm-dev/etrm-dev-es256.pem"
+    ),
+    jwks: Annotated[Path, typer.Option(help="Its public JWKS")] = Path(".etrm-dev/jwks.json"),
+) -> None:
+    """A development OpenID Connect provider for the console (one-click sign-in as a
+    development operator). Access tokens carry ETRM_JWT_ISSUER and ETRM_JWT_AUDIENCE."""
+    _dev_tools()
+    import uvicorn
+
+    from ops.dev.idp import IdpConfig, create_idp
+
+    config = IdpConfig(
+        issuer=f"http://{host}:{port}",
+        client_id=client_id,
+        redirect_uris=redirect_uri,
+        private_key=private_key,
+        jwks=jwks,
+        api_issuer=os.environ.get("ETRM_JWT_ISSUER", ""),
+        api_audience=os.environ.get("ETRM_JWT_AUDIENCE", ""),
+    )
+    uvicorn.run(create_idp(config), host=host, port=port, log_level="warning", access_log=False)
+
+
 @app.command()
 def token(
     desk: Annotated[str, typer.Option(help="The desk claim")] = "power-east",

@@ -112,10 +112,12 @@ class OidcClient:
         except KeyError as exc:
             raise SignInFailed(f"the discovery document lacks {exc.args[0]}") from None
 
-    async def authorization_url(self, sign_in: SignIn) -> str:
+    async def authorization_url(self, sign_in: SignIn, *, login_hint: str | None = None) -> str:
         provider = await self.provider()
+        hint = {"login_hint": login_hint} if login_hint else {}
         query = urlencode(
             {
+                **hint,
                 "response_type": "code",
                 "client_id": self.client_id,
                 "redirect_uri": self.redirect_uri,

@@ -216,11 +216,15 @@ def _safe_next(path: str | None) -> str:
 
 
 @router.get("/login")
-async def login(request: Request, next: str | None = None) -> Response:
+async def login(
+    request: Request, next: str | None = None, login_hint: str | None = None
+) -> Response:
     _, console = _console(request)
     sign_in = SignIn.start(_safe_next(next))
+    # OpenID Connect's login_hint is passed on: the identity provider may pre-select the user.
+    hint = login_hint[:64] if login_hint else None
     try:
-        url = await console.oidc.authorization_url(sign_in)
+        url = await console.oidc.authorization_url(sign_in, login_hint=hint)
     except SignInFailed as exc:
         raise ConsoleRefusal(502, "Sign-in unavailable", str(exc)) from None
     sealed = console.sealer.seal(

@@ -34,6 +34,7 @@ from runtime.settings import KafkaSettings
 STATE_DIR = Path(".etrm-dev")
 ISSUER = "https://idp.etrm-sync.dev"
 AUDIENCE = "etrm-sync"
+CONSOLE_CLIENT_ID = "etrm-console"
 DEMO_SIMULATOR = {
     "reject_contracts": "REJECT-*",
     "down_contracts": "OUTAGE-*",
@@ -66,6 +67,7 @@ def dev_environment(
     intake_port: int,
     sim_port: int,
     metrics_port: int,
+    idp_port: int | None = None,
 ) -> dict[str, str]:
     state.mkdir(parents=True, exist_ok=True)
     values = _secrets(state)
@@ -73,7 +75,17 @@ def dev_environment(
     if not pem.exists():
         generate_signing_key(state)
     sim = f"http://127.0.0.1:{sim_port}"
+    console = (
+        {
+            "ETRM_OIDC_ISSUER": f"http://127.0.0.1:{idp_port}",
+            "ETRM_OIDC_CLIENT_ID": CONSOLE_CLIENT_ID,
+            "ETRM_PUBLIC_BASE_URL": f"http://127.0.0.1:{intake_port}",
+        }
+        if idp_port
+        else {}
+    )
     return {
+        **console,
         "ETRM_KAFKA_BOOTSTRAP_SERVERS": kafka,
         "ETRM_KAFKA_ENABLE_IDEMPOTENCE": "false",
         "ETRM_KAFKA_SESSION_TIMEOUT_MS": "6000",
@@ -157,6 +169,7 @@ class DevStack:
             )
             database_url = self.database.url
         intake_port, sim_port, metrics_port = free_port(8080), free_port(8090), free_port(9108)
+        idp_port = free_port(8070)
         self.env = dev_environment(
             self.state,
             kafka=self.broker.bootstrap,
@@ -164,6 +177,7 @@ class DevStack:
             intake_port=intake_port,
             sim_port=sim_port,
             metrics_port=metrics_port,
+            idp_port=idp_port,
         )
         (self.state / "env").write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
         (self.state / "env").chmod(0o600)
@@ -172,9 +186,26 @@ class DevStack:
         await ensure_topics(self.broker.bootstrap, topics.all_topics, topics.kafka_partitions)
         sim_args = [f"--{k.replace('_', '-')}={v}" for k, v in DEMO_SIMULATOR.items()]
         self._spawn("mock-etrm", "mock-etrm", "--port", str(sim_port), *sim_args)
+        self._spawn(
+            "dev-idp",
+            "dev-idp",
+            "--port",
+            str(idp_port),
+            "--client-id",
+            CONSOLE_CLIENT_ID,
+            "--redirect-uri",
+            f"{self.env['ETRM_PUBLIC_BASE_URL']}/console/callback",
+            "--private-key",
+            self.env["ETRM_DEV_JWT_PRIVATE_KEY"],
+            "--jwks",
+            self.env["ETRM_JWKS_URL"],
+        )
         self._spawn("intake", "intake")
         self._spawn("worker", "worker")
         await self._wait_http("mock-etrm", f"http://127.0.0.1:{sim_port}/healthz")
+        await self._wait_http(
+            "dev-idp", f"{self.env['ETRM_OIDC_ISSUER']}/.well-known/openid-configuration"
+        )
         await self._wait_http("intake", f"http://127.0.0.1:{intake_port}/readyz")
         await self._wait_http("worker", f"http://127.0.0.1:{metrics_port}/healthz")
         return time.monotonic() - started
@@ -196,6 +227,8 @@ class DevStack:
         table.add_row(
             "worker /metrics /healthz", f"http://127.0.0.1:{self.env['ETRM_WORKER_METRICS_PORT']}"
         )
+        table.add_row("operations console", f"{self.env['ETRM_PUBLIC_BASE_URL']}/console")
+        table.add_row("dev identity provider", self.env["ETRM_OIDC_ISSUER"])
         table.add_row("ETRM simulator", self.env["ETRM_UPSTREAM_URL"])
         table.add_row("Kafka (Tansu)", self.env["ETRM_KAFKA_BOOTSTRAP_SERVERS"])
         table.add_row("PostgreSQL", self.env["ETRM_DATABASE_URL"])
@@ -205,6 +238,12 @@ class DevStack:
         self.console.print("[bold]Token[/] (desk power-east, 8 h):")
         self.console.print(token, soft_wrap=True)
         port = self.env["ETRM_INTAKE_PORT"]
+        base = self.env["ETRM_PUBLIC_BASE_URL"]
+        self.console.print(
+            "\n[bold]Console[/] (one click signs you in as a development operator):\n"
+            f"  {base}/console/login?login_hint=ops-alice\n"
+            f"  {base}/console/login?login_hint=ops-bob   (a second operator, for approvals)"
+        )
         self.console.print(
             "\nTry:  uv run etrm-sync demo        (another terminal)\n"
             f"      curl -H 'Authorization: Bearer <token>' http://127.0.0.1:{port}/readyz\n"

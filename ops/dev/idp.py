@@ -109,6 +109,9 @@ def create_idp(config: IdpConfig) -> FastAPI:
         problem = authorize_problem(params)
         if problem:
             return HTMLResponse(f"<h1>Sign-in refused</h1><p>{html.escape(problem)}</p>", 400)
+        hint = params.get("login_hint")
+        if hint in config.users:  # the one-click development sign-in `etrm-sync dev` prints
+            return issue_code(hint, params)
         hidden = "".join(
             f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
             for k, v in params.items()
@@ -148,13 +151,23 @@ def create_idp(config: IdpConfig) -> FastAPI:
         problem = authorize_problem(params) or (None if user in config.users else "unknown user")
         if problem:
             return HTMLResponse(f"<h1>Sign-in refused</h1><p>{html.escape(problem)}</p>", 400)
+        return issue_code(user, {**params, "state": state, "nonce": nonce})
+
+    def issue_code(user: str, params: dict[str, Any]) -> Response:
         now = time.time()
         for stale in [c for c, g in grants.items() if g.expires < now]:
             del grants[stale]
         code = secrets.token_urlsafe(32)
+        redirect_uri = str(params["redirect_uri"])
         grants[code] = _Grant(
-            user, client_id, redirect_uri, code_challenge, nonce, now + CODE_TTL_S
+            user,
+            str(params["client_id"]),
+            redirect_uri,
+            str(params["code_challenge"]),
+            params.get("nonce"),
+            now + CODE_TTL_S,
         )
+        state = params.get("state")
         answer = {"code": code, **({"state": state} if state is not None else {})}
         return RedirectResponse(f"{redirect_uri}?{urlencode(answer)}", status_code=303)
 

@@ -76,3 +76,31 @@ def test_asyncapi_messages_carry_the_record_and_every_contract_header() -> None:
         headers = set(message["headers"]["properties"])
         assert (dead if "reconciliation" in name else every) <= headers, name
         assert {"replay_of", "replay_count"} <= headers, name
+
+
+def test_the_contract_in_the_repository_names_only_routes_and_settings_that_exist() -> None:
+    """docs/contract.md is the contract desks integrate against: every HTTP route it lists is
+    served, and every ETRM_ setting it names is read by some process."""
+    import re
+
+    from runtime.settings import StackSettings
+
+    text = (DOCS / "contract.md").read_text()
+
+    def shape(path: str) -> str:  # parameter names are the document's to choose
+        return re.sub(r"{[^}]*}", "{}", path)
+
+    served = {shape(p) for p in openapi_document()["paths"]}
+    served |= {"/console", "/healthz", "/readyz", "/metrics"}
+    listed = set()
+    for line in text.splitlines():
+        if line.startswith(("| GET", "| POST", "| DELETE")):
+            for path in re.findall(r"(/[a-z0-9_/{}]+)", line.split("|")[1]):
+                listed.add(shape(path))
+    assert listed, "no routes found in docs/contract.md"
+    assert listed <= served, listed - served
+    fields = {f"ETRM_{name.upper()}" for name in StackSettings.model_fields}
+    # Read before any settings object exists: the log level (runtime/logging.py).
+    fields.add("ETRM_LOG_LEVEL")
+    named = set(re.findall(r"`(ETRM_[A-Z0-9_]+)`", text))
+    assert named <= fields, named - fields
