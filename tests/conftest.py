@@ -147,7 +147,8 @@ def make_settings(infra: Infra, **overrides: Any) -> StackSettings:
         "encryption_keys": f"e1={infra.encryption_key}",
     }
     values.update(overrides)
-    return isolated_settings(infra.broker.bootstrap, infra.database_url, "t", **values)
+    database_url = values.pop("database_url", infra.database_url)
+    return isolated_settings(infra.broker.bootstrap, database_url, "t", **values)
 
 
 class Server:
@@ -294,9 +295,16 @@ async def pipeline_factory(infra: Infra) -> AsyncIterator[PipelineFactory]:
         worker: bool = True,
         sim: dict[str, Any] | None = None,
         intake_config: dict[str, Any] | None = None,
+        database_user: str | None = None,
         **overrides: Any,
     ) -> Pipeline:
         infra.database_url = await fresh_database(infra)
+        if database_user:  # the processes log in as this role, not as the superuser
+            overrides["database_url"] = str(
+                make_url(infra.database_url)
+                .set(username=database_user)
+                .render_as_string(hide_password=False)
+            )
         settings = make_settings(infra, **overrides)
         await ensure_topics(
             settings.kafka_bootstrap_servers, settings.all_topics, settings.kafka_partitions
