@@ -59,7 +59,10 @@ def process_name() -> str:
 
 async def _topics(settings: KafkaSettings) -> None:
     await ensure_topics(
-        settings.kafka_bootstrap_servers, settings.all_topics, settings.kafka_partitions
+        settings.kafka_bootstrap_servers,
+        settings.all_topics,
+        settings.kafka_partitions,
+        security=settings,
     )
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
 from runtime.settings import KafkaSettings
 
@@ -24,16 +27,68 @@ log = structlog.get_logger("etrm.kafka")
 OutgoingRecord = tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes | None]]]
 
 
+def client_options(settings: KafkaSettings) -> dict[str, Any]:
+    """aiokafka's connection options for the configured security protocol (ETRM_KAFKA_*)."""
+    options: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_uses_tls:
+        options["ssl_context"] = tls_context(settings)
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        password = settings.kafka_sasl_password
+        options.update(
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=password.get_secret_value() if password else None,
+        )
+    return options
+
+
+def tls_context(settings: KafkaSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = settings.kafka_ssl_check_hostname
+    if settings.kafka_ssl_certfile:
+        context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
+    return context
+
+
+def faststream_security(settings: KafkaSettings) -> BaseSecurity | None:
+    """The same options in FastStream's terms (the worker's broker)."""
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    context = tls_context(settings) if settings.kafka_uses_tls else None
+    if protocol == "SSL":
+        return BaseSecurity(ssl_context=context, use_ssl=True)
+    username = settings.kafka_sasl_username or ""
+    password = (
+        settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
+    )
+    use_ssl = protocol == "SASL_SSL"
+    kind = {
+        "PLAIN": SASLPlaintext,
+        "SCRAM-SHA-256": SASLScram256,
+        "SCRAM-SHA-512": SASLScram512,
+    }[settings.kafka_sasl_mechanism]
+    return kind(username, password, ssl_context=context, use_ssl=use_ssl)
+
+
 class PublishFailed(Exception):
     """The broker did not acknowledge every record in time."""
 
 
 async def ensure_topics(
-    bootstrap: str, names: Iterable[str], partitions: int, timeout_s: float = 30.0
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int,
+    timeout_s: float = 30.0,
+    *,
+    security: KafkaSettings | None = None,
 ) -> None:
     """Create the topics that do not exist yet. Bounded: a broker that takes the connection
-    and never answers is a TimeoutError (the callers retry), never a start that hangs."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    and never answers is a TimeoutError (the callers retry), never a start that hangs.
+    `security`: connect as those settings say (ETRM_KAFKA_SECURITY_PROTOCOL and the rest)."""
+    options = client_options(security) if security is not None else {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000, **options)
     try:
         async with asyncio.timeout(timeout_s):
             await admin.start()
@@ -55,6 +110,7 @@ def make_producer(settings: KafkaSettings, **overrides: object) -> AIOKafkaProdu
         "max_batch_size": 1024 * 1024,
         "max_request_size": 4 * 1024 * 1024,
         "request_timeout_ms": max(1000, int(settings.kafka_publish_timeout_s * 1000)),
+        **client_options(settings),
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)

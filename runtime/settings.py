@@ -11,13 +11,13 @@ import hmac
 import re
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.states import Sequencing
@@ -58,6 +58,10 @@ def _encryption_keyring(value: SecretStr) -> list[tuple[str, bytes]]:
     return [(k, base64.b64decode(s)) for k, s in pairs]
 
 
+KafkaProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
 class _Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ETRM_", env_file=".env", extra="ignore", hide_input_in_errors=True
@@ -77,6 +81,42 @@ class KafkaSettings(_Settings):
     topic_priority: str = "settlements.sync.priority"
     topic_standard: str = "settlements.sync.standard"
     topic_reconciliation: str = "settlements.reconciliation"
+    # Authentication and encryption to the broker, for every client (intake, workers, operator
+    # commands). SASL passwords travel only over TLS, except SCRAM (a challenge, never the
+    # password) — PLAIN over SASL_PLAINTEXT is refused.
+    kafka_security_protocol: KafkaProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: KafkaMechanism = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None  # unset: the system's trusted CAs
+    kafka_ssl_certfile: str | None = None  # a client certificate, for brokers that ask for one
+    kafka_ssl_keyfile: str | None = None
+    kafka_ssl_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> KafkaSettings:
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(
+                "ETRM_KAFKA_SASL_USERNAME and ETRM_KAFKA_SASL_PASSWORD are needed for "
+                f"{self.kafka_security_protocol}"
+            )
+        if (
+            self.kafka_security_protocol == "SASL_PLAINTEXT"
+            and self.kafka_sasl_mechanism == "PLAIN"
+        ):
+            raise ValueError("SASL PLAIN would send the password in clear: use SASL_SSL")
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ValueError("ETRM_KAFKA_SSL_CERTFILE and ETRM_KAFKA_SSL_KEYFILE go together")
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"ETRM_{name.upper()}: no such file {path}")
+        return self
+
+    @property
+    def kafka_uses_tls(self) -> bool:
+        return self.kafka_security_protocol in ("SSL", "SASL_SSL")
 
     @property
     def heartbeat_ms(self) -> int:

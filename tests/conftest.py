@@ -307,7 +307,10 @@ async def pipeline_factory(infra: Infra) -> AsyncIterator[PipelineFactory]:
             )
         settings = make_settings(infra, **overrides)
         await ensure_topics(
-            settings.kafka_bootstrap_servers, settings.all_topics, settings.kafka_partitions
+            settings.kafka_bootstrap_servers,
+            settings.all_topics,
+            settings.kafka_partitions,
+            security=settings,
         )
         sim_config = SimConfig(
             client_id=settings.upstream_client_id,

@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runtime.aio import until_up
+from runtime.kafka import faststream_security
 from runtime.servers import EmbeddedServer
 from runtime.settings import WorkerSettings
 from workers import metrics
@@ -57,6 +58,7 @@ def build_broker(settings: WorkerSettings) -> KafkaBroker:
         acks="all",
         enable_idempotence=settings.kafka_enable_idempotence,
         request_timeout_ms=max(1000, int(settings.kafka_publish_timeout_s * 1000)),
+        security=faststream_security(settings),
         logger=None,
     )
 

@@ -66,6 +66,8 @@ class Broker:
     port: int
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    # Where clients are told to connect, when not the broker's own port (a TLS proxy in front).
+    advertised_port: int | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -73,6 +75,7 @@ class Broker:
 
     def start(self) -> Broker:
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port or self.port}"
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
@@ -81,7 +84,7 @@ class Broker:
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                advertised,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

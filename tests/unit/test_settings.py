@@ -89,3 +89,49 @@ def test_log_level_is_a_setting_like_any_other(monkeypatch: pytest.MonkeyPatch) 
         assert structlog.get_config()["wrapper_class"].__name__.endswith("AtDebug")
     finally:
         structlog.reset_defaults()
+
+
+def test_kafka_security_settings_are_checked_and_reach_every_client() -> None:
+    from faststream.security import SASLScram512
+
+    from runtime.kafka import client_options, faststream_security
+
+    with pytest.raises(SettingsError) as no_credentials:
+        load(KafkaSettings, kafka_security_protocol="SASL_SSL")
+    assert "ETRM_KAFKA_SASL_USERNAME" in str(no_credentials.value)
+    with pytest.raises(SettingsError) as clear:
+        load(
+            KafkaSettings,
+            kafka_security_protocol="SASL_PLAINTEXT",
+            kafka_sasl_mechanism="PLAIN",
+            kafka_sasl_username="intake",
+            kafka_sasl_password="hunter2-secret",
+        )
+    assert "use SASL_SSL" in str(clear.value)
+    assert "hunter2-secret" not in str(clear.value)
+    with pytest.raises(SettingsError):
+        load(KafkaSettings, kafka_security_protocol="TLS")  # not a protocol Kafka knows
+    with pytest.raises(SettingsError) as missing:
+        load(KafkaSettings, kafka_security_protocol="SSL", kafka_ssl_cafile="/nowhere/ca.pem")
+    assert "/nowhere/ca.pem" in str(missing.value)
+
+    assert client_options(load(KafkaSettings)) == {"security_protocol": "PLAINTEXT"}
+    assert faststream_security(load(KafkaSettings)) is None
+    sasl = load(
+        KafkaSettings,
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_username="etrm-worker",
+        kafka_sasl_password="s3cret-pass",
+    )
+    options = client_options(sasl)
+    assert options["security_protocol"] == "SASL_SSL"
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert (options["sasl_plain_username"], options["sasl_plain_password"]) == (
+        "etrm-worker",
+        "s3cret-pass",
+    )
+    assert options["ssl_context"].check_hostname
+    assert "s3cret-pass" not in repr(sasl)
+    security = faststream_security(sasl)
+    assert isinstance(security, SASLScram512)
+    assert security.use_ssl
