@@ -26,6 +26,12 @@ REQUIRED = {
 }
 
 
+def kafka_properties() -> dict[str, str]:
+    lines = (COMPOSE.parent / "kafka" / "server.properties").read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def services() -> dict[str, Any]:
     loaded: dict[str, dict[str, Any]] = yaml.safe_load(COMPOSE.read_text())
     return loaded["services"]
@@ -63,19 +69,20 @@ def test_startup_is_gated_on_health() -> None:
     svc = services()
     for name in ("intake", "worker"):
         depends = svc[name]["depends_on"]
-        assert depends["kafka"]["condition"] == "service_healthy"
+        assert depends["kafka-setup"]["condition"] == "service_completed_successfully"
         assert depends["migrate"]["condition"] == "service_completed_successfully"
+    assert svc["kafka-setup"]["depends_on"]["kafka"]["condition"] == "service_healthy"
     for name in ("kafka", "postgres", "intake", "worker", "mock-etrm"):
         assert "healthcheck" in svc[name], name
     assert svc["kafka"]["image"].startswith("apache/kafka:")
-    assert svc["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert kafka_properties()["process.roles"] == "broker,controller"
 
 
 def test_queued_records_survive_the_containers() -> None:
     """Kafka and Postgres write where a named volume is mounted (the Kafka image's default log
     dir is under /tmp, inside the container)."""
     svc = services()
-    kafka_dir = svc["kafka"]["environment"]["KAFKA_LOG_DIRS"]
+    kafka_dir = kafka_properties()["log.dirs"]
     assert any(v.split(":", 1)[1] == kafka_dir for v in svc["kafka"]["volumes"])
     assert any(v.split(":", 1)[1] == "/var/lib/postgresql/data" for v in svc["postgres"]["volumes"])
 
@@ -99,3 +106,92 @@ def test_the_image_is_named_and_carries_every_package_the_product_runs() -> None
     assert set(packages) <= copied, f"the image lacks {sorted(set(packages) - copied)}"
     ignored = (root / ".dockerignore").read_text().splitlines()
     assert {".git", ".venv", ".env", "*.pem"} <= set(ignored)
+
+
+def test_kafka_takes_only_authenticated_clients_over_tls_and_denies_by_default() -> None:
+    props = kafka_properties()
+    listeners = dict(
+        reversed(part.split("://", 1)) for part in props["listeners"].split(",")
+    )  # address -> listener name
+    protocols = dict(p.split(":") for p in props["listener.security.protocol.map"].split(","))
+    for address, name in listeners.items():
+        if protocols[name] != "SASL_SSL":
+            assert address.startswith("localhost:"), f"{name} reachable from outside in clear"
+    assert props["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    assert props["allow.everyone.if.no.acl.found"] == "false"
+    assert props["authorizer.class.name"].endswith("StandardAuthorizer")
+    assert props["auto.create.topics.enable"] == "false"
+    svc = services()
+    users = {}
+    for name in ("intake", "worker"):
+        env = svc[name]["environment"]
+        assert env["ETRM_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        assert env["ETRM_KAFKA_SSL_CAFILE"].endswith(".crt")
+        users[name] = env["ETRM_KAFKA_SASL_USERNAME"]
+        assert env["ETRM_KAFKA_SASL_PASSWORD"].startswith("${KAFKA_")
+    assert users == {"intake": "etrm-intake", "worker": "etrm-worker"}
+
+
+def test_acls_give_each_user_only_its_part() -> None:
+    import re
+    import shlex
+
+    script = (COMPOSE.parent / "kafka" / "setup.sh").read_text()
+    grants: dict[str, set[tuple[str, str]]] = {}
+    for line in script.splitlines():
+        if not line.strip().startswith("acl "):
+            continue
+        words = shlex.split(line.strip())
+        principal = words[words.index("--allow-principal") + 1].replace('"', "")
+        operations = [words[i + 1] for i, w in enumerate(words) if w == "--operation"]
+        resource = next(w for w in words if w in ("--topic", "--group", "--cluster"))
+        for operation in operations:
+            grants.setdefault(principal, set()).add((operation, resource))
+    grants["User:etrm-intake"] = grants.pop("User:$user", set()) | grants.get(
+        "User:etrm-intake", set()
+    )
+    forbidden = {"Create", "Delete", "Alter", "AlterConfigs", "All", "ClusterAction"}
+    for principal, allowed in grants.items():
+        assert not {op for op, _ in allowed} & forbidden, principal
+    assert ("Read", "--topic") not in grants["User:etrm-intake"]
+    assert ("Read", "--group") in grants["User:etrm-worker"]
+    assert ("Read", "--topic") not in grants["User:etrm-operator"]
+    assert re.search(
+        r"--add-scram \"SCRAM-SHA-512=\[name=etrm-worker,",
+        (COMPOSE.parent / "kafka" / "run.sh").read_text(),
+    )
+
+
+def test_the_database_roles_are_least_privilege() -> None:
+    svc = services()
+    assert "etrm_owner:" in svc["migrate"]["environment"]["ETRM_DATABASE_URL"]
+    for name in ("intake", "worker"):
+        assert "etrm_app:" in svc[name]["environment"]["ETRM_DATABASE_URL"], name
+    mounts = svc["postgres"]["volumes"]
+    assert any("roles.sql" in m for m in mounts)
+    assert any("docker-entrypoint-initdb.d" in m for m in mounts)
+
+
+def test_the_scripts_parse_and_the_certificate_script_makes_a_usable_broker_certificate(
+    tmp_path: Path,
+) -> None:
+    import shutil
+    import ssl
+    import subprocess
+
+    for script in ("kafka/run.sh", "kafka/setup.sh", "postgres/roles.sh", "make-tls.sh"):
+        done = subprocess.run(
+            ["bash", "-n", str(COMPOSE.parent / script)], capture_output=True, check=False
+        )
+        assert done.returncode == 0, (script, done.stderr)
+    if shutil.which("openssl") is None:
+        return
+    shutil.copy(COMPOSE.parent / "make-tls.sh", tmp_path / "make-tls.sh")
+    done = subprocess.run(
+        ["bash", str(tmp_path / "make-tls.sh")], capture_output=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tmp_path / "tls" / "broker.pem")
+    client = ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.crt"))
+    assert client.check_hostname
