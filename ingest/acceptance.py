@@ -32,6 +32,7 @@ from ingest.problems import Problem
 from ledger import acceptance as ledger
 from ledger.db import database_unavailable
 from ledger.rows import Actor
+from runtime.cpu import off_loop
 from runtime.kafka import PublishFailed
 from schemas.envelope import Envelope, FieldError, envelope_for, validate_record
 from schemas.records import CanonicalRecord
@@ -131,6 +132,10 @@ def _key_in_use(existing: ledger.KeyHeld, request_hash: str) -> Problem:
     )
 
 
+# Above this many records a request's validation runs off the event loop (runtime.cpu).
+HEAVY_RECORDS = 64
+
+
 def ledger_unavailable() -> Problem:
     metrics.LEDGER_UNAVAILABLE.inc()
     return Problem(
@@ -153,17 +158,11 @@ def broker_unavailable() -> Problem:
     )
 
 
-async def accept(
-    svc: IntakeServices,
-    who: Principal,
-    actor: Actor,
-    *,
-    route: str,
-    raw_records: Sequence[Any],
-    key: str | None,
-    run_id: str,
-    trace_id: str,
-) -> Accepted:
+def _prepare(
+    who: Principal, raw_records: Sequence[Any], *, route: str, run_id: str
+) -> tuple[list[Envelope], str]:
+    """The CPU part of an acceptance (run off the loop for big batches): validate every record,
+    check it against the headers and the token, serialize and sign it, hash the request."""
     batch = route == "batch"
     records = validate(raw_records, batch=batch)
     for index, record in enumerate(records):
@@ -183,6 +182,27 @@ async def accept(
             )
     envelopes = [envelope_for(who.desk, record) for record in records]
     _reject_internal_conflicts(envelopes, batch=batch)
+    return envelopes, _request_hash(route, run_id, envelopes)
+
+
+async def accept(
+    svc: IntakeServices,
+    who: Principal,
+    actor: Actor,
+    *,
+    route: str,
+    raw_records: Sequence[Any],
+    key: str | None,
+    run_id: str,
+    trace_id: str,
+) -> Accepted:
+    batch = route == "batch"
+    if svc.record_limiter is not None:
+        svc.record_limiter.check(who.desk, who.subject, len(raw_records))
+    envelopes, request_hash = await off_loop(
+        len(raw_records) > HEAVY_RECORDS,
+        lambda: _prepare(who, raw_records, route=route, run_id=run_id),
+    )
     batch_id = f"batch_{uuid.uuid4().hex}"
     status_url = (
         f"/v1/batches/{batch_id}" if batch else f"/v1/settlements/{envelopes[0].message_id}"
@@ -193,7 +213,7 @@ async def accept(
         trader=who.subject,
         settlement_run_id=run_id,
         idempotency_key=key or envelopes[0].message_id,
-        request_hash=_request_hash(route, run_id, envelopes),
+        request_hash=request_hash,
         trace_id=trace_id,
         resource_kind="batch" if batch else "message",
         resource_id=batch_id if batch else envelopes[0].message_id,

@@ -15,6 +15,9 @@ from typing import Any
 from fastapi import Request
 
 from ingest.problems import Problem
+from runtime.cpu import off_loop
+
+HEAVY_BODY_BYTES = 64 * 1024
 
 
 class _SchemaViolation(ValueError):
@@ -71,4 +74,6 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise Problem(413, "payload_too_large", f"body exceeds {limit} bytes")
         chunks.append(chunk)
-    return parse_json(b"".join(chunks))
+    raw = b"".join(chunks)
+    # A big batch's parse (Decimal numbers, duplicate-key checks) runs off the event loop.
+    return await off_loop(size > HEAVY_BODY_BYTES, lambda: parse_json(raw))

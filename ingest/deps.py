@@ -111,6 +111,8 @@ class IntakeServices:
     alarm: FailureAlarm
     waiting: WaitingWatch
     housekeeping: Housekeeping | None = None
+    # Records per second per desk (ETRM_DESK_RECORD_RATE_LIMIT); None: not limited.
+    record_limiter: DeskRateLimiter | None = None
     console: ConsoleReadsPort | None = None  # the operations console's reads (/console)
     close: Callable[[], Awaitable[None]] | None = None  # releases what the root built
 

@@ -27,36 +27,46 @@ class _Bucket:
 
 
 class DeskRateLimiter:
-    """`rate` requests per second with bursts of `burst`, per desk; counted per request."""
+    """`rate` per second with bursts of `burst`, per desk: requests (cost 1 each), or, as the
+    record limiter, records (a request costs its record count)."""
 
-    def __init__(self, default: tuple[float, int], overrides: dict[str, tuple[float, int]]):
+    def __init__(
+        self,
+        default: tuple[float, int],
+        overrides: dict[str, tuple[float, int]],
+        *,
+        unit: str = "request",
+    ):
         self._default = default
         self._overrides = overrides
         self._buckets: dict[str, _Bucket] = {}
+        self._unit = unit
 
-    def retry_after(self, desk: str) -> float | None:
-        """None when the request may pass (and is counted); else seconds until it could."""
+    def retry_after(self, desk: str, cost: float = 1.0) -> float | None:
+        """None when it may pass (and is counted); else seconds until it could."""
         rate, burst = self._overrides.get(desk, self._default)
+        cost = min(cost, float(burst))  # a request larger than the burst waits for a full one
         now = time.monotonic()
         bucket = self._buckets.get(desk)
         if bucket is None:
             bucket = self._buckets[desk] = _Bucket(float(burst), now)
         bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+        if bucket.tokens >= cost:
+            bucket.tokens -= cost
             return None
-        return (1.0 - bucket.tokens) / rate if rate > 0 else 60.0
+        return (cost - bucket.tokens) / rate if rate > 0 else 60.0
 
-    def check(self, desk: str, subject: str) -> None:
-        wait = self.retry_after(desk)
+    def check(self, desk: str, subject: str, cost: float = 1.0) -> None:
+        wait = self.retry_after(desk, cost)
         if wait is not None:
             seconds = max(1, math.ceil(wait))
-            security_log.warning("rate_limited", desk=desk, subject=subject, retry_after_s=seconds)
+            code = "rate_limited" if self._unit == "request" else f"{self._unit}_rate_limited"
+            security_log.warning(code, desk=desk, subject=subject, retry_after_s=seconds)
             raise Problem(
                 429,
-                "rate_limited",
-                f"desk {desk} is over its request rate",
+                code,
+                f"desk {desk} is over its {self._unit} rate",
                 headers={"Retry-After": str(seconds)},
             )
 

@@ -130,6 +130,7 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
             engine, cipher, republisher, approval_threshold=settings.replay_approval_threshold
         ),
         rate_limiter=DeskRateLimiter(default_rate, desk_rates),
+        record_limiter=DeskRateLimiter(*settings.desk_record_rates(), unit="record"),
         waiting=WaitingWatch(ledger.upstream_view),
         alarm=FailureAlarm(),
         housekeeping=_housekeeping(settings, engine, cipher, kafka, republisher, actor),

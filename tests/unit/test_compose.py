@@ -110,9 +110,10 @@ def test_the_image_is_named_and_carries_every_package_the_product_runs() -> None
 
 def test_kafka_takes_only_authenticated_clients_over_tls_and_denies_by_default() -> None:
     props = kafka_properties()
-    listeners = dict(
-        reversed(part.split("://", 1)) for part in props["listeners"].split(",")
-    )  # address -> listener name
+    listeners: dict[str, str] = {}  # address -> listener name
+    for part in props["listeners"].split(","):
+        name, address = part.split("://", 1)
+        listeners[address] = name
     protocols = dict(p.split(":") for p in props["listener.security.protocol.map"].split(","))
     for address, name in listeners.items():
         if protocols[name] != "SASL_SSL":

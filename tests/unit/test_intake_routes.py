@@ -190,6 +190,7 @@ async def intake(tmp_path: Path) -> AsyncIterator[Intake]:
         encryption_keys="e1=" + "A" * 43 + "=",
         max_body_bytes=64 * 1024,
         desk_rate_limits="slow-desk=1:2",
+        desk_record_rate_limits="bulk-desk=10:100",
     )
     ledger, broker, operations = FakeLedger(), FakeBroker(), FakeOperations()
     services = IntakeServices(
@@ -200,6 +201,7 @@ async def intake(tmp_path: Path) -> AsyncIterator[Intake]:
         verifier=TokenVerifier(JwksKeys(str(jwks)), issuer=ISSUER, audience=AUDIENCE, leeway_s=30),
         operations=operations,
         rate_limiter=DeskRateLimiter(*settings.desk_rates()),
+        record_limiter=DeskRateLimiter(*settings.desk_record_rates(), unit="record"),
         waiting=WaitingWatch(ledger.upstream_view, ttl_s=0.0),
         alarm=FailureAlarm(),
     )
@@ -551,6 +553,21 @@ async def test_rate_limit_per_desk(intake: Intake) -> None:
     assert answers[:2] == [404, 404]
     assert 429 in answers[2:]
     assert (await intake.client.get("/v1/batches/x", headers=intake.auth())).status_code == 404
+
+
+async def test_records_per_second_per_desk_besides_requests(intake: Intake) -> None:
+    """A desk may send few requests but huge batches: its records are counted too, and only
+    its own batches wait."""
+    run = samples.run_id()
+    big = [samples.otc_confirmation(run, f"BULK-{i:06d}") for i in range(80)]
+    first = await submit(intake, run, big, desk="bulk-desk")
+    assert first.status_code == 202, first.text
+    second = await submit(intake, run, big[:40], desk="bulk-desk")
+    assert second.status_code == 429
+    assert second.json()["code"] == "record_rate_limited"
+    assert int(second.headers["Retry-After"]) >= 1
+    other = await submit(intake, run, big, desk="power-east")
+    assert other.status_code == 202, other.text
 
 
 async def test_operations_routes_scopes_and_refusals(intake: Intake) -> None:

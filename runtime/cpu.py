@@ -1,0 +1,28 @@
+"""CPU-heavy request work (parsing and validating a large batch, serializing and signing its
+records) off the event loop: one process-wide pool sized to the cores, so a desk's 5,000-record
+batch cannot hold the loop — and with it every other desk's request — for a second.
+
+Small work stays inline: a thread hop costs more than validating a record or two.
+pydantic-core and the json module hold the GIL, so a thread does not add a core; what it buys is
+the interpreter's switch interval: the loop gets the GIL back every few milliseconds and keeps
+answering the other desks while a big batch is worked through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="etrm-cpu")
+
+
+async def off_loop(heavy: bool, work: Callable[[], T]) -> T:
+    """`work()` in the pool when `heavy`, else right here."""
+    if not heavy:
+        return work()
+    return await asyncio.get_running_loop().run_in_executor(_POOL, work)
