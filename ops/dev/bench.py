@@ -172,7 +172,13 @@ class Bench:
         pem = self.root / "etrm-dev-es256.pem"
         port = free_port()
         env = settings_env(
-            settings.model_copy(update={"intake_port": port, "desk_rate_limit": "100000:100000"})
+            settings.model_copy(
+                update={
+                    "intake_port": port,
+                    "desk_rate_limit": "100000:100000",
+                    "desk_record_rate_limit": "10000000:10000000",
+                }
+            )
         )
         process = self.spawn(["intake", "--processes", str(processes)], env)
         url = f"http://127.0.0.1:{port}"
@@ -901,6 +907,96 @@ async def scenario_single(bench: Bench, scale: int) -> list[Row]:
     ]
 
 
+async def read_latencies(url: str, token: str, path: str, count: int, rate: float) -> list[float]:
+    """GETs of `path` at a fixed rate; seconds per request."""
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
+
+        async def one() -> None:
+            started = time.perf_counter()
+            response = await http.get(path, headers={"Authorization": f"Bearer {token}"})
+            if response.status_code != 200:
+                raise RuntimeError(f"intake answered {response.status_code}")
+            latencies.append(time.perf_counter() - started)
+
+        tasks = []
+        for _ in range(count):
+            tasks.append(asyncio.create_task(one()))
+            await asyncio.sleep(1 / rate)
+        await asyncio.gather(*tasks)
+    return latencies
+
+
+async def scenario_fairness(bench: Bench, scale: int) -> list[Row]:
+    """One desk sends 5,000-record batches back to back (at most 2 a second); another desk
+    reads its batch status at 20 requests a second. Its p50/p99 against the same reads with the
+    intake otherwise idle (issue #13: within 1.2x)."""
+    settings = bench.settings("http://127.0.0.1:9")
+    await ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, 4)
+    url, token, intake = await bench.intake(settings)
+    other = mint_token(
+        bench.root / "etrm-dev-es256.pem",
+        issuer="bench",
+        audience="bench",
+        subject="other-trader",
+        desk="other-desk",
+        scopes=["settlements:write", "settlements:read"],
+    )
+    count = max(200, scale // 100)
+    bodies = await asyncio.to_thread(batch_bodies, max(8, count // 40), 5000)
+    stop = asyncio.Event()
+    sent = 0
+
+    async def big_batches() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            started = time.monotonic()
+            await post_batches(url, token, [bodies[sent % len(bodies)]], 1)
+            sent += 1
+            await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - started)))
+
+    try:
+        [(run, body)] = batch_bodies(1, 1)
+        async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
+            answer = await http.post(
+                "/v1/settlements/batches",
+                content=body,
+                headers={
+                    "Authorization": f"Bearer {other}",
+                    "Content-Type": "application/json",
+                    "X-Settlement-Run-ID": run,
+                    "Idempotency-Key": uuid.uuid4().hex,
+                },
+            )
+        path = f"/v1/batches/{answer.json()['batch_id']}"
+        await read_latencies(url, other, path, 40, 20)  # warm-up
+        idle = await read_latencies(url, other, path, count, 20)
+        load = asyncio.create_task(big_batches())
+        await asyncio.sleep(1.0)
+        loaded = await read_latencies(url, other, path, count, 20)
+        stop.set()
+        await load
+    finally:
+        await bench.stop(intake)
+    return [
+        Row(
+            "other desk's read p50, one desk sending 5,000-record batches",
+            "latency",
+            percentile(loaded, 0.5) * 1000,
+            percentile(idle, 0.5) * 1000,
+            "ms",
+        ),
+        Row(
+            f"other desk's read p99, one desk sending 5,000-record batches ({sent} sent)",
+            "latency",
+            percentile(loaded, 0.99) * 1000,
+            percentile(idle, 0.99) * 1000,
+            "ms",
+            "<= 1.2 x idle",
+        ),
+    ]
+
+
 async def scenario_settlement_run(bench: Bench, scale: int) -> list[Row]:
     """Issue #11: a desk's settlement run — 20 x scale records in batches of 1,000 from 4
     clients, 2 workers at C = 64, 20 ms upstream — from the first POST to the last effect,
@@ -976,6 +1072,7 @@ SCENARIOS: dict[str, Scenario] = {
     "priority": scenario_priority,
     "single": scenario_single,
     "settlement-run": scenario_settlement_run,
+    "fairness": scenario_fairness,
 }
 
 
