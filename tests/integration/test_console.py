@@ -86,34 +86,48 @@ def _cookie(response: httpx.Response, name: str) -> tuple[str, str]:
     raise AssertionError(f"no {name} cookie in {response.headers}")
 
 
-async def _sign_in(stack: ConsoleStack, user: str) -> tuple[httpx.AsyncClient, str]:
-    """Walk the authorization-code flow as a browser would; returns a client and the session
-    cookie."""
+@dataclass
+class Authorized:
+    """A browser's state after the identity provider redirected back, before the callback."""
+
+    http: httpx.AsyncClient
+    login_cookie: str
+    answer: dict[str, str]  # the code and state the identity provider sent back
+
+
+async def _authorize(stack: ConsoleStack, user: str) -> Authorized:
+    """Start a sign-in at the console and pick `user` at the identity provider, as a browser
+    would (the cookies by hand)."""
     http = httpx.AsyncClient(base_url=stack.base, timeout=10)
     stack.pipe.clients.append(http)
     start = await http.get("/console/login", params={"next": "/console"})
     assert start.status_code == 303
     login_cookie, _ = _cookie(start, "etrm_console_login")
-    authorize = urlsplit(start.headers["location"])
-    query = {k: v[0] for k, v in parse_qs(authorize.query).items()}
+    query = {k: v[0] for k, v in parse_qs(urlsplit(start.headers["location"]).query).items()}
+    fields = ("client_id", "redirect_uri", "state", "nonce", "code_challenge", "scope")
     picked = await http.post(
-        f"{stack.idp.url}/authorize",
-        data={
-            **{
-                k: query[k]
-                for k in ("client_id", "redirect_uri", "state", "nonce", "code_challenge", "scope")
-            },
-            "user": user,
-        },
+        f"{stack.idp.url}/authorize", data={**{k: query[k] for k in fields}, "user": user}
     )
     assert picked.status_code == 303, picked.text
-    back = urlsplit(picked.headers["location"])
-    done = await http.get(
-        f"/console/callback?{back.query}", headers={"Cookie": f"etrm_console_login={login_cookie}"}
+    back = parse_qs(urlsplit(picked.headers["location"]).query)
+    return Authorized(http, login_cookie, {k: v[0] for k, v in back.items()})
+
+
+async def _callback(auth: Authorized) -> httpx.Response:
+    return await auth.http.get(
+        "/console/callback",
+        params=auth.answer,
+        headers={"Cookie": f"etrm_console_login={auth.login_cookie}"},
     )
+
+
+async def _sign_in(stack: ConsoleStack, user: str) -> tuple[httpx.AsyncClient, str]:
+    """A signed-in client and its session cookie."""
+    auth = await _authorize(stack, user)
+    done = await _callback(auth)
     assert done.status_code == 200, done.text
     session, _ = _cookie(done, "etrm_console")
-    return http, session
+    return auth.http, session
 
 
 def _csrf(page: httpx.Response) -> str:
@@ -155,7 +169,7 @@ async def test_sign_in_is_authorization_code_with_pkce_and_strict_cookies(
     }
 
     client, session = await _sign_in(console, "ops-alice")
-    _, attributes = _cookie(await _callback_again(console, "ops-alice"), "etrm_console")
+    _, attributes = _cookie(await _callback(await _authorize(console, "ops-alice")), "etrm_console")
     assert {"HttpOnly", "Secure", "SameSite=Strict", "Path=/console"} <= {
         a.strip() for a in attributes.split(";")
     }
@@ -171,48 +185,12 @@ async def test_sign_in_is_authorization_code_with_pkce_and_strict_cookies(
     assert refused.headers["location"].startswith("/console/login")
 
 
-async def _callback_again(stack: ConsoleStack, user: str) -> httpx.Response:
-    http = httpx.AsyncClient(base_url=stack.base, timeout=10)
-    stack.pipe.clients.append(http)
-    start = await http.get("/console/login")
-    login_cookie, _ = _cookie(start, "etrm_console_login")
-    query = {k: v[0] for k, v in parse_qs(urlsplit(start.headers["location"]).query).items()}
-    picked = await http.post(
-        f"{stack.idp.url}/authorize",
-        data={
-            **{
-                k: query[k]
-                for k in ("client_id", "redirect_uri", "state", "nonce", "code_challenge", "scope")
-            },
-            "user": user,
-        },
-    )
-    back = urlsplit(picked.headers["location"]).query
-    return await http.get(
-        f"/console/callback?{back}", headers={"Cookie": f"etrm_console_login={login_cookie}"}
-    )
-
-
 async def test_a_forged_state_a_reused_code_and_a_foreign_sign_in_are_refused(
     console: ConsoleStack,
 ) -> None:
-    http = httpx.AsyncClient(base_url=console.base, timeout=10)
-    console.pipe.clients.append(http)
-    start = await http.get("/console/login")
-    login_cookie, _ = _cookie(start, "etrm_console_login")
-    query = {k: v[0] for k, v in parse_qs(urlsplit(start.headers["location"]).query).items()}
-    picked = await http.post(
-        f"{console.idp.url}/authorize",
-        data={
-            **{
-                k: query[k]
-                for k in ("client_id", "redirect_uri", "state", "nonce", "code_challenge", "scope")
-            },
-            "user": "ops-alice",
-        },
-    )
-    answer = {k: v[0] for k, v in parse_qs(urlsplit(picked.headers["location"]).query).items()}
-    cookie = {"Cookie": f"etrm_console_login={login_cookie}"}
+    auth = await _authorize(console, "ops-alice")
+    http, answer = auth.http, auth.answer
+    cookie = {"Cookie": f"etrm_console_login={auth.login_cookie}"}
     # CSRF on sign-in: a code delivered with another sign-in's state is not redeemed.
     wrong = await http.get(
         "/console/callback", params={"code": answer["code"], "state": "x" * 32}, headers=cookie
