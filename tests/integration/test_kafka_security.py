@@ -160,8 +160,9 @@ async def tls_broker() -> AsyncIterator[TlsBroker]:
 
 
 async def test_the_whole_pipeline_speaks_tls_with_a_client_certificate(
-    pipeline_factory: PipelineFactory, tls_broker: TlsBroker
+    tls_broker: TlsBroker, pipeline_factory: PipelineFactory
 ) -> None:
+    # tls_broker first: it is torn down last, after the pipeline's worker has left the group.
     pipe: Pipeline = await pipeline_factory(
         kafka_bootstrap_servers=tls_broker.bootstrap,
         kafka_security_protocol="SSL",
@@ -181,6 +182,7 @@ async def test_the_whole_pipeline_speaks_tls_with_a_client_certificate(
     # Intake, topic admin and the worker's consumers all came through TLS as etrm-sync.
     assert len(tls_broker.sessions) >= 3
     assert set(tls_broker.sessions) == {"etrm-sync"}
+    await pipe.stop_worker()
 
 
 async def test_without_our_certificate_a_client_can_neither_read_nor_write_nor_administer(

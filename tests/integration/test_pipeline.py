@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer
 
 from schemas import samples
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
-from tests.support import never
+from tests.support import never, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -262,15 +262,23 @@ async def test_a_record_waiting_out_its_retries_does_not_hold_back_other_contrac
     client = pipe.client()
     run = samples.run_id()
     stuck = await submit_batch(client, run, [samples.otc_confirmation(run, "OUTAGE-HOL-01")])
-    await asyncio.sleep(1.0)  # the stuck record is in its retry loop
+
+    async def retrying() -> bool:  # the stuck record is in its retry loop
+        return pipe.sim.failed_posts >= 2
+
+    await wait_for(retrying, timeout=30)
     later = await submit_batch(
         client, run, [samples.otc_confirmation(run, f"OTC-HOL-{i:04d}") for i in range(5)]
     )
     others = await pipe.wait_final(client, later.json()["batch_id"], timeout=20)
     assert others["counts"] == {"delivered": 5}
     waiting = (await client.get(stuck.json()["status_url"])).json()
-    assert waiting["counts"] == {"delivering": 1}
+    # Still unsettled: in its retry loop, or queued again for a moment when the worker's lanes
+    # rebalance (the lane that joins second revokes the first's partitions once).
+    assert waiting["counts"] in ({"delivering": 1}, {"queued": 1})
 
     pipe.sim.config.down_contracts = []  # the upstream recovers for that contract too
     recovered = await pipe.wait_final(client, stuck.json()["batch_id"], timeout=20)
     assert recovered["counts"] == {"delivered": 1}
+    assert len(pipe.sim.effects) == 6
+    assert len({e.idempotency_key for e in pipe.sim.effects}) == 6
