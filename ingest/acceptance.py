@@ -32,7 +32,7 @@ from ingest.problems import Problem
 from ledger import acceptance as ledger
 from ledger.db import database_unavailable
 from ledger.rows import Actor
-from runtime.cpu import off_loop
+from runtime.cpu import HEAVY_RECORDS, off_loop
 from runtime.kafka import PublishFailed
 from schemas.envelope import Envelope, FieldError, envelope_for, validate_record
 from schemas.records import CanonicalRecord
@@ -130,10 +130,6 @@ def _key_in_use(existing: ledger.KeyHeld, request_hash: str) -> Problem:
         headers={"Location": existing.status_url or ""},
         **extra,
     )
-
-
-# Above this many records a request's validation runs off the event loop (runtime.cpu).
-HEAVY_RECORDS = 64
 
 
 def ledger_unavailable() -> Problem:

@@ -9,6 +9,7 @@ from typing import Protocol
 from opentelemetry.trace import SpanKind
 
 from runtime import tracing
+from runtime.cpu import HEAVY_RECORDS, off_loop
 from runtime.kafka import OutgoingRecord
 from schemas.envelope import SCHEMA_VERSION, Envelope, kafka_headers, sign_message
 
@@ -61,10 +62,16 @@ class SettlementPublisher:
             "kafka publish", SpanKind.PRODUCER, records=len(envelopes), batch_id=batch_id
         ):
             parent = tracing.traceparent()
-            records = [
-                self.record_for(e, desk=desk, trader=trader, trace_id=trace_id, batch_id=batch_id)
-                for e in envelopes
-            ]
+            # Signing every record is CPU: a big batch's runs off the event loop.
+            records = await off_loop(
+                len(envelopes) > HEAVY_RECORDS,
+                lambda: [
+                    self.record_for(
+                        e, desk=desk, trader=trader, trace_id=trace_id, batch_id=batch_id
+                    )
+                    for e in envelopes
+                ],
+            )
             if parent is not None:  # the worker continues this trace (W3C trace context)
                 records = [
                     (t, k, v, [*h, ("traceparent", parent.encode())]) for t, k, v, h in records

@@ -163,10 +163,13 @@ class KafkaPublisher:
         async def send() -> None:
             producer = await self._ready()
             # The producer batches records per partition; one awaited ack per batch.
-            pending = [
-                await producer.send(topic, value=value, key=key, headers=list(headers))
-                for topic, key, value, headers in records
-            ]
+            pending = []
+            for number, (topic, key, value, headers) in enumerate(records, 1):
+                pending.append(
+                    await producer.send(topic, value=value, key=key, headers=list(headers))
+                )
+                if number % 200 == 0:  # a big batch lets other requests in between
+                    await asyncio.sleep(0)
             await asyncio.gather(*pending)
 
         try:
