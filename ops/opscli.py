@@ -1,8 +1,13 @@
 """`etrm-sync dlq …` and `etrm-sync holds …`: the operations desk's commands.
 
-They run the same service (ops.operations) as the HTTP API, straight against the database and
-the broker, as the operator named by --operator (default: ETRM_OPERATOR or the OS user).
-Every action is audited like its API twin.
+State-changing commands (replay, approve, discard, release, reject, maintenance) go through the
+intake's HTTP API when ETRM_API_URL and the operator's own token (ETRM_OPERATOR_TOKEN_FILE or
+ETRM_OPERATOR_TOKEN) are set: the API's scopes apply and the actor is the token's subject, never
+a flag. Without them they run the same service against the database and the broker as the
+OS user (or ETRM_OPERATOR), for a break-glass operator who holds the database credentials — but
+an approval is refused there: four eyes must know who approves. Reading commands need only the
+database (and the encryption keys only where they show a payload). Every action is audited
+like its API twin.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, TypeVar
 
+import httpx
 import structlog
 import typer
 from aiokafka.errors import KafkaError
@@ -31,7 +37,7 @@ from ledger import reads
 from ledger import reconciliation as recon
 from operations.service import OperationRefused, Operations, operator_actor
 from runtime.logging import configure_logging
-from runtime.settings import OperatorSettings, SettingsError, load
+from runtime.settings import OperatorApiSettings, OperatorSettings, SettingsError, load
 
 dlq = typer.Typer(no_args_is_help=True, help="The reconciliation queue (dead letters).")
 holds = typer.Typer(no_args_is_help=True, help="Drift holds awaiting review.")
@@ -42,13 +48,71 @@ security_log = structlog.get_logger("etrm.security")
 T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
-OperatorOpt = Annotated[
-    str | None, typer.Option(help="Who is acting (audited); default ETRM_OPERATOR or the OS user")
-]
 
 
-def _operator(name: str | None) -> str:
-    return name or os.environ.get("ETRM_OPERATOR") or getpass.getuser()
+def _operator() -> str:
+    """Who acts in database mode (no token): the OS user, or ETRM_OPERATOR."""
+    return os.environ.get("ETRM_OPERATOR") or getpass.getuser()
+
+
+class Api:
+    """The intake's HTTP API, as the operator whose token this is."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self._token = url, token
+
+    async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        async with httpx.AsyncClient(base_url=self.url, timeout=60.0) as http:
+            response = await http.request(
+                method, path, json=body, headers={"Authorization": f"Bearer {self._token}"}
+            )
+        if response.status_code >= 400:
+            try:
+                problem = response.json()
+            except ValueError:
+                problem = {}
+            code = problem.get("code") or f"http_{response.status_code}"
+            raise OperationRefused(str(code), str(problem.get("detail") or response.reason_phrase))
+        return response.json()
+
+
+def _api() -> Api | None:
+    settings = load(OperatorApiSettings)
+    token = settings.token()
+    if token is None:
+        return None
+    if settings.api_url is None:
+        raise SettingsError("invalid setting(s): ETRM_API_URL: needed with an operator token")
+    return Api(settings.api_url, token)
+
+
+def _via(api: Api, call: Callable[[Api], Awaitable[T]]) -> T:
+    configure_logging("operator", "WARNING")
+
+    async def main() -> T:
+        return await call(api)
+
+    return _guarded(main)
+
+
+def _filter_body(
+    desk: str | None,
+    run: str | None,
+    contract: str | None,
+    reason: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> dict[str, Any]:
+    """The API's replay filter (same keys as GET /v1/reconciliation)."""
+    values = {
+        "desk": desk,
+        "settlement_run_id": run,
+        "contract_id": contract,
+        "reason": reason,
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
+    }
+    return {k: v for k, v in values.items() if v is not None}
 
 
 @asynccontextmanager
@@ -89,6 +153,9 @@ def _guarded(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
         raise typer.Exit(3) from None
     except KafkaError as exc:
         err.print(f"[red]error:[/] broker unreachable ({escape(type(exc).__name__)})")
+        raise typer.Exit(3) from None
+    except httpx.HTTPError as exc:
+        err.print(f"[red]error:[/] intake unreachable ({escape(type(exc).__name__)})")
         raise typer.Exit(3) from None
 
 
@@ -224,13 +291,35 @@ def dlq_replay(
     until: UntilOpt = None,
     reason: Annotated[str | None, typer.Option(help="Why (required, audited)")] = None,
     dry_run: Annotated[bool, typer.Option(help="Show what would be replayed")] = False,
-    approve: Annotated[str | None, typer.Option(help="Approve REPLAY_ID (four eyes)")] = None,
+    approve: Annotated[
+        str | None, typer.Option(help="Approve REPLAY_ID (four eyes; needs your token)")
+    ] = None,
     resume: Annotated[str | None, typer.Option(help="Resume REPLAY_ID")] = None,
-    operator: OperatorOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Replay dead letters by id or by filter: same message ids, per-contract order kept."""
-    actor = operator_actor(_operator(operator))
+    api = _api() if resume is None else None
+    if api is not None:
+        result = _via(
+            api,
+            lambda api: _replay_via_api(
+                api,
+                message_id,
+                _filter_body(desk, run, contract, reason_filter, since, until),
+                reason,
+                dry_run,
+                approve,
+            ),
+        )
+        _print_replay(result, as_json)
+        return
+    if approve:
+        err.print(
+            "[red]refused (token_required):[/] approving needs your own token "
+            "(ETRM_OPERATOR_TOKEN_FILE and ETRM_API_URL): four eyes must know who approves"
+        )
+        raise typer.Exit(1)
+    actor = operator_actor(_operator())
 
     async def work(ops: Operations) -> dict[str, Any]:
         replay_id = approve or resume
@@ -269,7 +358,34 @@ def dlq_replay(
             **{k: _plain(v) for k, v in (status or {}).items()},
         }
 
-    result = _run(work)
+    _print_replay(_run(work), as_json)
+
+
+async def _replay_via_api(
+    api: Api,
+    message_ids: list[str] | None,
+    where: dict[str, Any],
+    reason: str | None,
+    dry_run: bool,
+    approve: str | None,
+) -> dict[str, Any]:
+    if approve:
+        await api.call(
+            "POST",
+            f"/v1/reconciliation/replay/{approve}/approve",
+            {"reason": reason} if reason else {},
+        )
+        status: dict[str, Any] = await api.call("GET", f"/v1/reconciliation/replay/{approve}")
+        return status
+    if not dry_run and not reason:
+        raise OperationRefused("reason_required", "--reason is required")
+    body: dict[str, Any] = {"message_ids": message_ids} if message_ids else {"filter": where}
+    body.update(reason=reason or "dry run", dry_run=dry_run)
+    answer: dict[str, Any] = await api.call("POST", "/v1/reconciliation/replay", body)
+    return answer
+
+
+def _print_replay(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2, default=_plain))
         return
@@ -284,8 +400,8 @@ def dlq_replay(
     if result.get("state") == "pending_approval":
         console.print(
             f"replay {result['replay_id']} of {result['count']} record(s) needs a "
-            "second operator: etrm-sync dlq replay --approve "
-            f"{result['replay_id']} --operator <someone else>"
+            "second operator: etrm-sync replays approve "
+            f"{result['replay_id']} (with their own token)"
         )
         return
     console.print(
@@ -297,19 +413,27 @@ def dlq_replay(
 def dlq_discard(
     dead_letter_id: str,
     reason: Annotated[str, typer.Option(help="Why (required, audited)")],
-    operator: OperatorOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Close a dead letter without delivery; parked records of its contract continue."""
-    actor = operator_actor(_operator(operator))
+    api = _api()
+    if api is not None:
+        result = _via(
+            api,
+            lambda api: api.call(
+                "POST", f"/v1/reconciliation/{dead_letter_id}/discard", {"reason": reason}
+            ),
+        )
+    else:
+        actor = operator_actor(_operator())
 
-    async def work(ops: Operations) -> dict[str, Any]:
-        result = await ops.discard(dead_letter_id, actor, reason)
-        if result["continuation_id"]:
-            await ops.run_replay(result["continuation_id"], actor)
-        return result
+        async def work(ops: Operations) -> dict[str, Any]:
+            done = await ops.discard(dead_letter_id, actor, reason)
+            if done["continuation_id"]:
+                await ops.run_replay(done["continuation_id"], actor)
+            return done
 
-    result = _run(work)
+        result = _run(work)
     if as_json:
         print(json.dumps(result))
     else:
@@ -345,9 +469,16 @@ def holds_list(
     )
 
 
-def _decide(hold_id: str, decision: str, reason: str, operator: str | None, as_json: bool) -> None:
-    actor = operator_actor(_operator(operator))
-    result = _run(lambda ops: ops.decide_hold(hold_id, decision, actor, reason))
+def _decide(hold_id: str, decision: str, reason: str, as_json: bool) -> None:
+    api = _api()
+    if api is not None:
+        verb = {"released": "release", "rejected": "reject"}[decision]
+        result = _via(
+            api, lambda api: api.call("POST", f"/v1/holds/{hold_id}/{verb}", {"reason": reason})
+        )
+    else:
+        actor = operator_actor(_operator())
+        result = _run(lambda ops: ops.decide_hold(hold_id, decision, actor, reason))
     if as_json:
         print(json.dumps(result))
     else:
@@ -358,19 +489,15 @@ ReasonReq = Annotated[str, typer.Option(help="Why (required, audited)")]
 
 
 @holds.command("release")
-def holds_release(
-    hold_id: str, reason: ReasonReq, operator: OperatorOpt = None, as_json: JsonOpt = False
-) -> None:
+def holds_release(hold_id: str, reason: ReasonReq, as_json: JsonOpt = False) -> None:
     """Accept the reconciled position: the message becomes `released`."""
-    _decide(hold_id, "released", reason, operator, as_json)
+    _decide(hold_id, "released", reason, as_json)
 
 
 @holds.command("reject")
-def holds_reject(
-    hold_id: str, reason: ReasonReq, operator: OperatorOpt = None, as_json: JsonOpt = False
-) -> None:
+def holds_reject(hold_id: str, reason: ReasonReq, as_json: JsonOpt = False) -> None:
     """Refuse it: the message becomes `rejected` and a `drift_rejected` dead letter."""
-    _decide(hold_id, "rejected", reason, operator, as_json)
+    _decide(hold_id, "rejected", reason, as_json)
 
 
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit trail.")
@@ -467,14 +594,14 @@ def audit_checkpoint() -> None:
 
 
 @keys_app.command("rotate")
-def keys_rotate(operator: OperatorOpt = None, as_json: JsonOpt = False) -> None:
+def keys_rotate(as_json: JsonOpt = False) -> None:
     """Re-encrypt every stored payload to the first key of ETRM_ENCRYPTION_KEYS."""
     from ledger.crypto import PayloadCipher
     from ledger.keys import rotate
 
     settings = load(OperatorSettings)
     cipher = PayloadCipher(settings.encryption_keyring())
-    actor = operator_actor(_operator(operator))
+    actor = operator_actor(_operator())
 
     async def work() -> dict[str, int]:
         engine = await _engine()
@@ -542,12 +669,16 @@ def maintenance_add(
     start: Annotated[datetime, _when("--from")],
     until: Annotated[datetime, _when("--until")],
     reason: ReasonReq,
-    operator: OperatorOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Declare a window: no request is sent to the upstream inside it (audited)."""
-    actor = operator_actor(_operator(operator))
-    window = _run(lambda ops: ops.add_maintenance(actor, start, until, reason))
+    api = _api()
+    if api is not None:
+        body = {"from": start.isoformat(), "until": until.isoformat(), "reason": reason}
+        window = _via(api, lambda api: api.call("POST", "/v1/upstream/maintenance", body))
+    else:
+        actor = operator_actor(_operator())
+        window = _run(lambda ops: ops.add_maintenance(actor, start, until, reason))
     if as_json:
         print(json.dumps(window))
     else:
@@ -555,12 +686,14 @@ def maintenance_add(
 
 
 @maintenance_app.command("remove")
-def maintenance_remove(
-    window_id: str, operator: OperatorOpt = None, as_json: JsonOpt = False
-) -> None:
+def maintenance_remove(window_id: str, as_json: JsonOpt = False) -> None:
     """Cancel a window that is not over yet (audited)."""
-    actor = operator_actor(_operator(operator))
-    window = _run(lambda ops: ops.cancel_maintenance(window_id, actor))
+    api = _api()
+    if api is not None:
+        window = _via(api, lambda api: api.call("DELETE", f"/v1/upstream/maintenance/{window_id}"))
+    else:
+        actor = operator_actor(_operator())
+        window = _run(lambda ops: ops.cancel_maintenance(window_id, actor))
     if as_json:
         print(json.dumps(window))
     else:
@@ -607,10 +740,10 @@ def replays_show(replay_id: str, as_json: JsonOpt = False) -> None:
 def replays_approve(
     replay_id: str,
     reason: Annotated[str | None, typer.Option(help="Why (audited)")] = None,
-    operator: OperatorOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Approve a replay another operator requested (four eyes), then run it."""
+    """Approve a replay another operator requested (four eyes; with your own token), then the
+    intake runs it."""
     dlq_replay(
         message_id=None,
         desk=None,
@@ -623,7 +756,6 @@ def replays_approve(
         dry_run=False,
         approve=replay_id,
         resume=None,
-        operator=operator,
         as_json=as_json,
     )
 

@@ -357,6 +357,35 @@ class OperatorSettings(KafkaSettings, DatabaseSettings, _Keys, _Delivery):
     """The `etrm-sync dlq|holds|audit|keys` commands."""
 
 
+class OperatorApiSettings(_Settings):
+    """With these, operators' state-changing commands go through the intake's HTTP API with the
+    operator's own token: the API's scopes apply and the actor is the token's subject."""
+
+    api_url: str | None = None
+    operator_token: SecretStr | None = None
+    operator_token_file: str | None = None  # e.g. written by your identity provider's CLI
+
+    @field_validator("api_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("expected an http(s) URL")
+        return value.rstrip("/") if value else value
+
+    def token(self) -> str | None:
+        if self.operator_token is not None:
+            return self.operator_token.get_secret_value().strip() or None
+        if self.operator_token_file:
+            try:
+                return Path(self.operator_token_file).read_text().strip() or None
+            except OSError as exc:
+                raise SettingsError(
+                    f"invalid setting(s): ETRM_OPERATOR_TOKEN_FILE: cannot read it "
+                    f"({type(exc).__name__})"
+                ) from None
+        return None
+
+
 class StackSettings(IntakeSettings, WorkerSettings):  # type: ignore[misc]  # pydantic internals
     """Everything one machine runs at once: the dev stack, the test suite and the bench."""
 

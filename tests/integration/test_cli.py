@@ -8,12 +8,13 @@ import base64
 import json
 import re
 import socket
+from pathlib import Path
 
 import pytest
 
 from schemas import samples
 from tests.conftest import PipelineFactory, submit_batch
-from tests.support import assert_effects_once, run_cli, wait_for
+from tests.support import OPS, assert_effects_once, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +64,7 @@ async def test_an_unreachable_database_is_one_line_on_stderr(args: list[str]) ->
 
 
 async def test_operator_commands_page_show_and_replay_with_four_eyes(
-    pipeline_factory: PipelineFactory,
+    pipeline_factory: PipelineFactory, tmp_path: Path
 ) -> None:
     pipe = await pipeline_factory(
         sim={"reject_contracts": ["REJECT-*"]},
@@ -105,8 +106,17 @@ async def test_operator_commands_page_show_and_replay_with_four_eyes(
     assert missing.stdout == ""
     assert "no message" in one_line_error(missing.stderr)
 
-    alice = {**pipe.env, "ETRM_OPERATOR": "op-alice"}
-    bob = {**pipe.env, "ETRM_OPERATOR": "op-bob"}
+    # Operators act with their own tokens through the API: who acts is the token's subject.
+    def operator_env(subject: str) -> dict[str, str]:
+        token_file = tmp_path / f"{subject}.token"
+        token_file.write_text(pipe.token(desk="ops", scopes=OPS, subject=subject) + "\n")
+        return {
+            **pipe.env,
+            "ETRM_API_URL": pipe.intake.url,
+            "ETRM_OPERATOR_TOKEN_FILE": str(token_file),
+        }
+
+    alice, bob = operator_env("op-alice"), operator_env("op-bob")
     asked = await run_cli(
         alice, "dlq", "replay", "--settlement-run-id", run, "--reason", "ref data fixed", "--json"
     )
@@ -120,7 +130,14 @@ async def test_operator_commands_page_show_and_replay_with_four_eyes(
     own = await run_cli(alice, "replays", "approve", replay_id, "--json")
     assert own.code == 1
     assert own.stdout == ""
-    assert "refused" in one_line_error(own.stderr)
+    assert "refused (four_eyes)" in one_line_error(own.stderr)
+    # Whoever holds the database credentials but no token cannot approve as anyone at all.
+    nameless = await run_cli(
+        {**pipe.env, "ETRM_OPERATOR": "op-bob"}, "replays", "approve", replay_id, "--json"
+    )
+    assert nameless.code == 1
+    assert "token_required" in one_line_error(nameless.stderr)
+    assert "--operator" not in (await run_cli({}, "replays", "approve", "--help")).stdout
 
     pipe.sim.config.reject_contracts = []  # the ETRM's reference data is fixed
     approved = await run_cli(bob, "replays", "approve", replay_id, "--reason", "checked", "--json")
