@@ -35,7 +35,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ledger import reads
 from ledger import reconciliation as recon
-from operations.service import OperationRefused, Operations, operator_actor
+from operations.service import OperationRefused, Operations, UpstreamOperations, operator_actor
 from runtime.logging import configure_logging
 from runtime.settings import OperatorApiSettings, OperatorSettings, SettingsError, load
 
@@ -124,6 +124,20 @@ async def _operations() -> AsyncIterator[Operations]:
         yield ops
     finally:
         await close_operator(ops)
+
+
+def _read(work: Callable[[Any], Awaitable[T]]) -> T:
+    """A reading command: the database alone (no signing or encryption keys, no broker)."""
+    configure_logging("operator", "WARNING")
+
+    async def main() -> T:
+        engine = await _engine()
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    return _guarded(main)
 
 
 def _run(work: Callable[[Operations], Awaitable[T]]) -> T:
@@ -246,8 +260,8 @@ def dlq_list(
 ) -> None:
     """List dead letters, oldest first, a page at a time (the next page's --cursor on stderr)."""
     where = _filter(desk, run, contract, reason, status, since, until)
-    items, next_cursor = _run(
-        lambda ops: recon.list_dead_letters(ops.engine, where, limit=limit, cursor=cursor)
+    items, next_cursor = _read(
+        lambda engine: recon.list_dead_letters(engine, where, limit=limit, cursor=cursor)
     )
     _emit(
         items,
@@ -272,7 +286,7 @@ def dlq_list(
 @dlq.command("show")
 def dlq_show(dead_letter_id: str, as_json: JsonOpt = False) -> None:
     """One dead letter with its Kafka coordinates and headers."""
-    item = _run(lambda ops: recon.get_dead_letter(ops.engine, dead_letter_id))
+    item = _read(lambda engine: recon.get_dead_letter(engine, dead_letter_id))
     _show(dead_letter_id, _found(item, "dead letter", dead_letter_id), as_json)
 
 
@@ -451,7 +465,7 @@ def holds_list(
     as_json: JsonOpt = False,
 ) -> None:
     """Held messages with submitted vs reconciled position and the variance."""
-    rows = _run(lambda ops: recon.list_holds(ops.engine, state=state, desk=desk, limit=limit))
+    rows = _read(lambda engine: recon.list_holds(engine, state=state, desk=desk, limit=limit))
     _emit(
         rows,
         [
@@ -639,7 +653,7 @@ WINDOW_COLUMNS = ["id", "from", "until", "reason", "created_by"]
 @upstream_app.command("status")
 def upstream_status(as_json: JsonOpt = False) -> None:
     """The circuit breaker (closed, open, half_open) and the windows not yet over."""
-    status = _run(lambda ops: ops.upstream_status())
+    status = _read(lambda engine: UpstreamOperations(engine).upstream_status())
     if as_json:
         print(json.dumps(status, indent=2))
         return
@@ -720,7 +734,7 @@ def replays_list(
     as_json: JsonOpt = False,
 ) -> None:
     """Replays, newest first."""
-    rows = _run(lambda ops: recon.list_replays(ops.engine, state=state, limit=limit))
+    rows = _read(lambda engine: recon.list_replays(engine, state=state, limit=limit))
     _emit(
         rows,
         ["replay_id", "kind", "state", "item_count", "requested_by", "approved_by", "created_at"],
@@ -732,7 +746,7 @@ def replays_list(
 @replays_app.command("show")
 def replays_show(replay_id: str, as_json: JsonOpt = False) -> None:
     """One replay: who asked and approved, progress, and what became of its records."""
-    item = _run(lambda ops: recon.get_replay(ops.engine, replay_id))
+    item = _read(lambda engine: recon.get_replay(engine, replay_id))
     _show(replay_id, _found(item, "replay", replay_id), as_json)
 
 
@@ -763,6 +777,6 @@ def replays_approve(
 @messages_app.command("show")
 def messages_show(message_id: str, as_json: JsonOpt = False) -> None:
     """A record's state, attempts, last error, dead letter and every state it went through."""
-    found = _run(lambda ops: reads.get_message(ops.engine, message_id, None))
+    found = _read(lambda engine: reads.get_message(engine, message_id, None))
     item = _found(None if found is None else dataclasses.asdict(found), "message", message_id)
     _show(message_id, item, as_json)
