@@ -33,6 +33,7 @@ from ingest.problems import Problem, problem_response
 from ingest.routes import health, operations, settlements, upstream
 from ledger.db import database_unavailable
 from ledger.rows import Actor
+from runtime.cpu import settle_heap
 from schemas.api import ProblemDetails
 
 log = structlog.get_logger("etrm.intake")
@@ -155,6 +156,7 @@ def create_app(build: ServicesFactory, *, body_limit: int, body_timeout_s: float
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = await build()
+        settle_heap()
         app.state.services = svc
         app.state.background = set()
         if svc.housekeeping is not None:
