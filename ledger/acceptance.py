@@ -19,6 +19,7 @@ Rules kept here (CONTRACT §3, issue #6 I2):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -104,7 +105,20 @@ class Pending:
 Begun = Pending | KeyHeld | RevisionConflict | Busy
 
 
+# Above this many records, a request's payloads are encrypted in a thread before its
+# transaction opens (the event loop keeps serving other requests meanwhile).
+SEAL_IN_THREAD = 64
+
+
+def _seal_all(req: Request, cipher: PayloadCipher) -> list[bytes]:
+    return [cipher.seal(r.value, r.message_id) for r in req.unique]
+
+
 async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Begun:
+    if len(req.records) > SEAL_IN_THREAD:
+        sealed = await asyncio.to_thread(_seal_all, req, cipher)
+    else:
+        sealed = _seal_all(req, cipher)
     try:
         async with engine.begin() as conn:
             held = await _take_key(conn, req)
@@ -144,7 +158,7 @@ async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Beg
                     "ids": [r.message_id for r in req.records],
                 },
             )
-            pending = await _insert_pending(conn, req, cipher)
+            pending = await _insert_pending(conn, req, sealed, cipher.active_kid)
             unique = req.unique
             others = [r.message_id for r in unique if r.message_id not in pending]
             if others:
@@ -210,7 +224,9 @@ async def _take_key(conn: AsyncConnection, req: Request) -> KeyHeld | None:
     return KeyHeld(*row)
 
 
-async def _insert_pending(conn: AsyncConnection, req: Request, cipher: PayloadCipher) -> set[str]:
+async def _insert_pending(
+    conn: AsyncConnection, req: Request, sealed: list[bytes], kid: str
+) -> set[str]:
     """New records, and records of an aborted acceptance, become pending under this request;
     returns their ids. Records already accepted (or pending elsewhere) are left alone."""
     unique = req.unique
@@ -260,8 +276,8 @@ async def _insert_pending(conn: AsyncConnection, req: Request, cipher: PayloadCi
             "revisions": [r.revision for r in unique],
             "topics": [r.topic for r in unique],
             "positions": [Decimal(r.position_mwh) for r in unique],
-            "payloads": [cipher.seal(r.value, r.message_id) for r in unique],
-            "kid": cipher.active_kid,
+            "payloads": sealed,  # in the order of req.unique
+            "kid": kid,
         },
     )
     return {row.message_id for row in rows}

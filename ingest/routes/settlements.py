@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from opentelemetry.trace import SpanKind
 from pydantic import TypeAdapter
 
@@ -21,7 +22,6 @@ from ingest.problems import Problem, problem_responses
 from runtime import tracing
 from schemas import samples
 from schemas.api import (
-    AcceptedMessage,
     BatchAccepted,
     BatchMessageState,
     BatchStatus,
@@ -189,7 +189,7 @@ async def sync_settlement(request: Request, svc: ServicesDep, who: PrincipalDep)
         "parameters": [RUN_ID_PARAM, _idempotency_param(True)],
     },
 )
-async def submit_batch(request: Request, svc: ServicesDep, who: PrincipalDep) -> JSONResponse:
+async def submit_batch(request: Request, svc: ServicesDep, who: PrincipalDep) -> Response:
     require(who, "settlements:write")
     run_id = run_id_header(request)
     key = idempotency_header(request, required=True)
@@ -209,18 +209,22 @@ async def submit_batch(request: Request, svc: ServicesDep, who: PrincipalDep) ->
             f"1..{MAX_BATCH} records",
         )
     accepted = await _accept(request, svc, who, "batch", records, key, run_id)
-    answer = BatchAccepted(
-        batch_id=accepted.batch_id,
-        accepted=len(accepted.envelopes),
-        messages=[
-            AcceptedMessage(index=i, message_id=e.message_id)
-            for i, e in enumerate(accepted.envelopes)
+    # The BatchAccepted shape (response_model), written directly: 5,000 pydantic objects and
+    # a json.dumps of them held the event loop for tens of milliseconds per big batch.
+    answer = {
+        "batch_id": accepted.batch_id,
+        "accepted": len(accepted.envelopes),
+        "messages": [
+            {"index": i, "message_id": e.message_id} for i, e in enumerate(accepted.envelopes)
         ],
-        status_url=accepted.status_url,
-        trace_id=request.state.trace_id,
-    )
-    return JSONResponse(
-        answer.model_dump(), status_code=202, headers={"Location": accepted.status_url}
+        "status_url": accepted.status_url,
+        "trace_id": request.state.trace_id,
+    }
+    return Response(
+        orjson.dumps(answer),
+        status_code=202,
+        media_type="application/json",
+        headers={"Location": accepted.status_url},
     )
 
 
