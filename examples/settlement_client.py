@@ -26,6 +26,7 @@ import random
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,26 @@ class SettlementClient:
             return float(retry_after)
         return self._rng.uniform(0, min(self._cap, 0.2 * 2**attempt))  # full jitter
 
+    async def _tries(
+        self, send: Callable[[], Awaitable[httpx.Response]], what: str
+    ) -> AsyncIterator[tuple[int, httpx.Response | None]]:
+        """Yield each try's answer (None: no answer at all), waiting between tries what
+        Retry-After says or a jittered backoff, until the deadline."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            response: httpx.Response | None = None
+            # No answer: unknown whether it was queued; the same key makes the retry safe.
+            with contextlib.suppress(httpx.TransportError):
+                response = await send()
+            yield attempt, response
+            wait = self._wait(response, attempt)
+            if time.monotonic() + wait - started > self._deadline_s:
+                status = response.status_code if response is not None else "no answer"
+                raise TimeoutError(f"{what}: not done within {self._deadline_s:.0f}s ({status})")
+            await asyncio.sleep(wait)
+
     async def submit(
         self, records: list[dict[str, Any]], *, idempotency_key: str | None = None
     ) -> Submitted:
@@ -97,24 +118,17 @@ class SettlementClient:
             raise ValueError("every record of a batch needs the same settlement_run_id")
         key = idempotency_key or uuid.uuid4().hex  # one key for every retry of this batch
         headers = {"X-Settlement-Run-ID": str(run_ids.pop()), "Idempotency-Key": key}
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            response: httpx.Response | None = None
-            # No answer: unknown whether it was queued; the same key makes the retry safe.
-            with contextlib.suppress(httpx.TransportError):
-                response = await self._http.post(
-                    "/v1/settlements/batches", json={"records": records}, headers=headers
-                )
+
+        def send() -> Awaitable[httpx.Response]:
+            return self._http.post(
+                "/v1/settlements/batches", json={"records": records}, headers=headers
+            )
+
+        async for attempt, response in self._tries(send, "batch"):
             if response is not None and response.status_code == 202:
                 body = response.json()
-                return Submitted(
-                    body["batch_id"],
-                    [m["message_id"] for m in body["messages"]],
-                    attempt,
-                    key,
-                )
+                ids = [m["message_id"] for m in body["messages"]]
+                return Submitted(body["batch_id"], ids, attempt, key)
             problem = _problem(response)
             if response is not None and response.status_code == 409:
                 if problem.get("code") == "duplicate_request" and problem.get("batch_id"):
@@ -125,30 +139,17 @@ class SettlementClient:
                     raise Refused(409, problem)
             elif response is not None and response.status_code not in RETRYABLE:
                 raise Refused(response.status_code, problem)
-            wait = self._wait(response, attempt)
-            if time.monotonic() + wait - started > self._deadline_s:
-                status = response.status_code if response is not None else "no answer"
-                raise TimeoutError(f"not accepted within {self._deadline_s:.0f}s ({status})")
-            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
 
     async def _read(self, path: str) -> dict[str, Any]:
         """GET with the same patience as a submission: 429 and 503 are waited out."""
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            response: httpx.Response | None = None
-            with contextlib.suppress(httpx.TransportError):
-                response = await self._http.get(path)
+        async for _, response in self._tries(lambda: self._http.get(path), path):
             if response is not None and response.status_code == 200:
                 body: dict[str, Any] = response.json()
                 return body
             if response is not None and response.status_code not in RETRYABLE:
                 raise Refused(response.status_code, _problem(response))
-            wait = self._wait(response, attempt)
-            if time.monotonic() + wait - started > self._deadline_s:
-                raise TimeoutError(f"{path}: no answer within {self._deadline_s:.0f}s")
-            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
 
     async def wait_final(self, batch_id: str, *, every_s: float = 0.5) -> Outcome:
         started = time.monotonic()
