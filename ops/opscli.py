@@ -95,24 +95,13 @@ def _via(api: Api, call: Callable[[Api], Awaitable[T]]) -> T:
     return _guarded(main)
 
 
-def _filter_body(
-    desk: str | None,
-    run: str | None,
-    contract: str | None,
-    reason: str | None,
-    since: datetime | None,
-    until: datetime | None,
-) -> dict[str, Any]:
-    """The API's replay filter (same keys as GET /v1/reconciliation)."""
-    values = {
-        "desk": desk,
-        "settlement_run_id": run,
-        "contract_id": contract,
-        "reason": reason,
-        "since": since.isoformat() if since else None,
-        "until": until.isoformat() if until else None,
+def _filter_body(where: recon.DeadLetterFilter) -> dict[str, Any]:
+    """The same filter as the API's replay body (the keys of GET /v1/reconciliation)."""
+    return {
+        k: v.isoformat() if isinstance(v, datetime) else v
+        for k, v in dataclasses.asdict(where).items()
+        if v is not None
     }
-    return {k: v for k, v in values.items() if v is not None}
 
 
 @asynccontextmanager
@@ -312,18 +301,13 @@ def dlq_replay(
     as_json: JsonOpt = False,
 ) -> None:
     """Replay dead letters by id or by filter: same message ids, per-contract order kept."""
+    where = None if message_id else _filter(desk, run, contract, reason_filter, None, since, until)
     api = _api() if resume is None else None
     if api is not None:
+        body = _filter_body(where) if where is not None else {}
         result = _via(
             api,
-            lambda api: _replay_via_api(
-                api,
-                message_id,
-                _filter_body(desk, run, contract, reason_filter, since, until),
-                reason,
-                dry_run,
-                approve,
-            ),
+            lambda api: _replay_via_api(api, message_id, body, reason, dry_run, approve),
         )
         _print_replay(result, as_json)
         return
@@ -336,15 +320,8 @@ def dlq_replay(
     actor = operator_actor(_operator())
 
     async def work(ops: Operations) -> dict[str, Any]:
-        replay_id = approve or resume
-        if approve:
-            await ops.approve_replay(approve, actor, reason)
+        replay_id = resume  # approvals go through the API only (above)
         if replay_id is None:
-            where = (
-                None
-                if message_id
-                else _filter(desk, run, contract, reason_filter, None, since, until)
-            )
             if dry_run:
                 return await ops.preview_replay(message_ids=message_id, where=where)
             if not reason:
