@@ -11,7 +11,7 @@ from opentelemetry.trace import SpanKind
 from runtime import tracing
 from runtime.cpu import HEAVY_RECORDS, off_loop
 from runtime.kafka import OutgoingRecord
-from schemas.envelope import SCHEMA_VERSION, Envelope, kafka_headers, sign_message
+from schemas.envelope import SCHEMA_VERSION, Envelope, LaneSealer, kafka_headers
 
 
 class Sink(Protocol):
@@ -21,10 +21,10 @@ class Sink(Protocol):
 
 
 class SettlementPublisher:
-    def __init__(self, kafka: Sink, lanes: dict[str, str], signing_key: tuple[str, bytes]) -> None:
+    def __init__(self, kafka: Sink, lanes: dict[str, str], sealer: LaneSealer) -> None:
         self.kafka = kafka
         self._lanes = lanes
-        self._kid, self._secret = signing_key
+        self._sealer = sealer
 
     def topic_for(self, envelope: Envelope) -> str:
         return self._lanes[envelope.lane]
@@ -40,11 +40,11 @@ class SettlementPublisher:
             "schema_version": SCHEMA_VERSION,
             "batch_id": batch_id,
         }
-        headers["signature"] = sign_message(envelope.value, headers, self._kid, self._secret)
+        wire = self._sealer.seal(envelope.value, headers)
         return (
             self.topic_for(envelope),
             envelope.contract_id.encode(),
-            envelope.value,
+            wire,
             kafka_headers(headers),
         )
 
@@ -62,7 +62,7 @@ class SettlementPublisher:
             "kafka publish", SpanKind.PRODUCER, records=len(envelopes), batch_id=batch_id
         ):
             parent = tracing.traceparent()
-            # Signing every record is CPU: a big batch's runs off the event loop.
+            # Signing (and sealing) every record is CPU: a big batch's runs off the event loop.
             records = await off_loop(
                 len(envelopes) > HEAVY_RECORDS,
                 lambda: [

@@ -723,11 +723,11 @@ async def decide_hold(
     reason: str,
     cipher: PayloadCipher,
     new_dead_letter_id: str,
-    sign: Callable[[bytes, dict[str, str]], str],
+    seal: Callable[[bytes, dict[str, str]], bytes],
 ) -> dict[str, Any]:
     """`released` or `rejected`, once; a rejection is a `drift_rejected` dead letter in the
-    same transaction (published by the outbox afterwards), its identity headers signed by
-    `sign` as the intake signs them."""
+    same transaction (published by the outbox afterwards), signed (and sealed) by
+    `seal` as the intake puts records on the lanes."""
     async with engine.begin() as conn:
         hold = (
             await conn.execute(
@@ -769,7 +769,7 @@ async def decide_hold(
         dead_letter_id = None
         if decision == "rejected" and message is not None:
             dead_letter_id = new_dead_letter_id
-            row = _drift_rejection(hold, message, reason, new_dead_letter_id, cipher, sign)
+            row = _drift_rejection(hold, message, reason, new_dead_letter_id, cipher, seal)
             await insert_dead_letters(conn, [row], cipher)
         await audit.append(
             conn,
@@ -803,7 +803,7 @@ def _drift_rejection(
     reason: str,
     dead_letter_id: str,
     cipher: PayloadCipher,
-    sign: Callable[[bytes, dict[str, str]], str],
+    seal: Callable[[bytes, dict[str, str]], bytes],
 ) -> DeadLetterRow:
     identity = {
         "message_id": hold.message_id,
@@ -814,8 +814,9 @@ def _drift_rejection(
     }
     if message.batch_id:
         identity["batch_id"] = message.batch_id
-    value = cipher.open(message.payload_kid, message.payload, hold.message_id)
-    identity["signature"] = sign(value, identity)
+    # The rejected record goes to the reconciliation topic as a lane would carry it: signed,
+    # and sealed when lane encryption is on.
+    value = seal(cipher.open(message.payload_kid, message.payload, hold.message_id), identity)
     return DeadLetterRow(
         dead_letter_id=dead_letter_id,
         dedupe_key=f"hold:{hold.hold_id}",

@@ -24,7 +24,7 @@ from ledger import reconciliation as recon
 from ledger.crypto import PayloadCipher
 from ledger.rows import Actor
 from runtime.kafka import KafkaPublisher, OutgoingRecord, PublishFailed
-from schemas.envelope import SCHEMA_VERSION, kafka_headers, sign_message
+from schemas.envelope import SCHEMA_VERSION, LaneSealer, kafka_headers
 from schemas.states import Publication
 
 log = structlog.get_logger("etrm.ops")
@@ -41,7 +41,7 @@ class Republisher:
         engine: AsyncEngine,
         publisher: KafkaPublisher,
         cipher: PayloadCipher,
-        signing_key: tuple[str, bytes],
+        sealer: LaneSealer,
         *,
         chunk: int = CHUNK,
         lease_s: float = LEASE_S,
@@ -49,12 +49,9 @@ class Republisher:
         self.engine = engine
         self.publisher = publisher
         self.cipher = cipher
-        self.kid, self.secret = signing_key
+        self.sealer = sealer
         self.chunk = chunk
         self.lease_s = lease_s
-
-    def sign(self, value: bytes, headers: dict[str, str]) -> str:
-        return sign_message(value, headers, self.kid, self.secret)
 
     def record_for(self, item: recon.Republish, job_id: str, kind: str) -> OutgoingRecord:
         headers = {
@@ -70,8 +67,8 @@ class Republisher:
         if kind == Publication.REPLAY and item.dead_letter_id:
             headers["replay_of"] = item.dead_letter_id
             headers["replay_count"] = str(item.replay_count)
-        headers["signature"] = self.sign(item.value, headers)
-        return (item.topic, item.contract_id.encode(), item.value, kafka_headers(headers))
+        wire = self.sealer.seal(item.value, headers)
+        return (item.topic, item.contract_id.encode(), wire, kafka_headers(headers))
 
     async def run(
         self,

@@ -260,7 +260,7 @@ class Operations(UpstreamOperations):
                 reason,
                 self.cipher,
                 new_id("dl"),
-                self.republisher.sign,
+                self.republisher.sealer.seal,
             )
         except recon.Refused as exc:
             raise OperationRefused(exc.code, exc.detail) from None

@@ -43,6 +43,7 @@ from runtime.settings import (
     WorkerSettings,
     load,
 )
+from schemas.envelope import lane_keys
 from workers.app import WorkerParts, serve
 from workers.breaker import Breaker
 from workers.core import Policy
@@ -110,8 +111,8 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
     kafka = KafkaPublisher(settings)
     await kafka.start()
     cipher = PayloadCipher(settings.encryption_keyring())
-    signing_key = settings.signing_keys()[0]
-    republisher = Republisher(engine, kafka, cipher, signing_key)
+    sealer = settings.lane_sealer()
+    republisher = Republisher(engine, kafka, cipher, sealer)
     actor = Actor("system", f"intake {process_name()}")
     default_rate, desk_rates = settings.desk_rates()
     ledger = IntakeStore(engine, cipher)
@@ -119,7 +120,7 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
         settings=settings,
         ledger=ledger,
         kafka=kafka,
-        publisher=SettlementPublisher(kafka, settings.lanes, signing_key),
+        publisher=SettlementPublisher(kafka, settings.lanes, sealer),
         verifier=TokenVerifier(
             JwksKeys(settings.jwks_url, cooldown_s=settings.jwks_refresh_cooldown_s),
             issuer=settings.jwt_issuer,
@@ -213,7 +214,7 @@ async def worker_parts(settings: WorkerSettings) -> WorkerParts:
     await until_up("broker", lambda: _topics(settings), transient=kafka_unavailable)
     cipher = PayloadCipher(settings.encryption_keyring())
     kafka = KafkaPublisher(settings)
-    republisher = Republisher(engine, kafka, cipher, settings.signing_keys()[0])
+    republisher = Republisher(engine, kafka, cipher, settings.lane_sealer())
     owner = f"{process_name()}/{uuid.uuid4().hex[:6]}"  # unique per worker, also in one process
     actor = Actor("worker", owner)
     http = upstream_http(settings)
@@ -233,6 +234,7 @@ async def worker_parts(settings: WorkerSettings) -> WorkerParts:
         token_errors=(TokenUnavailable,),
         policy=delivery_policy(settings),
         signing_keys=dict(settings.signing_keys()),
+        lane_keys=lane_keys(settings.encryption_keyring()),
         slots=LaneSlots(settings.worker_concurrency, settings.priority_share),
         lanes=settings.lanes,
         lease_s=settings.delivery_lease_s,
@@ -273,7 +275,7 @@ async def operator_services(settings: OperatorSettings) -> Operations:
     await ensure_schema_current(engine)
     kafka = KafkaPublisher(settings)
     cipher = PayloadCipher(settings.encryption_keyring())
-    republisher = Republisher(engine, kafka, cipher, settings.signing_keys()[0])
+    republisher = Republisher(engine, kafka, cipher, settings.lane_sealer())
     return Operations(
         engine, cipher, republisher, approval_threshold=settings.replay_approval_threshold
     )

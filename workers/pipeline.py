@@ -26,11 +26,11 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 import structlog
@@ -49,7 +49,13 @@ from ledger.rows import (
 )
 from runtime import tracing
 from runtime.aio import first_of
-from schemas.envelope import header_map, message_id_for, publication_of, verify_message
+from schemas.envelope import (
+    header_map,
+    message_id_for,
+    open_lane_value,
+    publication_of,
+    verify_message,
+)
 from schemas.records import CanonicalRecord
 from schemas.states import DeadLetterReason, MessageState
 from schemas.text import cap_text
@@ -76,6 +82,9 @@ from workers.core import (
 )
 from workers.offsets import OffsetTracker, PartitionKey, Ticket, Untracked
 from workers.rules import Answer, AnswerKind
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from workers.slots import LaneSlots
 
 log = structlog.get_logger("etrm.worker")
@@ -128,13 +137,10 @@ class Copy:
     contract_id: str
     settlement_run_id: str | None
     position: Decimal
+    value: bytes = b""  # the canonical record (opened, when the lane carries it sealed)
     problem: str | None = None  # signed by the intake, yet not a canonical record
     not_before: float = 0.0
     waits: int = 0
-
-    @property
-    def value(self) -> bytes:
-        return self.record.value or b""
 
 
 @dataclass(eq=False)
@@ -175,8 +181,10 @@ class Pipeline:
         actor: Actor,
         breaker: Breaker,
         rng: random.Random | None = None,
+        lane_keys: Mapping[str, AESGCM] | None = None,
     ) -> None:
         self.ledger = ledger
+        self.lane_keys = lane_keys or {}
         self.breaker = breaker
         self.upstream = upstream
         self.token_errors = token_errors
@@ -268,6 +276,13 @@ class Pipeline:
                 record, ticket, DeadLetterReason.INVALID_SIGNATURE, problem, headers
             )
             return None
+        opened = open_lane_value(value, headers, self.lane_keys)
+        if isinstance(opened, str):
+            self._dead_letter_untrusted(
+                record, ticket, DeadLetterReason.INVALID_MESSAGE, opened, headers
+            )
+            return None
+        value = opened
         desk = headers["desk"]
         copy = Copy(
             record=record,
@@ -281,6 +296,7 @@ class Pipeline:
             contract_id=(record.key or b"").decode("utf-8", "backslashreplace")[:64],
             settlement_run_id=None,
             position=Decimal(0),
+            value=value,
         )
         try:
             canonical = CanonicalRecord.model_validate(orjson.loads(value))

@@ -212,7 +212,7 @@ class Bench:
         await ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, partitions)
         slow = settings.model_copy(update={"kafka_publish_timeout_s": 120.0})
         kafka = KafkaPublisher(slow)
-        publisher = SettlementPublisher(kafka, slow.lanes, slow.signing_keys()[0])
+        publisher = SettlementPublisher(kafka, slow.lanes, slow.lane_sealer())
         engine = make_engine(settings.database_url, 2)
         cipher = PayloadCipher(settings.encryption_keyring())
         try:

@@ -22,7 +22,7 @@ from ledger.db import make_engine
 from ledger.delivery import DeliveryStore
 from ledger.rows import Actor, ClaimRequest, DeadLetterRow, LateTaken, Outcome
 from schemas import samples
-from schemas.envelope import header_map, publication_of
+from schemas.envelope import LaneSealer, header_map, publication_of
 from schemas.states import BatchState, DeadLetterReason, MessageState
 from tests.conftest import Infra, fresh_database
 from tests.fakes import Desk, FakeBroker, FakeLedger
@@ -52,7 +52,7 @@ def where(request: pytest.FixtureRequest) -> Infra | None:
 @pytest.fixture
 async def backend(where: Infra | None) -> AsyncIterator[Backend]:
     broker = FakeBroker()
-    publisher = SettlementPublisher(broker, LANES, ("k1", b"scenario-key"))
+    publisher = SettlementPublisher(broker, LANES, LaneSealer(("k1", b"scenario-key")))
     if where is None:
         fake = FakeLedger(lease_s=10.0)
 
@@ -275,7 +275,9 @@ async def test_keys_past_their_retention_are_forgotten_and_a_late_retry_sends_no
 
     engine = make_engine(await fresh_database(infra), 2)
     intake = IntakeStore(engine, PayloadCipher([("e1", b"\x01" * 32)]))
-    desk = Desk(intake, SettlementPublisher(FakeBroker(), LANES, ("k1", b"scenario-key")))
+    desk = Desk(
+        intake, SettlementPublisher(FakeBroker(), LANES, LaneSealer(("k1", b"scenario-key")))
+    )
     run = samples.run_id()
     try:
         done = desk.request([otc(run, "KEEP-A1")], key="old-key")

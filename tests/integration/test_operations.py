@@ -357,7 +357,7 @@ async def test_interrupted_replay_resumes_without_duplicates(
         running.engine,
         running.publisher,
         running.cipher,
-        pipe.settings.signing_keys()[0],
+        running.sealer,
         chunk=5,
         lease_s=0.5,
     )
@@ -365,9 +365,7 @@ async def test_interrupted_replay_resumes_without_duplicates(
         await dying.run(created.replay_id, actor)
     # Whoever takes over once the dead runner's lease ran out (this test or the intake's
     # housekeeping) publishes the rest; the chunk published twice is delivered once.
-    survivor = Republisher(
-        running.engine, running.publisher, running.cipher, pipe.settings.signing_keys()[0]
-    )
+    survivor = Republisher(running.engine, running.publisher, running.cipher, running.sealer)
 
     async def completed() -> bool:
         await survivor.run(created.replay_id, actor)

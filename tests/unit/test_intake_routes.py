@@ -197,7 +197,7 @@ async def intake(tmp_path: Path) -> AsyncIterator[Intake]:
         settings=settings,
         ledger=ledger,
         kafka=broker,
-        publisher=SettlementPublisher(broker, settings.lanes, settings.signing_keys()[0]),
+        publisher=SettlementPublisher(broker, settings.lanes, settings.lane_sealer()),
         verifier=TokenVerifier(JwksKeys(str(jwks)), issuer=ISSUER, audience=AUDIENCE, leeway_s=30),
         operations=operations,
         rate_limiter=DeskRateLimiter(*settings.desk_rates()),

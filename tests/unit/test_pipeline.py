@@ -17,6 +17,7 @@ from ingest.publisher import SettlementPublisher
 from ledger.rows import Actor, ClaimRequest, MaintenanceWindow, Outcome
 from operations.circuit import BreakerConfig, Failed, Succeeded, TakeProbe
 from schemas import samples
+from schemas.envelope import LaneSealer
 from schemas.states import CircuitState, DeadLetterReason, MessageState, Sequencing
 from tests.fakes import (
     Consumed,
@@ -129,7 +130,7 @@ async def harness_with(
     upstream = FakeUpstream(taken())
     breaker = make_breaker(circuit, breaker_config)
     pipeline = make_pipeline(ledger, upstream, policy, breaker=breaker)
-    desk = Desk(ledger, SettlementPublisher(broker, LANES, KEY))
+    desk = Desk(ledger, SettlementPublisher(broker, LANES, LaneSealer(KEY)))
     breaker.start()
     yield Harness(ledger, broker, upstream, desk, pipeline, circuit)
     await pipeline.stop(2.0)

@@ -14,7 +14,7 @@ from ledger.rows import Actor
 from operations.circuit import BreakerConfig
 from runtime.settings import WorkerSettings, load
 from schemas import samples
-from schemas.envelope import header_map
+from schemas.envelope import LaneSealer, header_map
 from schemas.states import MessageState
 from tests.fakes import Desk, FakeBroker, FakeCircuitStore, FakeLedger, FakeUpstream, taken
 from tests.support import wait_for
@@ -68,7 +68,7 @@ async def test_a_published_record_is_delivered_once_through_the_lane_subscriber(
     for lane in lanes.values():
         wire_lane(broker, config, lane, make_handler(pipeline), None)
     outbox = FakeBroker()
-    desk = Desk(ledger, SettlementPublisher(outbox, config.lanes, KEY))
+    desk = Desk(ledger, SettlementPublisher(outbox, config.lanes, LaneSealer(KEY)))
     run = samples.run_id()
     ids = await desk.accept(
         [samples.otc_confirmation(run, "OTC-APP-0001"), samples.canonical(run, "RT-APP-00001")]
