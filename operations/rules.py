@@ -6,9 +6,19 @@ from __future__ import annotations
 from collections.abc import Collection
 
 
+DB_MODE_PREFIX = "db:"
+
+
+def _who(name: str) -> str:
+    # A command run against the database without a token acts as `db:<OS user>`: the same
+    # person approving with a token of the same name is still the same person.
+    return name.strip().casefold().removeprefix(DB_MODE_PREFIX).strip()
+
+
 def same_operator(requested_by: str, approver: str) -> bool:
-    """Four eyes compare stable subjects, case-insensitively (`Op-Alice` is `op-alice`)."""
-    return requested_by.strip().casefold() == approver.strip().casefold()
+    """Four eyes compare stable subjects, case-insensitively (`Op-Alice` is `op-alice`, and
+    `db:alice`, who requested from the database, is `alice` holding a token)."""
+    return _who(requested_by) == _who(approver)
 
 
 def needs_approval(count: int, desks: Collection[str], threshold: int) -> bool:

@@ -4,7 +4,8 @@ State-changing commands (replay, approve, discard, release, reject, maintenance)
 intake's HTTP API when ETRM_API_URL and the operator's own token (ETRM_OPERATOR_TOKEN_FILE or
 ETRM_OPERATOR_TOKEN) are set: the API's scopes apply and the actor is the token's subject, never
 a flag. Without them they run the same service against the database and the broker as the
-OS user (or ETRM_OPERATOR), for a break-glass operator who holds the database credentials — but
+OS user (recorded as `db:<user>`, so the trail shows no token vouched for it), for a
+break-glass operator who holds the database credentials — but
 an approval is refused there: four eyes must know who approves. Reading commands need only the
 database (and the encryption keys only where they show a payload). Every action is audited
 like its API twin.
@@ -16,7 +17,6 @@ import asyncio
 import dataclasses
 import getpass
 import json
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -51,8 +51,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")
 
 
 def _operator() -> str:
-    """Who acts in database mode (no token): the OS user, or ETRM_OPERATOR."""
-    return os.environ.get("ETRM_OPERATOR") or getpass.getuser()
+    """Who acts in database mode (no token): the OS user, marked as such — never a name taken
+    from a flag or a variable, and never one a token's subject could be mistaken for."""
+    return f"db:{getpass.getuser()}"
 
 
 class Api:

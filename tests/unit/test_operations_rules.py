@@ -21,6 +21,8 @@ def test_four_eyes_compare_subjects_case_insensitively_and_symmetrically(a: str,
 def test_four_eyes_examples() -> None:
     assert same_operator("Op-Alice", "op-alice")
     assert not same_operator("op-alice", "op-bob")
+    assert same_operator("db:Op-Alice", "op-alice")  # requested without a token, same person
+    assert not same_operator("db:op-alice", "op-bob")
 
 
 @given(
