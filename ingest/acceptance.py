@@ -195,10 +195,27 @@ async def accept(
     batch = route == "batch"
     if svc.record_limiter is not None:
         svc.record_limiter.check(who.desk, who.subject, len(raw_records))
-    envelopes, request_hash = await off_loop(
-        len(raw_records) > HEAVY_RECORDS,
-        lambda: _prepare(who, raw_records, route=route, run_id=run_id),
-    )
+    topic_for = svc.publisher.topic_for
+
+    def prepare() -> tuple[list[Envelope], str, list[ledger.RecordToAccept]]:
+        envelopes, request_hash = _prepare(who, raw_records, route=route, run_id=run_id)
+        records = [
+            ledger.RecordToAccept(
+                index=i,
+                message_id=e.message_id,
+                identity=e.identity,
+                contract_id=e.contract_id,
+                market=e.market,
+                revision=e.revision,
+                topic=topic_for(e),
+                position_mwh=e.position_mwh,
+                value=e.value,
+            )
+            for i, e in enumerate(envelopes)
+        ]
+        return envelopes, request_hash, records
+
+    envelopes, request_hash, records = await off_loop(len(raw_records) > HEAVY_RECORDS, prepare)
     batch_id = f"batch_{uuid.uuid4().hex}"
     status_url = (
         f"/v1/batches/{batch_id}" if batch else f"/v1/settlements/{envelopes[0].message_id}"
@@ -214,20 +231,7 @@ async def accept(
         resource_kind="batch" if batch else "message",
         resource_id=batch_id if batch else envelopes[0].message_id,
         status_url=status_url,
-        records=[
-            ledger.RecordToAccept(
-                index=i,
-                message_id=e.message_id,
-                identity=e.identity,
-                contract_id=e.contract_id,
-                market=e.market,
-                revision=e.revision,
-                topic=svc.publisher.topic_for(e),
-                position_mwh=e.position_mwh,
-                value=e.value,
-            )
-            for i, e in enumerate(envelopes)
-        ],
+        records=records,
         pending_lease_s=svc.settings.pending_lease_s,
         key_lease_s=max(svc.settings.idempotency_lease_s, svc.settings.pending_lease_s),
     )

@@ -30,7 +30,14 @@ class SettlementPublisher:
         return self._lanes[envelope.lane]
 
     def record_for(
-        self, envelope: Envelope, *, desk: str, trader: str, trace_id: str, batch_id: str
+        self,
+        envelope: Envelope,
+        *,
+        desk: str,
+        trader: str,
+        trace_id: str,
+        batch_id: str,
+        extra: Sequence[tuple[str, bytes | None]] = (),
     ) -> OutgoingRecord:
         headers = {
             "message_id": envelope.message_id,
@@ -62,18 +69,22 @@ class SettlementPublisher:
             "kafka publish", SpanKind.PRODUCER, records=len(envelopes), batch_id=batch_id
         ):
             parent = tracing.traceparent()
-            # Signing (and sealing) every record is CPU: a big batch's runs off the event loop.
-            records = await off_loop(
-                len(envelopes) > HEAVY_RECORDS,
-                lambda: [
+            # the worker continues this trace (W3C trace context)
+            extra = [("traceparent", parent.encode())] if parent is not None else []
+
+            def records() -> list[OutgoingRecord]:
+                return [
                     self.record_for(
-                        e, desk=desk, trader=trader, trace_id=trace_id, batch_id=batch_id
+                        e,
+                        desk=desk,
+                        trader=trader,
+                        trace_id=trace_id,
+                        batch_id=batch_id,
+                        extra=extra,
                     )
                     for e in envelopes
-                ],
-            )
-            if parent is not None:  # the worker continues this trace (W3C trace context)
-                records = [
-                    (t, k, v, [*h, ("traceparent", parent.encode())]) for t, k, v, h in records
                 ]
-            await self.kafka.send_all(records, what=f"batch {batch_id}")
+
+            # Signing (and sealing) every record is CPU: a big batch's runs off the event loop.
+            outgoing = await off_loop(len(envelopes) > HEAVY_RECORDS, records)
+            await self.kafka.send_all(outgoing, what=f"batch {batch_id}")

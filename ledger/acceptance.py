@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
@@ -110,15 +110,41 @@ Begun = Pending | KeyHeld | RevisionConflict | Busy
 SEAL_IN_THREAD = 64
 
 
-def _seal_all(req: Request, cipher: PayloadCipher) -> list[bytes]:
-    return [cipher.seal(r.value, r.message_id) for r in req.unique]
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    """A request's records as the statements' array parameters, each message once, payloads
+    sealed: built before the transaction (in a thread for a big request — sealing and 5,000-long
+    lists are CPU the event loop would otherwise spend while other desks wait)."""
+
+    unique: list[RecordToAccept]
+    params: dict[str, Any]
+
+
+def _columns(req: Request, cipher: PayloadCipher) -> _Columns:
+    unique = req.unique
+    return _Columns(
+        unique,
+        {
+            "idx": [r.index for r in req.records],
+            "all_ids": [r.message_id for r in req.records],
+            "ids": [r.message_id for r in unique],
+            "contracts": [r.contract_id for r in unique],
+            "markets": [r.market for r in unique],
+            "identities": [r.identity for r in unique],
+            "revisions": [r.revision for r in unique],
+            "topics": [r.topic for r in unique],
+            "positions": [r.position_mwh for r in unique],  # decimal text; numeric in SQL
+            "payloads": [cipher.seal(r.value, r.message_id) for r in unique],
+            "kid": cipher.active_kid,
+        },
+    )
 
 
 async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Begun:
     if len(req.records) > SEAL_IN_THREAD:
-        sealed = await asyncio.to_thread(_seal_all, req, cipher)
+        columns = await asyncio.to_thread(_columns, req, cipher)
     else:
-        sealed = _seal_all(req, cipher)
+        columns = _columns(req, cipher)
     try:
         async with engine.begin() as conn:
             held = await _take_key(conn, req)
@@ -154,12 +180,12 @@ async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Beg
                 ),
                 {
                     "batch": req.batch_id,
-                    "idx": [r.index for r in req.records],
-                    "ids": [r.message_id for r in req.records],
+                    "idx": columns.params["idx"],
+                    "ids": columns.params["all_ids"],
                 },
             )
-            pending = await _insert_pending(conn, req, sealed, cipher.active_kid)
-            unique = req.unique
+            pending = await _insert_pending(conn, req, columns)
+            unique = columns.unique
             others = [r.message_id for r in unique if r.message_id not in pending]
             if others:
                 await _refuse_if_pending_elsewhere(conn, others)
@@ -224,15 +250,13 @@ async def _take_key(conn: AsyncConnection, req: Request) -> KeyHeld | None:
     return KeyHeld(*row)
 
 
-async def _insert_pending(
-    conn: AsyncConnection, req: Request, sealed: list[bytes], kid: str
-) -> set[str]:
+async def _insert_pending(conn: AsyncConnection, req: Request, columns: _Columns) -> set[str]:
     """New records, and records of an aborted acceptance, become pending under this request;
     returns their ids. Records already accepted (or pending elsewhere) are left alone."""
-    unique = req.unique
-    rows = await conn.execute(
+    taken = await conn.execute(
         text(
             """
+            WITH taken AS (
             INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id,
                     contract_id, market, identity_hash, revision, topic, state, publication,
                     publication_kind, accept_seq, pending_until, submitted_position_mwh,
@@ -246,7 +270,8 @@ async def _insert_pending(
                             CAST(:ids AS text[]), CAST(:contracts AS text[]),
                             CAST(:markets AS text[]), CAST(:identities AS text[]),
                             CAST(:revisions AS int[]), CAST(:topics AS text[]),
-                            CAST(:positions AS numeric[]), CAST(:payloads AS bytea[]))
+                            CAST(CAST(:positions AS text[]) AS numeric[]),
+                            CAST(:payloads AS bytea[]))
                             WITH ORDINALITY
                             AS u(message_id, contract_id, market, identity_hash, revision,
                                  topic, position, payload, ord)
@@ -259,7 +284,9 @@ async def _insert_pending(
                    topic = EXCLUDED.topic, payload = EXCLUDED.payload,
                    payload_kid = EXCLUDED.payload_kid, updated_at = now()
              WHERE messages.state = 'aborted'
-            RETURNING message_id
+            RETURNING message_id)
+            -- one array, not a row per record (5,000 rows to decode on the event loop)
+            SELECT coalesce(array_agg(message_id), '{}') FROM taken
             """
         ),
         {
@@ -269,18 +296,10 @@ async def _insert_pending(
             "run": req.settlement_run_id,
             "trace": req.trace_id,
             "lease": req.pending_lease_s,
-            "ids": [r.message_id for r in unique],
-            "contracts": [r.contract_id for r in unique],
-            "markets": [r.market for r in unique],
-            "identities": [r.identity for r in unique],
-            "revisions": [r.revision for r in unique],
-            "topics": [r.topic for r in unique],
-            "positions": [Decimal(r.position_mwh) for r in unique],
-            "payloads": sealed,  # in the order of req.unique
-            "kid": kid,
+            **{k: v for k, v in columns.params.items() if k not in ("idx", "all_ids")},
         },
     )
-    return {row.message_id for row in rows}
+    return set(taken.scalar_one())
 
 
 class _PendingElsewhere(Exception):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-
 DB_MODE_PREFIX = "db:"
 
 
