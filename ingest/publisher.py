@@ -52,7 +52,7 @@ class SettlementPublisher:
             self.topic_for(envelope),
             envelope.contract_id.encode(),
             wire,
-            kafka_headers(headers),
+            [*kafka_headers(headers), *extra],
         )
 
     async def publish(
