@@ -150,40 +150,6 @@ async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Beg
             held = await _take_key(conn, req)
             if held is not None:
                 return held
-            await conn.execute(
-                text(
-                    """
-                    INSERT INTO batches (batch_id, desk, trader, settlement_run_id,
-                        idempotency_key, record_count, trace_id, state, pending_until)
-                    VALUES (:batch, :desk, :trader, :run, :key, :count, :trace, 'pending',
-                            now() + make_interval(secs => :lease))
-                    """
-                ),
-                {
-                    "batch": req.batch_id,
-                    "desk": req.desk,
-                    "trader": req.trader,
-                    "run": req.settlement_run_id,
-                    "key": req.idempotency_key,
-                    "count": len(req.records),
-                    "trace": req.trace_id,
-                    "lease": req.pending_lease_s,
-                },
-            )
-            await conn.execute(
-                text(
-                    """
-                    INSERT INTO batch_messages (batch_id, idx, message_id)
-                    SELECT :batch, idx, message_id
-                      FROM unnest(CAST(:idx AS int[]), CAST(:ids AS text[])) AS t(idx, message_id)
-                    """
-                ),
-                {
-                    "batch": req.batch_id,
-                    "idx": columns.params["idx"],
-                    "ids": columns.params["all_ids"],
-                },
-            )
             pending = await _insert_pending(conn, req, columns)
             unique = columns.unique
             others = [r.message_id for r in unique if r.message_id not in pending]
@@ -251,12 +217,22 @@ async def _take_key(conn: AsyncConnection, req: Request) -> KeyHeld | None:
 
 
 async def _insert_pending(conn: AsyncConnection, req: Request, columns: _Columns) -> set[str]:
-    """New records, and records of an aborted acceptance, become pending under this request;
+    """The request's batch row and its message ids, and its records: new ones, and those of an
+    aborted acceptance, become pending under this request — one statement, one round trip;
     returns their ids. Records already accepted (or pending elsewhere) are left alone."""
     taken = await conn.execute(
         text(
             """
-            WITH taken AS (
+            WITH batch AS (
+                INSERT INTO batches (batch_id, desk, trader, settlement_run_id,
+                    idempotency_key, record_count, trace_id, state, pending_until)
+                VALUES (:batch, :desk, :trader, :run, :key, :count, :trace, 'pending',
+                        now() + make_interval(secs => :lease))
+            ), listed AS (
+                INSERT INTO batch_messages (batch_id, idx, message_id)
+                SELECT :batch, idx, message_id
+                  FROM unnest(CAST(:idx AS int[]), CAST(:all_ids AS text[])) AS t(idx, message_id)
+            ), taken AS (
             INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id,
                     contract_id, market, identity_hash, revision, topic, state, publication,
                     publication_kind, accept_seq, pending_until, submitted_position_mwh,
@@ -296,7 +272,9 @@ async def _insert_pending(conn: AsyncConnection, req: Request, columns: _Columns
             "run": req.settlement_run_id,
             "trace": req.trace_id,
             "lease": req.pending_lease_s,
-            **{k: v for k, v in columns.params.items() if k not in ("idx", "all_ids")},
+            "key": req.idempotency_key,
+            "count": len(req.records),
+            **columns.params,
         },
     )
     return set(taken.scalar_one())
@@ -364,63 +342,60 @@ async def _conflict(engine: AsyncEngine, req: Request) -> RevisionConflict:
 async def complete(engine: AsyncEngine, req: Request, actor: Actor, new: int) -> bool:
     """The broker acknowledged every record: accepted. False when the request was aborted
     meanwhile (it overstayed its lease), in which case it must be answered 503."""
-    async with engine.begin() as conn:
+    # One statement, one round trip: the batch is won (still pending, not aborted by a
+    # sweeper meanwhile) and only then are its records queued, its key completed and the
+    # acceptance audited — all in one snapshot.
+    audit_sql, audit_params = audit.insert_statement(
+        [
+            AuditEvent(
+                actor,
+                "batch.accepted",
+                state=MessageState.QUEUED,
+                batch_id=req.batch_id,
+                detail=f"{len(req.records)} record(s) accepted, {new} new",
+            )
+        ],
+        where="WHERE EXISTS (SELECT 1 FROM won)",
+    )
+    async with engine.connect() as plain:
+        # A single statement is atomic by itself: no BEGIN and COMMIT round trips.
+        conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
         won = (
             await conn.execute(
                 text(
-                    """
-                    UPDATE batches SET state = 'accepted', accepted_at = now(),
-                                       pending_until = NULL
-                     WHERE batch_id = :batch AND state = 'pending'
-                    RETURNING 1
+                    f"""
+                    WITH won AS (
+                        UPDATE batches SET state = 'accepted', accepted_at = now(),
+                                           pending_until = NULL
+                         WHERE batch_id = :batch AND state = 'pending'
+                        RETURNING 1
+                    ), queued AS (
+                        UPDATE messages SET state = 'queued', queued_at = now(),
+                                            pending_until = NULL, updated_at = now()
+                         WHERE publication = :batch AND state = 'pending'
+                           AND EXISTS (SELECT 1 FROM won)
+                    ), keyed AS (
+                        UPDATE idempotency_keys
+                           SET state = 'completed', resource_kind = :kind, resource_id = :rid,
+                               status_url = :url, completed_at = now()
+                         WHERE desk = :desk AND key = :key AND batch_id = :batch
+                           AND EXISTS (SELECT 1 FROM won)
+                    ), audited AS ({audit_sql})
+                    SELECT count(*) FROM won
                     """
                 ),
-                {"batch": req.batch_id},
+                {
+                    "batch": req.batch_id,
+                    "kind": req.resource_kind,
+                    "rid": req.resource_id,
+                    "url": req.status_url,
+                    "desk": req.desk,
+                    "key": req.idempotency_key,
+                    **audit_params,
+                },
             )
-        ).first()
-        if won is None:
-            return False
-        await conn.execute(
-            text(
-                """
-                UPDATE messages SET state = 'queued', queued_at = now(), pending_until = NULL,
-                                    updated_at = now()
-                 WHERE publication = :batch AND state = 'pending'
-                """
-            ),
-            {"batch": req.batch_id},
-        )
-        await conn.execute(
-            text(
-                """
-                UPDATE idempotency_keys
-                   SET state = 'completed', resource_kind = :kind, resource_id = :rid,
-                       status_url = :url, completed_at = now()
-                 WHERE desk = :desk AND key = :key AND batch_id = :batch
-                """
-            ),
-            {
-                "kind": req.resource_kind,
-                "rid": req.resource_id,
-                "url": req.status_url,
-                "desk": req.desk,
-                "key": req.idempotency_key,
-                "batch": req.batch_id,
-            },
-        )
-        await audit.append(
-            conn,
-            [
-                AuditEvent(
-                    actor,
-                    "batch.accepted",
-                    state=MessageState.QUEUED,
-                    batch_id=req.batch_id,
-                    detail=f"{len(req.records)} record(s) accepted, {new} new",
-                )
-            ],
-        )
-        return True
+        ).scalar_one()
+    return bool(won)
 
 
 async def abort(engine: AsyncEngine, req: Request) -> bool:

@@ -79,25 +79,26 @@ def _content(event: AuditEvent) -> dict[str, Any]:
     }
 
 
+def insert_statement(events: Sequence[AuditEvent], where: str = "") -> tuple[str, dict[str, Any]]:
+    """The INSERT of `events` (one statement, no lock) and its parameters, named `audit_*`: to
+    run alone (`append`) or as a CTE of a caller's statement, `where` deciding in the same
+    snapshot whether the rows go in."""
+    rows = [_content(e) for e in events]
+    arrays = ", ".join(f"CAST(:audit_{column} AS text[])" for column in _CONTENT)
+    sql = f"""
+        INSERT INTO audit_log (at, {", ".join(_CONTENT)})
+        SELECT CAST(:audit_at AS timestamptz), * FROM unnest({arrays}) {where}
+    """
+    params = {f"audit_{column}": [row[column] for row in rows] for column in _CONTENT}
+    return sql, {"audit_at": datetime.now(UTC), **params}
+
+
 async def append(conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
     """Append events inside the caller's transaction: one statement, no lock."""
     if not events:
         return
-    rows = [_content(e) for e in events]
-    now = datetime.now(UTC)
-    await conn.execute(
-        text(
-            f"""
-            INSERT INTO audit_log (at, {", ".join(_CONTENT)})
-            SELECT CAST(:at AS timestamptz), * FROM unnest(
-                CAST(:actor_kind AS text[]), CAST(:actor AS text[]), CAST(:desk AS text[]),
-                CAST(:token_id AS text[]), CAST(:source_address AS text[]),
-                CAST(:action AS text[]), CAST(:state AS text[]), CAST(:message_id AS text[]),
-                CAST(:batch_id AS text[]), CAST(:subject_id AS text[]), CAST(:detail AS text[]))
-            """
-        ),
-        {"at": now, **{column: [row[column] for row in rows] for column in _CONTENT}},
-    )
+    sql, params = insert_statement(events)
+    await conn.execute(text(sql), params)
 
 
 async def record(engine: AsyncEngine, events: Sequence[AuditEvent]) -> None:
