@@ -144,6 +144,8 @@ def intake(
 @app.command()
 def worker() -> None:
     """Consume both lanes and deliver to the ETRM upstream."""
+    import uvloop
+
     from ops.bootstrap import run_worker
     from runtime.logging import configure_logging
     from runtime.settings import WorkerSettings, load
@@ -152,7 +154,8 @@ def worker() -> None:
     settings = load(WorkerSettings)
     configure_logging("worker")
     setup_tracing("worker")
-    asyncio.run(run_worker(settings))
+    # uvloop, as uvicorn uses for the intake: cheaper sockets for the upstream calls and Kafka.
+    uvloop.run(run_worker(settings))
 
 
 @app.command()

@@ -4,11 +4,13 @@ token (RFC 8705) works only with its own certificate."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -164,3 +166,57 @@ async def test_certificate_bound_token(tls_pipeline: Pipeline, pki: Pki) -> None
     assert right.status_code == 202, right.text
     # An unbound token still works over a verified mutual-TLS connection.
     assert (await as_bob.get("/healthz")).status_code == 200
+
+
+async def test_the_peer_certificate_reaches_the_app_on_uvloop_too(pki: Pki) -> None:
+    """`etrm-sync intake` runs on uvloop (uvicorn picks it when installed); the protocol that
+    hands the verified certificate to the app must work on that loop's TLS transport too."""
+    import threading
+
+    import uvicorn
+
+    from ingest.tls import presented_thumbprint
+    from ops.dev.stack import free_port
+
+    loops: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        loops.append(type(asyncio.get_running_loop()).__module__)
+        body = (presented_thumbprint(scope) or "none").encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            loop="uvloop",
+            http=ClientCertProtocol,
+            lifespan="off",
+            log_level="warning",
+            ssl_certfile=str(pki.server.cert_path),
+            ssl_keyfile=str(pki.server.key_path),
+            ssl_ca_certs=str(pki.ca.cert_path),
+            ssl_cert_reqs=ssl.CERT_REQUIRED,
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca.cert_path))
+        context.load_cert_chain(str(pki.alice.cert_path), str(pki.alice.key_path))
+        async with httpx.AsyncClient(verify=context, timeout=5) as client:
+            for _ in range(100):
+                if server.started:
+                    break
+                await asyncio.sleep(0.05)
+            answer = await client.get(f"https://127.0.0.1:{port}/")
+        assert answer.text == thumbprint(pki.alice.der)
+        assert loops[0].startswith("uvloop")
+    finally:
+        server.should_exit = True
+        thread.join(10)
