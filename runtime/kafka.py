@@ -109,7 +109,7 @@ def make_producer(settings: KafkaSettings, **overrides: object) -> AIOKafkaProdu
         "bootstrap_servers": settings.kafka_bootstrap_servers,
         "acks": "all",
         "enable_idempotence": settings.kafka_enable_idempotence,
-        "linger_ms": 2,
+        "linger_ms": 0,
         "max_batch_size": 1024 * 1024,
         "max_request_size": 4 * 1024 * 1024,
         "request_timeout_ms": max(1000, int(settings.kafka_publish_timeout_s * 1000)),
