@@ -8,10 +8,11 @@ from typing import Protocol
 
 from opentelemetry.trace import SpanKind
 
+from ledger.crypto import LaneSealer
 from runtime import tracing
 from runtime.cpu import HEAVY_RECORDS, off_loop
 from runtime.kafka import OutgoingRecord
-from schemas.envelope import SCHEMA_VERSION, Envelope, LaneSealer, kafka_headers
+from schemas.envelope import SCHEMA_VERSION, Envelope, kafka_headers
 
 
 class Sink(Protocol):

@@ -21,10 +21,10 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import reconciliation as recon
-from ledger.crypto import PayloadCipher
+from ledger.crypto import LaneSealer, PayloadCipher
 from ledger.rows import Actor
 from runtime.kafka import KafkaPublisher, OutgoingRecord, PublishFailed
-from schemas.envelope import SCHEMA_VERSION, LaneSealer, kafka_headers
+from schemas.envelope import SCHEMA_VERSION, kafka_headers
 from schemas.states import Publication
 
 log = structlog.get_logger("etrm.ops")

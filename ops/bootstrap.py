@@ -25,7 +25,7 @@ from ingest.publisher import SettlementPublisher
 from ingest.waiting import WaitingWatch
 from ledger.acceptance import IntakeStore
 from ledger.console import ConsoleReads
-from ledger.crypto import PayloadCipher
+from ledger.crypto import LaneSealer, PayloadCipher
 from ledger.db import database_unavailable, ensure_schema_current, make_engine
 from ledger.delivery import DeliveryStore
 from ledger.rows import Actor
@@ -43,7 +43,6 @@ from runtime.settings import (
     WorkerSettings,
     load,
 )
-from schemas.envelope import lane_keys
 from workers.app import WorkerParts, serve
 from workers.breaker import Breaker
 from workers.core import Policy
@@ -99,6 +98,16 @@ def _housekeeping(
     )
 
 
+def lane_sealer(
+    settings: IntakeSettings | WorkerSettings | OperatorSettings, cipher: PayloadCipher
+) -> LaneSealer:
+    """How a process puts record values on the lanes: signed with the first signing key, sealed
+    with the process's payload cipher when ETRM_KAFKA_ENCRYPT_PAYLOADS is on."""
+    return LaneSealer(
+        settings.signing_keys()[0], cipher if settings.kafka_encrypt_payloads else None
+    )
+
+
 # -- intake ---------------------------------------------------------------------------------
 
 
@@ -111,7 +120,7 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
     kafka = KafkaPublisher(settings)
     await kafka.start()
     cipher = PayloadCipher(settings.encryption_keyring())
-    sealer = settings.lane_sealer()
+    sealer = lane_sealer(settings, cipher)
     republisher = Republisher(engine, kafka, cipher, sealer)
     actor = Actor("system", f"intake {process_name()}")
     default_rate, desk_rates = settings.desk_rates()
@@ -214,7 +223,7 @@ async def worker_parts(settings: WorkerSettings) -> WorkerParts:
     await until_up("broker", lambda: _topics(settings), transient=kafka_unavailable)
     cipher = PayloadCipher(settings.encryption_keyring())
     kafka = KafkaPublisher(settings)
-    republisher = Republisher(engine, kafka, cipher, settings.lane_sealer())
+    republisher = Republisher(engine, kafka, cipher, lane_sealer(settings, cipher))
     owner = f"{process_name()}/{uuid.uuid4().hex[:6]}"  # unique per worker, also in one process
     actor = Actor("worker", owner)
     http = upstream_http(settings)
@@ -234,7 +243,7 @@ async def worker_parts(settings: WorkerSettings) -> WorkerParts:
         token_errors=(TokenUnavailable,),
         policy=delivery_policy(settings),
         signing_keys=dict(settings.signing_keys()),
-        lane_keys=lane_keys(settings.encryption_keyring()),
+        lane_cipher=cipher,
         slots=LaneSlots(settings.worker_concurrency, settings.priority_share),
         lanes=settings.lanes,
         lease_s=settings.delivery_lease_s,
@@ -275,7 +284,7 @@ async def operator_services(settings: OperatorSettings) -> Operations:
     await ensure_schema_current(engine)
     kafka = KafkaPublisher(settings)
     cipher = PayloadCipher(settings.encryption_keyring())
-    republisher = Republisher(engine, kafka, cipher, settings.lane_sealer())
+    republisher = Republisher(engine, kafka, cipher, lane_sealer(settings, cipher))
     return Operations(
         engine, cipher, republisher, approval_threshold=settings.replay_approval_threshold
     )

@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from schemas.envelope import LaneSealer
 from schemas.states import Sequencing
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+)\s*$")
@@ -205,12 +204,6 @@ class _Keys(_Settings):
 
     def encryption_keyring(self) -> list[tuple[str, bytes]]:
         return _encryption_keyring(self.encryption_keys)
-
-    def lane_sealer(self) -> LaneSealer:
-        """How this process puts record values on the lanes: signed with the first signing key,
-        sealed with the first encryption key when ETRM_KAFKA_ENCRYPT_PAYLOADS is on."""
-        sealing = self.encryption_keyring()[0] if self.kafka_encrypt_payloads else None
-        return LaneSealer(self.signing_keys()[0], sealing)
 
     def audit_signer(self) -> Ed25519PrivateKey | None:
         """The checkpoint signing key (base64 of a 32-byte Ed25519 seed), or None."""

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import ValidationError
 
 from schemas.normalize import NormalizationError, normalize
@@ -33,9 +30,8 @@ SIGNED_HEADERS = ("message_id", "desk", "trader", "trace_id", "schema_version")
 # of a record is the live one (see `publication_of`).
 OPTIONAL_SIGNED_HEADERS = ("batch_id", "replay_of", "replay_count", "replay_id", "encryption")
 # With ETRM_KAFKA_ENCRYPT_PAYLOADS the value on a lane is AES-256-GCM sealed and this header
-# names the key: `kid=<key id>,alg=A256GCM`.
+# names the key: `kid=<key id>,alg=A256GCM` (ledger.crypto.LaneSealer).
 ENCRYPTION_HEADER = "encryption"
-LANE_NONCE_BYTES = 12
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -165,70 +161,6 @@ def verify_message(
     if not hmac.compare_digest(expected, fields.get("v1", "")):
         return "signature does not verify"
     return None
-
-
-# -- what goes on a lane: signed always, sealed when lane encryption is on ---------------------
-
-
-def _lane_aad(headers: Mapping[str, str]) -> bytes:
-    # The ciphertext is bound to its message: moved under another message id it does not open.
-    return b"etrm-lane/v1\0" + headers.get("message_id", "").encode()
-
-
-class LaneSealer:
-    """Every producer of lane records (intake, replays, continuations, hold rejections) puts a
-    value on the wire through this: with an encryption key the value is sealed first
-    (AES-256-GCM under the active key of ETRM_ENCRYPTION_KEYS, so a reader of the topic sees no
-    prices or positions), then the signature is computed over the bytes on the wire and the
-    headers, `encryption` included."""
-
-    def __init__(
-        self, signing_key: tuple[str, bytes], encryption_key: tuple[str, bytes] | None = None
-    ) -> None:
-        self.kid, self._secret = signing_key
-        self._seal: tuple[str, AESGCM] | None = (
-            (encryption_key[0], AESGCM(encryption_key[1])) if encryption_key else None
-        )
-
-    @property
-    def encrypts(self) -> bool:
-        return self._seal is not None
-
-    def seal(self, value: bytes, headers: dict[str, str]) -> bytes:
-        """The value as it goes on the wire; adds `encryption` (when sealing) and `signature`
-        to `headers`."""
-        wire = value
-        if self._seal is not None:
-            kid, aead = self._seal
-            headers[ENCRYPTION_HEADER] = f"kid={kid},alg=A256GCM"
-            nonce = os.urandom(LANE_NONCE_BYTES)
-            wire = nonce + aead.encrypt(nonce, value, _lane_aad(headers))
-        headers["signature"] = sign_message(wire, headers, self.kid, self._secret)
-        return wire
-
-
-def lane_keys(keys: Iterable[tuple[str, bytes]]) -> dict[str, AESGCM]:
-    return {kid: AESGCM(secret) for kid, secret in keys}
-
-
-def open_lane_value(
-    wire: bytes, headers: Mapping[str, str], keys: Mapping[str, AESGCM]
-) -> bytes | str:
-    """The record's value from a verified lane message: the wire bytes when not sealed, else
-    the plaintext; a str says why it cannot be opened."""
-    spec = headers.get(ENCRYPTION_HEADER)
-    if spec is None:
-        return wire
-    fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
-    if fields.get("alg") != "A256GCM":
-        return "unknown payload encryption"
-    aead = keys.get(fields.get("kid", ""))
-    if aead is None:
-        return "payload sealed under a key not in ETRM_ENCRYPTION_KEYS"
-    try:
-        return aead.decrypt(wire[:LANE_NONCE_BYTES], wire[LANE_NONCE_BYTES:], _lane_aad(headers))
-    except (InvalidTag, ValueError):
-        return "payload does not decrypt"
 
 
 @dataclass(frozen=True, slots=True)

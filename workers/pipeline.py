@@ -26,17 +26,18 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import orjson
 import structlog
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
+from ledger.crypto import PayloadCipher, open_lane_value
 from ledger.rows import (
     Actor,
     AuditEvent,
@@ -49,13 +50,7 @@ from ledger.rows import (
 )
 from runtime import tracing
 from runtime.aio import first_of
-from schemas.envelope import (
-    header_map,
-    message_id_for,
-    open_lane_value,
-    publication_of,
-    verify_message,
-)
+from schemas.envelope import header_map, message_id_for, publication_of, verify_message
 from schemas.records import CanonicalRecord
 from schemas.states import DeadLetterReason, MessageState
 from schemas.text import cap_text
@@ -82,9 +77,6 @@ from workers.core import (
 )
 from workers.offsets import OffsetTracker, PartitionKey, Ticket, Untracked
 from workers.rules import Answer, AnswerKind
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from workers.slots import LaneSlots
 
 log = structlog.get_logger("etrm.worker")
@@ -181,10 +173,10 @@ class Pipeline:
         actor: Actor,
         breaker: Breaker,
         rng: random.Random | None = None,
-        lane_keys: Mapping[str, AESGCM] | None = None,
+        lane_cipher: PayloadCipher | None = None,
     ) -> None:
         self.ledger = ledger
-        self.lane_keys = lane_keys or {}
+        self.lane_cipher = lane_cipher  # opens values sealed on the lanes
         self.breaker = breaker
         self.upstream = upstream
         self.token_errors = token_errors
@@ -276,7 +268,7 @@ class Pipeline:
                 record, ticket, DeadLetterReason.INVALID_SIGNATURE, problem, headers
             )
             return None
-        opened = open_lane_value(value, headers, self.lane_keys)
+        opened = open_lane_value(value, headers, self.lane_cipher)
         if isinstance(opened, str):
             self._dead_letter_untrusted(
                 record, ticket, DeadLetterReason.INVALID_MESSAGE, opened, headers

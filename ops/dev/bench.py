@@ -33,6 +33,7 @@ from ledger import acceptance
 from ledger.crypto import PayloadCipher
 from ledger.db import make_engine, migrate
 from ledger.rows import Actor
+from ops.bootstrap import lane_sealer
 from ops.dev.devkeys import generate_signing_key, mint_token
 from ops.dev.stack import Broker, Database, free_port, isolated_settings
 from runtime.kafka import KafkaPublisher, ensure_topics, make_producer
@@ -212,9 +213,9 @@ class Bench:
         await ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, partitions)
         slow = settings.model_copy(update={"kafka_publish_timeout_s": 120.0})
         kafka = KafkaPublisher(slow)
-        publisher = SettlementPublisher(kafka, slow.lanes, slow.lane_sealer())
         engine = make_engine(settings.database_url, 2)
         cipher = PayloadCipher(settings.encryption_keyring())
+        publisher = SettlementPublisher(kafka, slow.lanes, lane_sealer(slow, cipher))
         try:
             for start in range(0, len(envelopes), 5000):
                 chunk = envelopes[start : start + 5000]

@@ -17,12 +17,12 @@ from sqlalchemy import text
 from ingest.deps import IntakeLedger
 from ingest.publisher import SettlementPublisher
 from ledger.acceptance import Busy, IntakeStore, KeyHeld, Pending, RevisionConflict
-from ledger.crypto import PayloadCipher
+from ledger.crypto import LaneSealer, PayloadCipher
 from ledger.db import make_engine
 from ledger.delivery import DeliveryStore
 from ledger.rows import Actor, ClaimRequest, DeadLetterRow, LateTaken, Outcome
 from schemas import samples
-from schemas.envelope import LaneSealer, header_map, publication_of
+from schemas.envelope import header_map, publication_of
 from schemas.states import BatchState, DeadLetterReason, MessageState
 from tests.conftest import Infra, fresh_database
 from tests.fakes import Desk, FakeBroker, FakeLedger

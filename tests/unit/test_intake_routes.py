@@ -23,9 +23,11 @@ from ingest.deps import IntakeServices
 from ingest.limits import DeskRateLimiter, FailureAlarm
 from ingest.publisher import SettlementPublisher
 from ingest.waiting import WaitingWatch
+from ledger.crypto import PayloadCipher
 from ledger.reconciliation import DeadLetterFilter
 from ledger.rows import Actor, Circuit, MaintenanceWindow
 from operations.service import OperationRefused, ReplayRequested
+from ops.bootstrap import lane_sealer
 from ops.dev.devkeys import generate_signing_key, mint_token
 from runtime.settings import IntakeSettings, load
 from schemas import samples
@@ -197,7 +199,11 @@ async def intake(tmp_path: Path) -> AsyncIterator[Intake]:
         settings=settings,
         ledger=ledger,
         kafka=broker,
-        publisher=SettlementPublisher(broker, settings.lanes, settings.lane_sealer()),
+        publisher=SettlementPublisher(
+            broker,
+            settings.lanes,
+            lane_sealer(settings, PayloadCipher(settings.encryption_keyring())),
+        ),
         verifier=TokenVerifier(JwksKeys(str(jwks)), issuer=ISSUER, audience=AUDIENCE, leeway_s=30),
         operations=operations,
         rate_limiter=DeskRateLimiter(*settings.desk_rates()),

@@ -14,10 +14,10 @@ from decimal import Decimal
 import pytest
 
 from ingest.publisher import SettlementPublisher
+from ledger.crypto import LaneSealer
 from ledger.rows import Actor, ClaimRequest, MaintenanceWindow, Outcome
 from operations.circuit import BreakerConfig, Failed, Succeeded, TakeProbe
 from schemas import samples
-from schemas.envelope import LaneSealer
 from schemas.states import CircuitState, DeadLetterReason, MessageState, Sequencing
 from tests.fakes import (
     Consumed,

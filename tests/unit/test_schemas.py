@@ -9,16 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ledger.crypto import LaneSealer, PayloadCipher, open_lane_value
 from schemas import samples
-from schemas.envelope import (
-    LaneSealer,
-    envelope_for,
-    lane_for,
-    lane_keys,
-    open_lane_value,
-    validate_record,
-    verify_message,
-)
+from schemas.envelope import envelope_for, lane_for, validate_record, verify_message
 from schemas.records import CanonicalRecord
 
 RUN = "RUN0000000000001"
@@ -315,6 +308,7 @@ def test_lanes() -> None:
 
 SIGNING = ("k1", b"lane-signing-key")
 SEALING = ("e1", bytes(range(32)))
+OTHER_KEY = ("e9", bytes(32))
 HEADERS = {
     "message_id": "a" * 32,
     "desk": "power-east",
@@ -327,11 +321,11 @@ HEADERS = {
 @given(value=st.binary(max_size=512))
 def test_a_sealed_value_opens_to_itself_and_verifies(value: bytes) -> None:
     headers = dict(HEADERS)
-    wire = LaneSealer(SIGNING, SEALING).seal(value, headers)
+    wire = LaneSealer(SIGNING, PayloadCipher([SEALING])).seal(value, headers)
     if len(value) >= 16:  # (a short value may occur in random bytes by chance)
         assert value not in wire
     assert verify_message(wire, headers, dict([SIGNING])) is None
-    assert open_lane_value(wire, headers, lane_keys([SEALING])) == value
+    assert open_lane_value(wire, headers, PayloadCipher([SEALING])) == value
 
 
 @given(
@@ -339,20 +333,31 @@ def test_a_sealed_value_opens_to_itself_and_verifies(value: bytes) -> None:
 )
 def test_any_flipped_bit_of_a_sealed_value_does_not_open(value: bytes, at: int, bit: int) -> None:
     headers = dict(HEADERS)
-    wire = bytearray(LaneSealer(SIGNING, SEALING).seal(value, headers))
+    wire = bytearray(LaneSealer(SIGNING, PayloadCipher([SEALING])).seal(value, headers))
     wire[at % len(wire)] ^= 1 << bit
-    assert open_lane_value(bytes(wire), headers, lane_keys([SEALING])) == "payload does not decrypt"
+    assert (
+        open_lane_value(bytes(wire), headers, PayloadCipher([SEALING]))
+        == "payload does not decrypt"
+    )
 
 
 def test_a_sealed_value_is_bound_to_its_message_and_key() -> None:
     headers = dict(HEADERS)
-    wire = LaneSealer(SIGNING, SEALING).seal(b'{"price": "55.25"}', headers)
+    wire = LaneSealer(SIGNING, PayloadCipher([SEALING])).seal(b'{"price": "55.25"}', headers)
     moved = {**headers, "message_id": "b" * 32}
-    assert open_lane_value(wire, moved, lane_keys([SEALING])) == "payload does not decrypt"
-    assert "not in ETRM_ENCRYPTION_KEYS" in str(open_lane_value(wire, headers, lane_keys([])))
+    assert open_lane_value(wire, moved, PayloadCipher([SEALING])) == "payload does not decrypt"
+    assert "not in ETRM_ENCRYPTION_KEYS" in str(
+        open_lane_value(wire, headers, PayloadCipher([OTHER_KEY]))
+    )
     # the `encryption` header is signed: stripping it (to pass ciphertext off as clear) fails
     stripped = {k: v for k, v in headers.items() if k != "encryption"}
     assert verify_message(wire, stripped, dict([SIGNING])) == "signature does not verify"
+
+
+def test_a_sealed_value_too_short_to_hold_a_nonce_does_not_open() -> None:
+    headers = dict(HEADERS)
+    LaneSealer(SIGNING, PayloadCipher([SEALING])).seal(b"{}", headers)
+    assert open_lane_value(b"abc", headers, PayloadCipher([SEALING])) == "payload does not decrypt"
 
 
 def test_without_an_encryption_key_the_value_goes_in_clear() -> None:
@@ -360,4 +365,4 @@ def test_without_an_encryption_key_the_value_goes_in_clear() -> None:
     assert LaneSealer(SIGNING).seal(b"{}", headers) == b"{}"
     assert "encryption" not in headers
     assert verify_message(b"{}", headers, dict([SIGNING])) is None
-    assert open_lane_value(b"{}", headers, {}) == b"{}"
+    assert open_lane_value(b"{}", headers, None) == b"{}"

@@ -10,11 +10,12 @@ from typing import Any
 from faststream.kafka import TestKafkaBroker
 
 from ingest.publisher import SettlementPublisher
+from ledger.crypto import LaneSealer
 from ledger.rows import Actor
 from operations.circuit import BreakerConfig
 from runtime.settings import WorkerSettings, load
 from schemas import samples
-from schemas.envelope import LaneSealer, header_map
+from schemas.envelope import header_map
 from schemas.states import MessageState
 from tests.fakes import Desk, FakeBroker, FakeCircuitStore, FakeLedger, FakeUpstream, taken
 from tests.support import wait_for
