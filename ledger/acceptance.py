@@ -24,12 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import audit, reads, upstream
 from ledger.crypto import PayloadCipher
+from ledger.db import sql
 from ledger.rows import Actor, AuditEvent, UpstreamView
 from schemas.states import BatchState, MessageState
 
@@ -170,7 +170,7 @@ async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Beg
 async def _take_key(conn: AsyncConnection, req: Request) -> KeyHeld | None:
     taken = (
         await conn.execute(
-            text(
+            sql(
                 """
                 WITH previous AS (
                     SELECT batch_id FROM idempotency_keys
@@ -206,7 +206,7 @@ async def _take_key(conn: AsyncConnection, req: Request) -> KeyHeld | None:
         return None
     row = (
         await conn.execute(
-            text(
+            sql(
                 "SELECT state, request_hash, resource_kind, resource_id, status_url "
                 "FROM idempotency_keys WHERE desk = :desk AND key = :key"
             ),
@@ -221,7 +221,7 @@ async def _insert_pending(conn: AsyncConnection, req: Request, columns: _Columns
     aborted acceptance, become pending under this request — one statement, one round trip;
     returns their ids. Records already accepted (or pending elsewhere) are left alone."""
     taken = await conn.execute(
-        text(
+        sql(
             """
             WITH batch AS (
                 INSERT INTO batches (batch_id, desk, trader, settlement_run_id,
@@ -293,7 +293,7 @@ async def _refuse_if_pending_elsewhere(conn: AsyncConnection, message_ids: list[
     unless it overstayed its lease, in which case it is aborted and this request retries."""
     rows = (
         await conn.execute(
-            text(
+            sql(
                 """
                 SELECT publication, extract(epoch FROM pending_until - now()) AS left_s
                   FROM messages
@@ -314,7 +314,7 @@ async def _conflict(engine: AsyncEngine, req: Request) -> RevisionConflict:
     async with engine.connect() as conn:
         rows = (
             await conn.execute(
-                text(
+                sql(
                     """
                     SELECT i.ord, m.message_id
                       FROM unnest(CAST(:identities AS text[]), CAST(:revisions AS int[]),
@@ -362,7 +362,7 @@ async def complete(engine: AsyncEngine, req: Request, actor: Actor, new: int) ->
         conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
         won = (
             await conn.execute(
-                text(
+                sql(
                     f"""
                     WITH won AS (
                         UPDATE batches SET state = 'accepted', accepted_at = now(),
@@ -404,7 +404,7 @@ async def abort(engine: AsyncEngine, req: Request) -> bool:
     async with engine.begin() as conn:
         aborted = await _abort_batches(conn, [req.batch_id], expired_only=False)
         await conn.execute(
-            text(
+            sql(
                 "DELETE FROM idempotency_keys WHERE desk = :desk AND key = :key "
                 "AND batch_id = :batch AND state = 'in_flight'"
             ),
@@ -418,7 +418,7 @@ async def abort(engine: AsyncEngine, req: Request) -> bool:
 async def state_of(engine: AsyncEngine, batch_id: str) -> BatchState | None:
     async with engine.connect() as conn:
         state = await conn.scalar(
-            text("SELECT state FROM batches WHERE batch_id = :batch"), {"batch": batch_id}
+            sql("SELECT state FROM batches WHERE batch_id = :batch"), {"batch": batch_id}
         )
     return BatchState(state) if state else None
 
@@ -427,7 +427,7 @@ async def _abort_batches(
     conn: AsyncConnection, batch_ids: Sequence[str], *, expired_only: bool
 ) -> list[str]:
     rows = await conn.execute(
-        text(
+        sql(
             f"""
             WITH gone AS (
                 UPDATE batches SET state = 'aborted', pending_until = NULL
@@ -455,7 +455,7 @@ async def forget_keys(engine: AsyncEngine, retention_s: float, limit: int = 5000
     """Delete idempotency keys older than the retention (never one in flight); how many."""
     async with engine.begin() as conn:
         done = await conn.execute(
-            text(
+            sql(
                 """
                 DELETE FROM idempotency_keys k
                  USING (SELECT desk, key FROM idempotency_keys
@@ -477,7 +477,7 @@ async def sweep_expired(engine: AsyncEngine, limit: int = 500) -> int:
         expired = [
             r.batch_id
             for r in await conn.execute(
-                text(
+                sql(
                     "SELECT batch_id FROM batches WHERE state = 'pending' "
                     "AND pending_until < now() ORDER BY pending_until LIMIT :limit "
                     "FOR UPDATE SKIP LOCKED"

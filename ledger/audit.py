@@ -27,9 +27,9 @@ import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ledger.db import sql
 from ledger.rows import Actor, AuditEvent
 from schemas.records import iso_z
 from schemas.text import cap_text
@@ -85,20 +85,20 @@ def insert_statement(events: Sequence[AuditEvent], where: str = "") -> tuple[str
     snapshot whether the rows go in."""
     rows = [_content(e) for e in events]
     arrays = ", ".join(f"CAST(:audit_{column} AS text[])" for column in _CONTENT)
-    sql = f"""
+    statement = f"""
         INSERT INTO audit_log (at, {", ".join(_CONTENT)})
         SELECT CAST(:audit_at AS timestamptz), * FROM unnest({arrays}) {where}
     """
     params = {f"audit_{column}": [row[column] for row in rows] for column in _CONTENT}
-    return sql, {"audit_at": datetime.now(UTC), **params}
+    return statement, {"audit_at": datetime.now(UTC), **params}
 
 
 async def append(conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
     """Append events inside the caller's transaction: one statement, no lock."""
     if not events:
         return
-    sql, params = insert_statement(events)
-    await conn.execute(text(sql), params)
+    statement, params = insert_statement(events)
+    await conn.execute(sql(statement), params)
 
 
 async def record(engine: AsyncEngine, events: Sequence[AuditEvent]) -> None:
@@ -130,15 +130,15 @@ async def sequence(engine: AsyncEngine, limit: int = 5000, *, wait: bool = False
     or (unless `wait`) when another process holds the sequencer's turn."""
     async with engine.begin() as conn:
         if wait:
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SEQUENCER_LOCK})
+            await conn.execute(sql("SELECT pg_advisory_xact_lock(:key)"), {"key": _SEQUENCER_LOCK})
         elif not await conn.scalar(
-            text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _SEQUENCER_LOCK}
+            sql("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _SEQUENCER_LOCK}
         ):
             return 0
         waiting = [
             dict(r._mapping)
             for r in await conn.execute(
-                text(
+                sql(
                     f"SELECT id, at, {', '.join(_CONTENT)} FROM audit_log WHERE hash IS NULL "
                     "ORDER BY id LIMIT :limit"
                 ),
@@ -154,7 +154,7 @@ async def sequence(engine: AsyncEngine, limit: int = 5000, *, wait: bool = False
             row["seq"], row["prev_hash"] = seq, prev
             row["hash"] = prev = row_hash(row)
         await conn.execute(
-            text(
+            sql(
                 """
                 UPDATE audit_log a SET seq = s.seq, prev_hash = s.prev_hash, hash = s.hash
                   FROM unnest(CAST(:ids AS bigint[]), CAST(:seqs AS bigint[]),
@@ -208,7 +208,7 @@ async def verify(
         after = 0
         while True:
             result = await conn.execute(
-                text(
+                sql(
                     f"SELECT {', '.join(_HASHED)}, hash FROM audit_log WHERE seq > :after "
                     "ORDER BY seq LIMIT :page"
                 ),
@@ -231,7 +231,7 @@ async def verify(
                     )
                 prev, after, expected_seq = row["hash"], row["seq"], expected_seq + 1
         late = await conn.scalar(
-            text(
+            sql(
                 "SELECT count(*) FROM audit_log WHERE hash IS NULL "
                 "AND at < now() - make_interval(secs => :delay)"
             ),
@@ -263,7 +263,7 @@ async def _chain_head(conn: AsyncConnection) -> tuple[int, str] | None:
     """The last sequenced entry's number and hash (None before the first)."""
     head = (
         await conn.execute(
-            text("SELECT seq, hash FROM audit_log WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1")
+            sql("SELECT seq, hash FROM audit_log WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1")
         )
     ).first()
     return (int(head.seq), str(head.hash)) if head is not None else None
@@ -309,7 +309,7 @@ async def write_checkpoint(
     """Sign the head of the sequenced chain; the key stays with the process, only the
     signature is stored — in the database and, with `external_dir`, in a file beside it."""
     async with engine.begin() as conn:
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SEQUENCER_LOCK})
+        await conn.execute(sql("SELECT pg_advisory_xact_lock(:key)"), {"key": _SEQUENCER_LOCK})
         head = await _chain_head(conn)
         if head is None:
             return None
@@ -317,7 +317,7 @@ async def write_checkpoint(
         signature = signer.sign(checkpoint_message(seq, head_hash)).hex()
         kid = key_id(signer.public_key())
         inserted = await conn.scalar(
-            text(
+            sql(
                 "INSERT INTO audit_checkpoints (seq, head_hash, key_id, signature) "
                 "VALUES (:seq, :hash, :kid, :sig) ON CONFLICT (seq) DO NOTHING RETURNING seq"
             ),
@@ -344,7 +344,7 @@ async def verify_checkpoints(
     async with engine.connect() as conn:
         rows = (
             await conn.execute(
-                text(
+                sql(
                     "SELECT c.seq, c.head_hash, c.signature, a.hash AS chain_hash "
                     "FROM audit_checkpoints c LEFT JOIN audit_log a USING (seq) ORDER BY c.seq"
                 )
@@ -352,7 +352,7 @@ async def verify_checkpoints(
         ).all()
         uncovered = (
             await conn.scalar(
-                text(
+                sql(
                     "SELECT max(seq) FROM audit_log WHERE seq IS NOT NULL "
                     "AND at < now() - make_interval(secs => :age)"
                 ),
@@ -365,7 +365,7 @@ async def verify_checkpoints(
         chain = {
             r.seq: r.hash
             for r in await conn.execute(
-                text("SELECT seq, hash FROM audit_log WHERE seq = ANY(CAST(:seqs AS bigint[]))"),
+                sql("SELECT seq, hash FROM audit_log WHERE seq = ANY(CAST(:seqs AS bigint[]))"),
                 {"seqs": [e["seq"] for e in external]},
             )
         }

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import reconciliation as recon
+from ledger.db import sql
 from schemas.states import MessageState, sql_values
 
 _HIDDEN = sql_values(frozenset({MessageState.PENDING, MessageState.ABORTED}))
@@ -49,7 +49,7 @@ class ConsoleReads:
     async def overview(self) -> Overview:
         async with self.engine.connect() as conn:
             counts = await conn.execute(
-                text(
+                sql(
                     f"SELECT desk, topic, state, count(*) FROM messages "
                     f"WHERE state NOT IN {_HIDDEN} GROUP BY desk, topic, state"
                 )
@@ -62,7 +62,7 @@ class ConsoleReads:
                 by_lane.setdefault(topic, {}).setdefault(state, 0)
                 by_lane[topic][state] += int(n)
             hours = await conn.execute(
-                text(
+                sql(
                     f"""
                     SELECT date_trunc('hour', ts) AS hour,
                            count(*) FILTER (WHERE what = 'accepted'),
@@ -94,7 +94,7 @@ class ConsoleReads:
             ]
             row = (
                 await conn.execute(
-                    text(
+                    sql(
                         "SELECT (SELECT count(*) FROM holds WHERE state = 'open'), "
                         "(SELECT count(*) FROM dead_letters WHERE status = 'open'), "
                         "(SELECT count(*) FROM replays WHERE state = 'pending_approval'), "
@@ -122,7 +122,7 @@ class ConsoleReads:
         prefix = term[:-1] if term.endswith("*") else None
         async with self.engine.connect() as conn:
             rows = await conn.execute(
-                text(
+                sql(
                     f"""
                     SELECT message_id, batch_id, desk, contract_id, settlement_run_id, state,
                            trace_id, created_at
@@ -158,7 +158,7 @@ class ConsoleReads:
         the acceptance of the request that queued it, in chain order."""
         async with self.engine.connect() as conn:
             rows = await conn.execute(
-                text(
+                sql(
                     """
                     SELECT id, seq, at, actor_kind, actor, action, state, detail, hash
                       FROM audit_log
@@ -178,7 +178,7 @@ class ConsoleReads:
     async def replay_items(self, replay_id: str, limit: int = 500) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(
-                text(
+                sql(
                     """
                     SELECT i.ord, i.message_id, i.dead_letter_id, i.state AS item_state,
                            m.state, m.desk, m.contract_id

@@ -24,11 +24,11 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import orjson
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import acceptance, audit
 from ledger.crypto import PayloadCipher
+from ledger.db import sql
 from ledger.rows import (
     Actor,
     AuditEvent,
@@ -71,7 +71,7 @@ async def claim(
         return []
     async with engine.begin() as conn:
         result = await conn.execute(
-            text(
+            sql(
                 f"""
                 WITH req AS (
                     SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:pubs AS text[]),
@@ -201,7 +201,7 @@ async def write_outcomes(
         return set()
     async with engine.begin() as conn:
         rows = await conn.execute(
-            text(
+            sql(
                 f"""
                 WITH o AS (
                     SELECT * FROM unnest(
@@ -261,7 +261,7 @@ async def insert_holds(conn: AsyncConnection, holds: Sequence[HoldRow]) -> None:
     if not holds:
         return
     await conn.execute(
-        text(
+        sql(
             """
             INSERT INTO holds (hold_id, message_id, desk, contract_id, submitted_position_mwh,
                                reconciled_position_mwh, variance, reason)
@@ -311,7 +311,7 @@ async def insert_dead_letters(
     if not rows:
         return []
     inserted = await conn.execute(
-        text(
+        sql(
             """
             INSERT INTO dead_letters (dead_letter_id, dedupe_key, message_id, desk,
                 settlement_run_id, contract_id, reason, error_status, attempts, last_error,
@@ -385,7 +385,7 @@ async def record_late_taken(engine: AsyncEngine, late: LateTaken, actor: Actor) 
     async with engine.begin() as conn:
         closed = (
             await conn.execute(
-                text(
+                sql(
                     f"""
                     UPDATE dead_letters d
                        SET status = 'resolved', closed_at = now(), closed_by = :actor,
@@ -404,7 +404,7 @@ async def record_late_taken(engine: AsyncEngine, late: LateTaken, actor: Actor) 
         if closed is None:
             return False
         await conn.execute(
-            text(
+            sql(
                 """
                 UPDATE messages
                    SET state = :state, final_at = now(), updated_at = now(),
@@ -453,7 +453,7 @@ async def unpublished(
     """Dead letters not on the reconciliation topic yet, oldest first, locked for this
     publisher (others skip them) until its transaction ends."""
     rows = await conn.execute(
-        text(
+        sql(
             """
             SELECT dead_letter_id, kafka_key, kafka_value, value_kid, raw_headers, reason,
                    error_status, last_error, attempts, first_attempt_at, last_attempt_at,
@@ -493,7 +493,7 @@ async def unpublished(
 
 async def mark_published(conn: AsyncConnection, dead_letter_ids: Sequence[str]) -> None:
     await conn.execute(
-        text(
+        sql(
             "UPDATE dead_letters SET published_at = now() "
             "WHERE dead_letter_id = ANY(CAST(:ids AS text[])) AND published_at IS NULL"
         ),
@@ -504,7 +504,7 @@ async def mark_published(conn: AsyncConnection, dead_letter_ids: Sequence[str]) 
 async def unpublished_count(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
         count = await conn.scalar(
-            text("SELECT count(*) FROM dead_letters WHERE published_at IS NULL")
+            sql("SELECT count(*) FROM dead_letters WHERE published_at IS NULL")
         )
     return int(count or 0)
 

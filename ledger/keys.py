@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import audit
 from ledger.crypto import PayloadCipher
+from ledger.db import sql
 from ledger.rows import Actor, AuditEvent
 
 # (table, id column, value column, key-id column)
@@ -33,7 +33,7 @@ async def rotate(
             async with engine.begin() as conn:
                 rows = (
                     await conn.execute(
-                        text(
+                        sql(
                             f"SELECT {id_column}, {kid_column}, {value_column} FROM {table} "
                             f"WHERE {kid_column} <> :active LIMIT :chunk FOR UPDATE SKIP LOCKED"
                         ),
@@ -48,7 +48,7 @@ async def rotate(
                     for row_id, kid, value in rows
                 ]
                 await conn.execute(
-                    text(
+                    sql(
                         f"""
                         UPDATE {table} t SET {value_column} = n.value, {kid_column} = :active
                           FROM unnest(CAST(:ids AS text[]), CAST(:values AS bytea[]))

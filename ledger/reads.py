@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger.db import sql
 from schemas.states import MessageState, sql_values
 
 _HIDDEN = sql_values(frozenset({MessageState.PENDING, MessageState.ABORTED}))
@@ -62,7 +62,7 @@ async def get_batch(engine: AsyncEngine, batch_id: str, desk: str | None) -> Bat
     async with engine.connect() as conn:
         batch = (
             await conn.execute(
-                text(
+                sql(
                     "SELECT batch_id, desk, settlement_run_id, created_at FROM batches "
                     "WHERE batch_id = :id AND state = 'accepted' "
                     "AND (CAST(:desk AS text) IS NULL OR desk = :desk)"
@@ -73,7 +73,7 @@ async def get_batch(engine: AsyncEngine, batch_id: str, desk: str | None) -> Bat
         if batch is None:
             return None
         rows = await conn.execute(
-            text(
+            sql(
                 """
                 SELECT b.idx, b.message_id, m.state, m.contract_id
                   FROM batch_messages b JOIN messages m USING (message_id)
@@ -90,7 +90,7 @@ async def get_message(engine: AsyncEngine, message_id: str, desk: str | None) ->
     async with engine.connect() as conn:
         row = (
             await conn.execute(
-                text(
+                sql(
                     f"""
                     SELECT m.message_id, m.batch_id, m.desk, m.settlement_run_id,
                            m.contract_id, m.revision, m.state, m.attempts,
@@ -109,7 +109,7 @@ async def get_message(engine: AsyncEngine, message_id: str, desk: str | None) ->
             return None
         # The record's own events, and the acceptance of the request that queued it.
         events = await conn.execute(
-            text(
+            sql(
                 """
                 SELECT state, at, detail FROM (
                     SELECT id, state, at, detail FROM audit_log
@@ -155,7 +155,7 @@ async def open_work(engine: AsyncEngine) -> OpenWork:
     async with engine.connect() as conn:
         row = (
             await conn.execute(
-                text(
+                sql(
                     "SELECT (SELECT count(*) FROM holds WHERE state = 'open'), "
                     "(SELECT count(*) FROM dead_letters WHERE status = 'open'), "
                     "(SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0) "
@@ -168,4 +168,4 @@ async def open_work(engine: AsyncEngine) -> OpenWork:
 
 async def ping(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
+        await conn.execute(sql("SELECT 1"))

@@ -23,11 +23,11 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import audit
 from ledger.crypto import PayloadCipher
+from ledger.db import sql
 from ledger.delivery import insert_dead_letters
 from ledger.rows import Actor, AuditEvent, DeadLetterRow
 from schemas.states import (
@@ -103,7 +103,7 @@ async def list_dead_letters(
         params.update(after_at=after_at, after_id=after_id)
     async with engine.connect() as conn:
         rows = await conn.execute(
-            text(
+            sql(
                 f"SELECT {_DEAD_LETTER_COLUMNS}, {_PARKED_BEHIND} FROM dead_letters d "
                 f"WHERE {clause} ORDER BY d.created_at, d.dead_letter_id LIMIT :limit"
             ),
@@ -121,7 +121,7 @@ async def get_dead_letter(engine: AsyncEngine, dead_letter_id: str) -> dict[str,
     async with engine.connect() as conn:
         row = (
             await conn.execute(
-                text(
+                sql(
                     f"SELECT {_DEAD_LETTER_COLUMNS}, {_PARKED_BEHIND}, d.kafka_headers, "
                     "d.published_at, d.replay_id, d.closed_at, d.closed_by, d.close_reason "
                     "FROM dead_letters d WHERE d.dead_letter_id = :id"
@@ -168,7 +168,7 @@ async def replay_candidates(
         params["ids"] = list(message_ids)
     async with engine.connect() as conn:
         rows = await conn.execute(
-            text(_CANDIDATES.format(clause=clause) + " ORDER BY m.accept_seq LIMIT :limit"),
+            sql(_CANDIDATES.format(clause=clause) + " ORDER BY m.accept_seq LIMIT :limit"),
             {**params, "limit": limit},
         )
         return [
@@ -194,7 +194,7 @@ async def create_replay(
         claimed = {
             r.dead_letter_id
             for r in await conn.execute(
-                text(
+                sql(
                     """
                     UPDATE dead_letters SET status = 'replaying', replay_id = :id
                      WHERE dead_letter_id = ANY(CAST(:ids AS text[])) AND status = 'open'
@@ -211,7 +211,7 @@ async def create_replay(
         desks = sorted({i.desk for i in items})
         second_operator = needs_approval(len(items), desks)
         await conn.execute(
-            text(
+            sql(
                 """
                 INSERT INTO replays (replay_id, kind, state, reason, requested_by,
                                      requested_desk, item_count, desks)
@@ -230,7 +230,7 @@ async def create_replay(
             },
         )
         await conn.execute(
-            text(
+            sql(
                 """
                 INSERT INTO replay_items (replay_id, ord, dead_letter_id, message_id)
                 SELECT :id, ord, dead_letter_id, message_id
@@ -277,7 +277,7 @@ async def approve_replay(
     async with engine.begin() as conn:
         row = (
             await conn.execute(
-                text("SELECT state, requested_by FROM replays WHERE replay_id = :id FOR UPDATE"),
+                sql("SELECT state, requested_by FROM replays WHERE replay_id = :id FOR UPDATE"),
                 {"id": replay_id},
             )
         ).first()
@@ -291,7 +291,7 @@ async def approve_replay(
         if row.state != ReplayState.PENDING_APPROVAL:
             raise Refused("not_pending", f"replay is {row.state}, not awaiting approval")
         await conn.execute(
-            text(
+            sql(
                 "UPDATE replays SET state = 'approved', approved_by = :by, "
                 "approval_reason = :reason, approved_at = now() WHERE replay_id = :id"
             ),
@@ -306,7 +306,7 @@ async def take_replay(engine: AsyncEngine, replay_id: str, lease_s: float) -> bo
     """Start or resume a replay; False when it is not runnable or another runner holds it."""
     async with engine.begin() as conn:
         taken = await conn.execute(
-            text(
+            sql(
                 """
                 UPDATE replays SET state = 'running',
                        lease_until = now() + make_interval(secs => :lease)
@@ -324,7 +324,7 @@ async def take_replay(engine: AsyncEngine, replay_id: str, lease_s: float) -> bo
 async def renew_replay(engine: AsyncEngine, replay_id: str, lease_s: float) -> None:
     async with engine.begin() as conn:
         await conn.execute(
-            text(
+            sql(
                 "UPDATE replays SET lease_until = now() + make_interval(secs => :lease) "
                 "WHERE replay_id = :id AND state = 'running'"
             ),
@@ -363,7 +363,7 @@ async def requeue_chunk(
     async with engine.begin() as conn:
         items = (
             await conn.execute(
-                text(
+                sql(
                     """
                     SELECT ord, dead_letter_id, message_id FROM replay_items
                      WHERE replay_id = :id AND state = 'pending' ORDER BY ord LIMIT :limit
@@ -377,7 +377,7 @@ async def requeue_chunk(
         requeued = {
             r.message_id: r
             for r in await conn.execute(
-                text(
+                sql(
                     """
                     UPDATE messages m
                        SET state = 'queued', publication = :id, publication_kind = :kind,
@@ -405,7 +405,7 @@ async def requeue_chunk(
         skipped = [i.ord for i in items if i.message_id not in requeued]
         if skipped:
             await conn.execute(
-                text(
+                sql(
                     "UPDATE replay_items SET state = 'skipped' "
                     "WHERE replay_id = :id AND ord = ANY(CAST(:ords AS int[]))"
                 ),
@@ -414,7 +414,7 @@ async def requeue_chunk(
         counts = {
             r.message_id: int(r.n)
             for r in await conn.execute(
-                text(
+                sql(
                     """
                     SELECT message_id, count(*) AS n FROM replay_items
                      WHERE message_id = ANY(CAST(:mids AS text[])) AND state = 'published'
@@ -458,7 +458,7 @@ async def mark_republished(
 ) -> None:
     async with engine.begin() as conn:
         await conn.execute(
-            text(
+            sql(
                 """
                 UPDATE replay_items SET state = 'published', published_at = now()
                  WHERE replay_id = :id AND ord = ANY(CAST(:ords AS int[]))
@@ -467,14 +467,14 @@ async def mark_republished(
             {"id": replay_id, "ords": [i.ord for i in items]},
         )
         await conn.execute(
-            text(
+            sql(
                 "UPDATE dead_letters SET status = 'replayed' "
                 "WHERE dead_letter_id = ANY(CAST(:ids AS text[])) AND status = 'replaying'"
             ),
             {"ids": [i.dead_letter_id for i in items if i.dead_letter_id]},
         )
         await conn.execute(
-            text(
+            sql(
                 "UPDATE replays SET lease_until = now() + make_interval(secs => :lease) "
                 "WHERE replay_id = :id AND state = 'running'"
             ),
@@ -498,7 +498,7 @@ async def mark_republished(
 async def finish_replay(engine: AsyncEngine, replay_id: str, actor: Actor) -> None:
     async with engine.begin() as conn:
         done = await conn.execute(
-            text(
+            sql(
                 "UPDATE replays SET state = 'completed', completed_at = now(), "
                 "lease_until = NULL WHERE replay_id = :id AND state = 'running' RETURNING kind"
             ),
@@ -515,18 +515,18 @@ async def get_replay(engine: AsyncEngine, replay_id: str) -> dict[str, Any] | No
     async with engine.connect() as conn:
         row = (
             await conn.execute(
-                text("SELECT * FROM replays WHERE replay_id = :id"), {"id": replay_id}
+                sql("SELECT * FROM replays WHERE replay_id = :id"), {"id": replay_id}
             )
         ).first()
         if row is None:
             return None
         grouped = await conn.execute(
-            text("SELECT state, count(*) FROM replay_items WHERE replay_id = :id GROUP BY state"),
+            sql("SELECT state, count(*) FROM replay_items WHERE replay_id = :id GROUP BY state"),
             {"id": replay_id},
         )
         counts: dict[str, int] = {state: n for state, n in grouped}  # noqa: C416 - typed rows
         outcome = await conn.execute(
-            text(
+            sql(
                 """
                 SELECT m.state, count(*) FROM replay_items i JOIN messages m USING (message_id)
                  WHERE i.replay_id = :id GROUP BY m.state
@@ -549,7 +549,7 @@ async def list_replays(
     """Replays (and continuations of parked records), newest first."""
     async with engine.connect() as conn:
         rows = await conn.execute(
-            text(
+            sql(
                 "SELECT replay_id, kind, state, item_count, reason, requested_by, approved_by, "
                 "created_at, completed_at FROM replays "
                 "WHERE CAST(:state AS text) IS NULL OR state = :state "
@@ -563,7 +563,7 @@ async def list_replays(
 async def runnable_replays(engine: AsyncEngine) -> list[str]:
     async with engine.connect() as conn:
         rows = await conn.execute(
-            text(
+            sql(
                 "SELECT replay_id FROM replays WHERE state = 'approved' OR (state = 'running' "
                 "AND (lease_until IS NULL OR lease_until < now())) ORDER BY created_at"
             )
@@ -580,7 +580,7 @@ async def continue_parked(engine: AsyncEngine, job_id: str, actor: Actor) -> int
     async with engine.begin() as conn:
         rows = (
             await conn.execute(
-                text(
+                sql(
                     """
                     SELECT p.message_id FROM messages p
                      WHERE p.state = 'parked'
@@ -604,7 +604,7 @@ async def continue_parked(engine: AsyncEngine, job_id: str, actor: Actor) -> int
             return 0
         ids = [r.message_id for r in rows]
         await conn.execute(
-            text(
+            sql(
                 """
                 INSERT INTO replays (replay_id, kind, state, reason, requested_by,
                                      requested_desk, item_count, desks)
@@ -617,7 +617,7 @@ async def continue_parked(engine: AsyncEngine, job_id: str, actor: Actor) -> int
             {"id": job_id, "by": actor.name, "count": len(ids), "ids": ids},
         )
         await conn.execute(
-            text(
+            sql(
                 """
                 INSERT INTO replay_items (replay_id, ord, message_id)
                 SELECT :id, ord, message_id
@@ -650,7 +650,7 @@ async def discard(
     async with engine.begin() as conn:
         row = (
             await conn.execute(
-                text(
+                sql(
                     """
                     UPDATE dead_letters
                        SET status = 'discarded', closed_at = now(), closed_by = :by,
@@ -664,7 +664,7 @@ async def discard(
         ).first()
         if row is None:
             status = await conn.scalar(
-                text("SELECT status FROM dead_letters WHERE dead_letter_id = :id"),
+                sql("SELECT status FROM dead_letters WHERE dead_letter_id = :id"),
                 {"id": dead_letter_id},
             )
             if status is None:
@@ -701,7 +701,7 @@ async def list_holds(
         params["desk"] = desk
     async with engine.connect() as conn:
         rows = await conn.execute(
-            text(
+            sql(
                 f"""
                 SELECT hold_id, message_id, desk, contract_id, submitted_position_mwh,
                        reconciled_position_mwh, variance, reason, state, created_at,
@@ -731,7 +731,7 @@ async def decide_hold(
     async with engine.begin() as conn:
         hold = (
             await conn.execute(
-                text(
+                sql(
                     """
                     UPDATE holds SET state = :decision, decided_at = now(), decided_by = :by,
                            decision_reason = :reason
@@ -745,14 +745,14 @@ async def decide_hold(
         ).first()
         if hold is None:
             state = await conn.scalar(
-                text("SELECT state FROM holds WHERE hold_id = :id"), {"id": hold_id}
+                sql("SELECT state FROM holds WHERE hold_id = :id"), {"id": hold_id}
             )
             if state is None:
                 raise Refused("not_found", "no such hold")
             raise Refused("already_decided", f"hold is already {state}")
         message = (
             await conn.execute(
-                text(
+                sql(
                     """
                     UPDATE messages SET state = :decision, updated_at = now(),
                            dead_letter_id = CASE WHEN :decision = 'rejected' THEN :dl

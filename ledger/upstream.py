@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import audit
+from ledger.db import sql
 from ledger.rows import Actor, AuditEvent, Circuit, MaintenanceWindow, UpstreamView
 from schemas.states import CircuitState
 
@@ -59,7 +59,7 @@ def _window(row: Any) -> MaintenanceWindow:
 async def _read_circuit(conn: AsyncConnection, *, lock: bool) -> tuple[Circuit, datetime]:
     row = (
         await conn.execute(
-            text(
+            sql(
                 f"SELECT {_CIRCUIT_COLUMNS}, now() AS read_at FROM upstream_circuit "
                 f"WHERE upstream = :u{' FOR UPDATE' if lock else ''}"
             ),
@@ -68,7 +68,7 @@ async def _read_circuit(conn: AsyncConnection, *, lock: bool) -> tuple[Circuit, 
     ).first()
     if row is None:  # created by the migration; recreated should someone delete it
         await conn.execute(
-            text("INSERT INTO upstream_circuit (upstream) VALUES (:u) ON CONFLICT DO NOTHING"),
+            sql("INSERT INTO upstream_circuit (upstream) VALUES (:u) ON CONFLICT DO NOTHING"),
             {"u": UPSTREAM},
         )
         return await _read_circuit(conn, lock=lock)
@@ -80,7 +80,7 @@ async def read_view(engine: AsyncEngine) -> UpstreamView:
     async with engine.connect() as conn:
         circuit, read_at = await _read_circuit(conn, lock=False)
         windows = await conn.execute(
-            text(
+            sql(
                 f"SELECT {_WINDOW_COLUMNS} FROM maintenance_windows "
                 "WHERE cancelled_at IS NULL AND ends_at > now() ORDER BY starts_at, window_id"
             )
@@ -104,7 +104,7 @@ async def apply(
             after.append(circuit)
         if circuit != before:
             await conn.execute(
-                text(
+                sql(
                     """
                     UPDATE upstream_circuit
                        SET state = :state, since = :since, reason = :reason,
@@ -166,7 +166,7 @@ async def add_window(
     async with engine.begin() as conn:
         row = (
             await conn.execute(
-                text(
+                sql(
                     f"""
                     INSERT INTO maintenance_windows
                            (window_id, starts_at, ends_at, reason, created_by)
@@ -205,7 +205,7 @@ async def cancel_window(
     async with engine.begin() as conn:
         row = (
             await conn.execute(
-                text(
+                sql(
                     f"""
                     UPDATE maintenance_windows
                        SET cancelled_at = now(), cancelled_by = :by

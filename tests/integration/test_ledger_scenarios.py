@@ -298,3 +298,29 @@ async def test_keys_past_their_retention_are_forgotten_and_a_late_retry_sends_no
         assert again.to_publish == []
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("ping_idle_s", [0.0, 60.0], ids=["pinged-when-idle", "closed-socket"])
+async def test_a_pooled_connection_the_server_dropped_is_replaced_not_handed_out(
+    infra: Infra, monkeypatch: pytest.MonkeyPatch, ping_idle_s: float
+) -> None:
+    """The pool no longer pings on every checkout (ledger.db): a connection whose socket the
+    server closed, or one idle past the threshold that fails its ping, must be replaced at
+    checkout — the statement that follows runs on a fresh connection and does not fail."""
+    import ledger.db
+
+    monkeypatch.setattr(ledger.db, "PING_IDLE_S", ping_idle_s)
+    url = await fresh_database(infra)
+    engine, other = make_engine(url, 1), make_engine(url, 1)
+    try:
+        async with engine.connect() as conn:
+            first = await conn.scalar(text("SELECT pg_backend_pid()"))
+        async with other.connect() as conn:
+            assert await conn.scalar(text("SELECT pg_terminate_backend(:p)"), {"p": first})
+        await asyncio.sleep(0.3)  # the closed socket is noticed by the pooled connection
+        async with engine.connect() as conn:
+            second = await conn.scalar(text("SELECT pg_backend_pid()"))
+        assert second != first
+    finally:
+        await engine.dispose()
+        await other.dispose()
