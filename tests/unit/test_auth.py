@@ -93,6 +93,50 @@ async def test_a_rotated_key_set_is_read_once_the_cooldown_has_passed(
         await check.verify(f"Bearer {old.token()}")
 
 
+async def test_a_remembered_token_is_refused_once_its_key_is_rotated_out(tmp_path: Path) -> None:
+    """The verifier remembers a verified token; the same token (same text) must still be refused
+    as soon as the key that signed it leaves the key set."""
+    old, new = Keys(tmp_path), Keys(tmp_path)
+    source = tmp_path / "jwks.json"
+    source.write_text(old.path.read_text())
+    check = TokenVerifier(
+        JwksKeys(str(source), cooldown_s=0.2), issuer=ISSUER, audience=AUDIENCE, leeway_s=30
+    )
+    bearer = f"Bearer {old.token()}"
+    assert (await check.verify(bearer)).desk == "power-east"
+    assert (await check.verify(bearer)).desk == "power-east"  # remembered
+    source.write_text(new.path.read_text())
+    later = time.time() + 5
+    os.utime(source, (later, later))
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            await check.verify(bearer)
+        except Problem as refused:
+            assert refused.status == 401
+            break
+        assert time.monotonic() < deadline, "a token of a rotated-out key was still accepted"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_remembered_token_is_refused_once_it_expires(keys: Keys) -> None:
+    check = TokenVerifier(JwksKeys(str(keys.path)), issuer=ISSUER, audience=AUDIENCE, leeway_s=0)
+    bearer = f"Bearer {keys.token(exp=int(time.time()) + 2)}"
+    assert (await check.verify(bearer)).subject == "trader-9"
+    assert (await check.verify(bearer)).subject == "trader-9"  # remembered
+    with pytest.raises(Problem):  # the remembered token under another scheme is not taken
+        await check.verify(bearer.replace("Bearer", "Basic"))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            await check.verify(bearer)
+        except Problem as refused:
+            assert (refused.status, refused.extra["reason"]) == (401, "token expired")
+            break
+        assert time.monotonic() < deadline, "an expired token was still accepted"
+        await asyncio.sleep(0.1)
+
+
 async def test_the_token_command_mints_for_any_jwks_whose_key_you_hold(tmp_path: Path) -> None:
     """`etrm-sync token --new-key DIR` (the compose stack's way in) and `--key PEM` give tokens
     the intake accepts with that JWKS and nothing else."""
