@@ -146,6 +146,9 @@ async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Beg
     else:
         columns = _columns(req, cipher)
     try:
+        fresh = await _begin_fresh(engine, req, columns)
+        if fresh is not None:
+            return fresh
         async with engine.begin() as conn:
             held = await _take_key(conn, req)
             if held is not None:
@@ -165,6 +168,63 @@ async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Beg
         if "messages_identity_revision" not in str(exc.orig):
             raise
     return await _conflict(engine, req)
+
+
+async def _begin_fresh(engine: AsyncEngine, req: Request, columns: _Columns) -> Begun | None:
+    """The common case — a new Idempotency-Key and records the ledger has never seen — in one
+    autocommit statement (one round trip instead of BEGIN, key, records, COMMIT). The statement
+    does nothing at all when the key or any of the records already exists, and the caller then
+    takes the general path (an expired key holder to abort, records to re-take or to wait for).
+    A record another request inserted in the same instant is not taken (ON CONFLICT); if that
+    request is still accepting it, this one is undone (aborted, key released) and is Busy."""
+    async with engine.connect() as plain:
+        conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
+        row = (
+            await conn.execute(
+                sql(_FRESH_SQL),
+                {
+                    **_pending_params(req),
+                    **columns.params,
+                    "hash": req.request_hash,
+                    "key_lease": req.key_lease_s,
+                },
+            )
+        ).one()
+    if not row.fresh:
+        return None
+    taken = set(row.taken)
+    unique = columns.unique
+    others = [r.message_id for r in unique if r.message_id not in taken]
+    if others:
+        try:
+            async with engine.connect() as conn:
+                await _refuse_if_pending_elsewhere(conn, others)
+        except _PendingElsewhere:
+            await _undo_fresh(engine, req)
+            raise
+    return Pending([r for r in unique if r.message_id in taken])
+
+
+async def _undo_fresh(engine: AsyncEngine, req: Request) -> None:
+    """Takes back what `_begin_fresh` committed, as a rolled-back transaction would have: the
+    rows are this request's own, still pending and never published. (Aborting instead would
+    leave the batch id taken, and the request retries under the same id.)"""
+    async with engine.connect() as plain:
+        conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(
+            sql(
+                """
+                WITH listed AS (DELETE FROM batch_messages WHERE batch_id = :batch),
+                     records AS (DELETE FROM messages
+                                  WHERE publication = :batch AND state = 'pending'),
+                     keyed AS (DELETE FROM idempotency_keys
+                                WHERE desk = :desk AND key = :key AND batch_id = :batch
+                                  AND state = 'in_flight')
+                DELETE FROM batches WHERE batch_id = :batch AND state = 'pending'
+                """
+            ),
+            {"batch": req.batch_id, "desk": req.desk, "key": req.idempotency_key},
+        )
 
 
 async def _take_key(conn: AsyncConnection, req: Request) -> KeyHeld | None:
@@ -216,42 +276,42 @@ async def _take_key(conn: AsyncConnection, req: Request) -> KeyHeld | None:
     return KeyHeld(*row)
 
 
-async def _insert_pending(conn: AsyncConnection, req: Request, columns: _Columns) -> set[str]:
-    """The request's batch row and its message ids, and its records: new ones, and those of an
-    aborted acceptance, become pending under this request — one statement, one round trip;
-    returns their ids. Records already accepted (or pending elsewhere) are left alone."""
-    taken = await conn.execute(
-        sql(
-            """
-            WITH batch AS (
-                INSERT INTO batches (batch_id, desk, trader, settlement_run_id,
-                    idempotency_key, record_count, trace_id, state, pending_until)
-                VALUES (:batch, :desk, :trader, :run, :key, :count, :trace, 'pending',
-                        now() + make_interval(secs => :lease))
-            ), listed AS (
-                INSERT INTO batch_messages (batch_id, idx, message_id)
-                SELECT :batch, idx, message_id
-                  FROM unnest(CAST(:idx AS int[]), CAST(:all_ids AS text[])) AS t(idx, message_id)
-            ), taken AS (
+def _pending_ctes(when: str) -> str:
+    """The request's batch row, its message ids and its records (new ones, and those of an
+    aborted acceptance, become pending under this request), each insert only `when`."""
+    return f"""
+        batch AS (
+            INSERT INTO batches (batch_id, desk, trader, settlement_run_id,
+                idempotency_key, record_count, trace_id, state, pending_until)
+            SELECT :batch, :desk, :trader, :run, :key, :count, :trace, 'pending',
+                   now() + make_interval(secs => :lease)
+             WHERE {when}
+        ), listed AS (
+            INSERT INTO batch_messages (batch_id, idx, message_id)
+            SELECT :batch, idx, message_id
+              FROM unnest(CAST(:idx AS int[]), CAST(:all_ids AS text[])) AS t(idx, message_id)
+             WHERE {when}
+        ), taken AS (
             INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id,
-                    contract_id, market, identity_hash, revision, topic, state, publication,
-                    publication_kind, accept_seq, pending_until, submitted_position_mwh,
-                    payload, payload_kid, trace_id)
-                SELECT t.message_id, :desk, :trader, :batch, :run, t.contract_id, t.market,
-                       t.identity_hash, t.revision, t.topic, 'pending', :batch, 'intake',
-                       nextval('message_accept_seq'),
-                       now() + make_interval(secs => :lease), t.position, t.payload, :kid,
-                       :trace
-                  FROM (SELECT * FROM unnest(
-                            CAST(:ids AS text[]), CAST(:contracts AS text[]),
-                            CAST(:markets AS text[]), CAST(:identities AS text[]),
-                            CAST(:revisions AS int[]), CAST(:topics AS text[]),
-                            CAST(CAST(:positions AS text[]) AS numeric[]),
-                            CAST(:payloads AS bytea[]))
-                            WITH ORDINALITY
-                            AS u(message_id, contract_id, market, identity_hash, revision,
-                                 topic, position, payload, ord)
-                         ORDER BY ord) t
+                contract_id, market, identity_hash, revision, topic, state, publication,
+                publication_kind, accept_seq, pending_until, submitted_position_mwh,
+                payload, payload_kid, trace_id)
+            SELECT t.message_id, :desk, :trader, :batch, :run, t.contract_id, t.market,
+                   t.identity_hash, t.revision, t.topic, 'pending', :batch, 'intake',
+                   nextval('message_accept_seq'),
+                   now() + make_interval(secs => :lease), t.position, t.payload, :kid,
+                   :trace
+              FROM (SELECT * FROM unnest(
+                        CAST(:ids AS text[]), CAST(:contracts AS text[]),
+                        CAST(:markets AS text[]), CAST(:identities AS text[]),
+                        CAST(:revisions AS int[]), CAST(:topics AS text[]),
+                        CAST(CAST(:positions AS text[]) AS numeric[]),
+                        CAST(:payloads AS bytea[]))
+                        WITH ORDINALITY
+                        AS u(message_id, contract_id, market, identity_hash, revision,
+                             topic, position, payload, ord)
+                     ORDER BY ord) t
+             WHERE {when}
             ON CONFLICT (message_id) DO UPDATE
                SET state = 'pending', publication = EXCLUDED.publication,
                    publication_kind = 'intake', accept_seq = EXCLUDED.accept_seq,
@@ -261,22 +321,50 @@ async def _insert_pending(conn: AsyncConnection, req: Request, columns: _Columns
                    payload_kid = EXCLUDED.payload_kid, updated_at = now()
              WHERE messages.state = 'aborted'
             RETURNING message_id)
-            -- one array, not a row per record (5,000 rows to decode on the event loop)
-            SELECT coalesce(array_agg(message_id), '{}') FROM taken
-            """
-        ),
-        {
-            "desk": req.desk,
-            "trader": req.trader,
-            "batch": req.batch_id,
-            "run": req.settlement_run_id,
-            "trace": req.trace_id,
-            "lease": req.pending_lease_s,
-            "key": req.idempotency_key,
-            "count": len(req.records),
-            **columns.params,
-        },
-    )
+    """
+
+
+# -- one array, not a row per record (5,000 rows to decode on the event loop)
+_TAKEN = "coalesce((SELECT array_agg(message_id) FROM taken), '{}')"
+
+_PENDING_SQL = f"WITH {_pending_ctes('TRUE')} SELECT {_TAKEN}"
+
+# The key is inserted only when neither it nor any of the records exists yet; everything else
+# only when the key went in.
+_FRESH_SQL = f"""
+    WITH seen AS (
+        SELECT 1 FROM idempotency_keys WHERE desk = :desk AND key = :key
+        UNION ALL
+        SELECT 1 FROM messages WHERE message_id = ANY(CAST(:ids AS text[]))
+        LIMIT 1
+    ), keyed AS (
+        INSERT INTO idempotency_keys (desk, key, request_hash, state, lease_until, batch_id)
+        SELECT :desk, :key, :hash, 'in_flight', now() + make_interval(secs => :key_lease), :batch
+         WHERE NOT EXISTS (SELECT 1 FROM seen)
+        ON CONFLICT (desk, key) DO NOTHING
+        RETURNING 1
+    ), {_pending_ctes("EXISTS (SELECT 1 FROM keyed)")}
+    SELECT EXISTS (SELECT 1 FROM keyed) AS fresh, {_TAKEN} AS taken
+"""
+
+
+def _pending_params(req: Request) -> dict[str, Any]:
+    return {
+        "desk": req.desk,
+        "trader": req.trader,
+        "batch": req.batch_id,
+        "run": req.settlement_run_id,
+        "trace": req.trace_id,
+        "lease": req.pending_lease_s,
+        "key": req.idempotency_key,
+        "count": len(req.records),
+    }
+
+
+async def _insert_pending(conn: AsyncConnection, req: Request, columns: _Columns) -> set[str]:
+    """The request's rows as pending, in the caller's transaction (one statement); returns the
+    ids of the records taken. Records already accepted (or pending elsewhere) are left alone."""
+    taken = await conn.execute(sql(_PENDING_SQL), {**_pending_params(req), **columns.params})
     return set(taken.scalar_one())
 
 

@@ -160,6 +160,29 @@ async def test_records_being_accepted_elsewhere_are_busy_and_revisions_conflict(
     assert already.to_publish == []  # accepted before: not published again
 
 
+async def test_requests_racing_for_the_same_new_records_take_them_once(b: Backend) -> None:
+    """Requests under different keys for the same never-seen records, all at once (the ledger
+    takes a fresh request in one statement): exactly one takes them, the others are Busy and
+    leave nothing behind — retried as they are (same batch id), they go through and take
+    nothing once the winner is accepted."""
+    run = samples.run_id()
+    for round_ in range(6):
+        raws = [otc(run, f"SCN-R{round_}"), otc(run, f"SCN-S{round_}")]
+        requests = [b.desk.request(raws, key=f"race-{round_}-{i}") for i in range(4)]
+        begun = await asyncio.gather(*(b.intake.begin(r) for r in requests))
+        won = [r for r, x in zip(requests, begun, strict=True) if isinstance(x, Pending)]
+        assert len(won) == 1, begun
+        assert [len(x.to_publish) for x in begun if isinstance(x, Pending)] == [2]
+        assert sum(isinstance(x, Busy) for x in begun) == 3, begun
+        assert await b.intake.complete(won[0], WORKER, 2)
+        for request in requests:
+            if request is not won[0]:
+                retried = await b.intake.begin(request)
+                assert isinstance(retried, Pending), retried
+                assert retried.to_publish == []
+                assert await b.intake.complete(request, WORKER, 0)
+
+
 async def test_one_lease_at_a_time_and_writes_are_fenced_by_it(b: Backend) -> None:
     run = samples.run_id()
     [m] = await b.desk.accept([otc(run, "SCN-D1")])
