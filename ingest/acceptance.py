@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,18 +26,14 @@ import structlog
 from ingest import metrics
 from ingest.auth import Principal
 from ingest.deps import IntakeServices
+from ingest.preparing import Prepared
 from ingest.problems import Problem
 from ledger import acceptance as ledger
 from ledger.db import database_unavailable
 from ledger.rows import Actor
-from runtime.cpu import HEAVY_RECORDS, off_loop
 from runtime.kafka import PublishFailed
-from schemas.envelope import Envelope, FieldError, envelope_for, validate_record
-from schemas.records import CanonicalRecord
+from schemas.envelope import Envelope
 from schemas.states import BatchState
-
-MAX_BATCH = 5000
-MAX_REPORTED_ERRORS = 200
 
 log = structlog.get_logger("etrm.intake")
 
@@ -49,64 +43,6 @@ class Accepted:
     batch_id: str
     status_url: str
     envelopes: list[Envelope]
-
-
-def field_errors(errors: Sequence[FieldError], *, batch: bool) -> Problem:
-    listed = []
-    for error in errors[:MAX_REPORTED_ERRORS]:
-        path = ("records", error.index, *error.loc) if batch else error.loc
-        listed.append(
-            {
-                "index": error.index,
-                "field": error.pointer,
-                "pointer": "/" + "/".join(str(p) for p in path),
-                "message": error.message,
-            }
-        )
-    first = listed[0]
-    where = f"record {first['index']}, " if batch else ""
-    return Problem(
-        422,
-        "schema_violation",
-        f"{len(errors)} schema violation(s); first: {where}{first['field'] or 'body'}: "
-        f"{first['message']}",
-        errors=listed,
-    )
-
-
-def validate(raw_records: Sequence[Any], *, batch: bool) -> list[CanonicalRecord]:
-    records: list[CanonicalRecord] = []
-    errors: list[FieldError] = []
-    for index, raw in enumerate(raw_records):
-        result = validate_record(raw, index if batch else None)
-        if isinstance(result, list):
-            errors.extend(result)
-        else:
-            records.append(result)
-    if errors:
-        raise field_errors(errors, batch=batch)
-    return records
-
-
-def _request_hash(route: str, run_id: str, envelopes: Sequence[Envelope]) -> str:
-    digest = hashlib.sha256(f"{route}\0{run_id}\0".encode())
-    for envelope in envelopes:
-        digest.update(envelope.message_id.encode())
-    return digest.hexdigest()
-
-
-def _reject_internal_conflicts(envelopes: Sequence[Envelope], *, batch: bool) -> None:
-    seen: dict[tuple[str, int], str] = {}
-    for index, envelope in enumerate(envelopes):
-        slot = (envelope.identity, envelope.revision)
-        if seen.setdefault(slot, envelope.message_id) != envelope.message_id:
-            raise Problem(
-                409,
-                "revision_conflict",
-                "two records in this request share identity and revision with "
-                "different content; send a higher revision",
-                index=index if batch else None,
-            )
 
 
 def _key_in_use(existing: ledger.KeyHeld, request_hash: str) -> Problem:
@@ -154,68 +90,20 @@ def broker_unavailable() -> Problem:
     )
 
 
-def _prepare(
-    who: Principal, raw_records: Sequence[Any], *, route: str, run_id: str
-) -> tuple[list[Envelope], str]:
-    """The CPU part of an acceptance (run off the loop for big batches): validate every record,
-    check it against the headers and the token, serialize and sign it, hash the request."""
-    batch = route == "batch"
-    records = validate(raw_records, batch=batch)
-    for index, record in enumerate(records):
-        if record.settlement_run_id != run_id:
-            raise Problem(
-                400,
-                "run_id_mismatch",
-                "X-Settlement-Run-ID does not match the record's settlement_run_id",
-                index=index if batch else None,
-            )
-        if not who.may_touch_contract(record.contract_id):
-            raise Problem(
-                403,
-                "contract_not_allowed",
-                f"this token may not submit contract {record.contract_id}",
-                index=index if batch else None,
-            )
-    envelopes = [envelope_for(who.desk, record) for record in records]
-    _reject_internal_conflicts(envelopes, batch=batch)
-    return envelopes, _request_hash(route, run_id, envelopes)
-
-
 async def accept(
     svc: IntakeServices,
     who: Principal,
     actor: Actor,
     *,
     route: str,
-    raw_records: Sequence[Any],
+    prepared: Prepared,
     key: str | None,
     run_id: str,
     trace_id: str,
 ) -> Accepted:
+    """Record, publish and accept a request whose records are prepared (ingest.preparing)."""
     batch = route == "batch"
-    if svc.record_limiter is not None:
-        svc.record_limiter.check(who.desk, who.subject, len(raw_records))
-    topic_for = svc.publisher.topic_for
-
-    def prepare() -> tuple[list[Envelope], str, list[ledger.RecordToAccept]]:
-        envelopes, request_hash = _prepare(who, raw_records, route=route, run_id=run_id)
-        records = [
-            ledger.RecordToAccept(
-                index=i,
-                message_id=e.message_id,
-                identity=e.identity,
-                contract_id=e.contract_id,
-                market=e.market,
-                revision=e.revision,
-                topic=topic_for(e),
-                position_mwh=e.position_mwh,
-                value=e.value,
-            )
-            for i, e in enumerate(envelopes)
-        ]
-        return envelopes, request_hash, records
-
-    envelopes, request_hash, records = await off_loop(len(raw_records) > HEAVY_RECORDS, prepare)
+    envelopes, request_hash, records = prepared
     batch_id = f"batch_{uuid.uuid4().hex}"
     status_url = (
         f"/v1/batches/{batch_id}" if batch else f"/v1/settlements/{envelopes[0].message_id}"

@@ -61,7 +61,8 @@ def _is_json(content_type: str | None) -> bool:
     )
 
 
-async def read_json(request: Request, limit: int) -> Any:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body's bytes, after the media type and size checks."""
     if not _is_json(request.headers.get("content-type")):
         raise Problem(415, "unsupported_media_type", "Content-Type must be application/json")
     declared = request.headers.get("content-length")
@@ -74,6 +75,13 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise Problem(413, "payload_too_large", f"body exceeds {limit} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    # A big batch's parse (Decimal numbers, duplicate-key checks) runs off the event loop.
-    return await off_loop(size > HEAVY_BODY_BYTES, lambda: parse_json(raw))
+    return b"".join(chunks)
+
+
+async def parse_body(raw: bytes) -> Any:
+    # A big body's parse (Decimal numbers, duplicate-key checks) runs off the event loop.
+    return await off_loop(len(raw) > HEAVY_BODY_BYTES, lambda: parse_json(raw))
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    return await parse_body(await read_body(request, limit))

@@ -35,6 +35,17 @@ class Problem(Exception):
             self.headers.setdefault("Connection", "close")
         self.extra = extra
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised in a worker process (a big batch's validation) and re-raised here: pickled
+        # with its keyword arguments, which Exception's own pickling drops.
+        return (_problem, (self.status, self.code, self.detail, self.headers, self.extra))
+
+
+def _problem(
+    status: int, code: str, detail: str, headers: dict[str, str], extra: dict[str, Any]
+) -> Problem:
+    return Problem(status, code, detail, headers=headers, **extra)
+
 
 _TITLES = {
     400: "Bad request",

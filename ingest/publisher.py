@@ -24,11 +24,11 @@ class Sink(Protocol):
 class SettlementPublisher:
     def __init__(self, kafka: Sink, lanes: dict[str, str], sealer: LaneSealer) -> None:
         self.kafka = kafka
-        self._lanes = lanes
+        self.lanes = dict(lanes)  # lane -> topic
         self._sealer = sealer
 
     def topic_for(self, envelope: Envelope) -> str:
-        return self._lanes[envelope.lane]
+        return self.lanes[envelope.lane]
 
     def record_for(
         self,

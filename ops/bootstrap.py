@@ -35,6 +35,7 @@ from operations.housekeeping import Housekeeping, Intervals
 from operations.publishing import Republisher
 from operations.service import Operations
 from runtime.aio import until_up
+from runtime.cpu import use_processes, warm_processes
 from runtime.kafka import KafkaPublisher, ensure_topics
 from runtime.settings import (
     IntakeSettings,
@@ -112,6 +113,7 @@ def lane_sealer(
 
 
 async def intake_services(settings: IntakeSettings) -> IntakeServices:
+    use_processes(settings.intake_cpu_processes)
     engine = make_engine(settings.database_url, settings.database_pool_size)
     await _schema_current(engine)
     # The broker may come later; /readyz reports it meanwhile and the worker creates topics too.
@@ -154,7 +156,13 @@ async def _close_intake(kafka: KafkaPublisher, engine: AsyncEngine) -> None:
     await engine.dispose()
 
 
-def intake_app(settings: IntakeSettings) -> FastAPI:
+def intake_app(settings: IntakeSettings, *, warm: bool = False) -> FastAPI:
+    """The intake's app; `warm` (a served intake) starts the worker processes for big batches
+    now rather than on the first big batch."""
+    if warm:
+        use_processes(settings.intake_cpu_processes)
+        warm_processes()
+
     async def build() -> IntakeServices:
         return await intake_services(settings)
 
@@ -171,7 +179,7 @@ def intake_app_from_env() -> FastAPI:
 
     configure_logging("intake")
     setup_tracing("intake")
-    return intake_app(load(IntakeSettings))
+    return intake_app(load(IntakeSettings), warm=True)
 
 
 # -- worker ---------------------------------------------------------------------------------

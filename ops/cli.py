@@ -126,7 +126,7 @@ def intake(
     setup_tracing("intake")
     client_ca = settings.tls_client_ca if settings.tls_cert else None
     uvicorn.run(
-        intake_app(settings) if processes == 1 else "ops.bootstrap:intake_app_from_env",
+        intake_app(settings, warm=True) if processes == 1 else "ops.bootstrap:intake_app_from_env",
         factory=processes > 1,
         workers=processes if processes > 1 else None,
         host=settings.intake_host,

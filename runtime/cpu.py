@@ -6,19 +6,32 @@ Small work stays inline: a thread hop costs more than validating a record or two
 pydantic-core and the json module hold the GIL, so a thread does not add a core; what it buys is
 the interpreter's switch interval: the loop gets the GIL back every few milliseconds and keeps
 answering the other desks while a big batch is worked through.
+
+The biggest piece — parsing and validating a big body — goes further, to worker processes
+(`in_process`): they hold no GIL of the loop's, and they run niced, so on a busy machine the
+scheduler serves the loop (every other desk's request) before one desk's big batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
+import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+import structlog
 
 T = TypeVar("T")
+log = structlog.get_logger("etrm.cpu")
 
 _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="etrm-cpu")
 # While a pool thread holds the GIL, the loop waits up to the switch interval (5 ms by default)
@@ -48,3 +61,95 @@ def settle_heap() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+
+
+# -- worker processes ---------------------------------------------------------------------------
+
+# How much lower the worker processes run than the process that serves requests.
+NICENESS = 10
+
+
+class _Processes:
+    """The process-wide pool of worker processes, started on first use."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.pool: ProcessPoolExecutor | None = None
+
+    def get(self) -> ProcessPoolExecutor | None:
+        if self.count <= 0:
+            return None
+        if self.pool is None:
+            # spawn, never fork: the serving process has threads (the thread pool, the producer's)
+            self.pool = ProcessPoolExecutor(
+                max_workers=self.count,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_child_started,
+                initargs=(os.getpid(),),
+            )
+        return self.pool
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+_PROCESSES = _Processes()
+
+
+def use_processes(count: int) -> None:
+    """How many worker processes `in_process` uses (0: the thread pool instead)."""
+    if count != _PROCESSES.count:
+        _PROCESSES.shutdown()
+    _PROCESSES.count = count
+
+
+def process_ids() -> list[int]:
+    """The worker processes' pids (none until started)."""
+    pool = _PROCESSES.pool
+    processes = getattr(pool, "_processes", None) or {}
+    return [pid for pid, process in processes.items() if process.is_alive()]
+
+
+def warm_processes() -> None:
+    """Start the worker processes now (each imports the code a batch needs, ~1 s of CPU), so
+    the first big batch does not wait for them."""
+    pool = _PROCESSES.get()
+    if pool is not None:
+        for _ in range(_PROCESSES.count):
+            pool.submit(_ready)
+
+
+async def in_process(work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` in a worker process (`work`, its arguments, its result and any exception
+    it raises must pickle). Without worker processes, or when one died under the request
+    (killed, out of memory), the work is done in the thread pool instead: the request is
+    answered either way."""
+    pool = _PROCESSES.get()
+    if pool is not None:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
+        except BrokenProcessPool:
+            log.warning("cpu_process_lost")
+            _PROCESSES.shutdown()
+    return await off_loop(True, functools.partial(work, *args))
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def _child_started(parent: int) -> None:
+    os.nice(NICENESS)
+    # Ctrl-C and the service manager's stop go to the serving process, which shuts the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settle_heap()
+
+    def leave_with_parent() -> None:
+        # A serving process killed outright (SIGKILL) cannot shut its pool: do not outlive it.
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=leave_with_parent, name="etrm-cpu-parent", daemon=True).start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import os
 import re
 from decimal import Decimal
 from pathlib import Path
@@ -267,6 +268,9 @@ class IntakeSettings(KafkaSettings, DatabaseSettings, _Keys, _Delivery, _Metrics
     desk_record_rate_limit: str = "20000:40000"
     desk_record_rate_limits: str = ""
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Worker processes (niced) that parse and validate big batch bodies, so one desk's big
+    # batches do not hold the event loop's GIL while other desks wait; 0: a thread instead.
+    intake_cpu_processes: int = Field(min(os.cpu_count() or 1, 4), ge=0, le=64)
     # A client that takes longer than this to send its body gets a 408 and loses the
     # connection: a slow sender cannot hold a connection and a request slot for ever.
     body_read_timeout_s: float = Field(30.0, gt=0)

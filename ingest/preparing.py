@@ -1,0 +1,180 @@
+"""The CPU part of accepting a request, free of the event loop and of the web framework:
+validate every record, check it against the headers and the token, serialize and sign it, hash
+the request, and lay the records out as the ledger takes them. For a big batch all of it —
+parsing the body included — runs in a worker process (`prepare_batch_body`), so these are plain
+functions of picklable values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ingest.auth import Principal
+from ingest.body import parse_json
+from ingest.problems import Problem
+from ledger.acceptance import RecordToAccept
+from schemas.envelope import Envelope, FieldError, envelope_for, lane_for, validate_record
+from schemas.records import CanonicalRecord
+
+MAX_BATCH = 5000
+MAX_REPORTED_ERRORS = 200
+
+Prepared = tuple[list[Envelope], str, list[RecordToAccept]]
+
+
+def field_errors(errors: Sequence[FieldError], *, batch: bool) -> Problem:
+    listed = []
+    for error in errors[:MAX_REPORTED_ERRORS]:
+        path = ("records", error.index, *error.loc) if batch else error.loc
+        listed.append(
+            {
+                "index": error.index,
+                "field": error.pointer,
+                "pointer": "/" + "/".join(str(p) for p in path),
+                "message": error.message,
+            }
+        )
+    first = listed[0]
+    where = f"record {first['index']}, " if batch else ""
+    return Problem(
+        422,
+        "schema_violation",
+        f"{len(errors)} schema violation(s); first: {where}{first['field'] or 'body'}: "
+        f"{first['message']}",
+        errors=listed,
+    )
+
+
+def validate(raw_records: Sequence[Any], *, batch: bool) -> list[CanonicalRecord]:
+    records: list[CanonicalRecord] = []
+    errors: list[FieldError] = []
+    for index, raw in enumerate(raw_records):
+        result = validate_record(raw, index if batch else None)
+        if isinstance(result, list):
+            errors.extend(result)
+        else:
+            records.append(result)
+    if errors:
+        raise field_errors(errors, batch=batch)
+    return records
+
+
+def request_hash(route: str, run_id: str, envelopes: Sequence[Envelope]) -> str:
+    digest = hashlib.sha256(f"{route}\0{run_id}\0".encode())
+    for envelope in envelopes:
+        digest.update(envelope.message_id.encode())
+    return digest.hexdigest()
+
+
+def reject_internal_conflicts(envelopes: Sequence[Envelope], *, batch: bool) -> None:
+    seen: dict[tuple[str, int], str] = {}
+    for index, envelope in enumerate(envelopes):
+        slot = (envelope.identity, envelope.revision)
+        if seen.setdefault(slot, envelope.message_id) != envelope.message_id:
+            raise Problem(
+                409,
+                "revision_conflict",
+                "two records in this request share identity and revision with "
+                "different content; send a higher revision",
+                index=index if batch else None,
+            )
+
+
+def prepare(
+    who: Principal, raw_records: Sequence[Any], *, route: str, run_id: str
+) -> tuple[list[Envelope], str]:
+    """The CPU part of an acceptance (run off the loop for big batches): validate every record,
+    check it against the headers and the token, serialize and sign it, hash the request."""
+    batch = route == "batch"
+    records = validate(raw_records, batch=batch)
+    for index, record in enumerate(records):
+        if record.settlement_run_id != run_id:
+            raise Problem(
+                400,
+                "run_id_mismatch",
+                "X-Settlement-Run-ID does not match the record's settlement_run_id",
+                index=index if batch else None,
+            )
+        if not who.may_touch_contract(record.contract_id):
+            raise Problem(
+                403,
+                "contract_not_allowed",
+                f"this token may not submit contract {record.contract_id}",
+                index=index if batch else None,
+            )
+    envelopes = [envelope_for(who.desk, record) for record in records]
+    reject_internal_conflicts(envelopes, batch=batch)
+    return envelopes, request_hash(route, run_id, envelopes)
+
+
+def shape_problem(detail: str, fields: list[str], message: str) -> Problem:
+    """The batch body's own shape is wrong (not any record in it)."""
+    return Problem(
+        422,
+        "schema_violation",
+        detail,
+        errors=[
+            {"index": None, "field": f, "pointer": f"/{f}", "message": message} for f in fields
+        ],
+    )
+
+
+def records_to_accept(
+    envelopes: Sequence[Envelope], lanes: Mapping[str, str]
+) -> list[RecordToAccept]:
+    """The records as the ledger takes them; `lanes` maps a lane to its topic."""
+    return [
+        RecordToAccept(
+            index=i,
+            message_id=e.message_id,
+            identity=e.identity,
+            contract_id=e.contract_id,
+            market=e.market,
+            revision=e.revision,
+            topic=lanes[lane_for(e.market)],
+            position_mwh=e.position_mwh,
+            value=e.value,
+        )
+        for i, e in enumerate(envelopes)
+    ]
+
+
+def prepare_request(
+    who: Principal,
+    raw_records: Sequence[Any],
+    *,
+    route: str,
+    run_id: str,
+    lanes: Mapping[str, str],
+) -> Prepared:
+    envelopes, digest = prepare(who, raw_records, route=route, run_id=run_id)
+    return envelopes, digest, records_to_accept(envelopes, lanes)
+
+
+def batch_records(body: Any) -> list[Any]:
+    """The `records` of a batch body, once its own shape is right."""
+    if not isinstance(body, dict) or "records" not in body:
+        raise shape_problem("body must be an object with `records`", ["records"], "field required")
+    extra = sorted(set(body) - {"records"})
+    if extra:
+        raise shape_problem(
+            f"unknown field(s): {', '.join(extra)}", extra, "extra fields not permitted"
+        )
+    records = body["records"]
+    if not isinstance(records, list) or not 1 <= len(records) <= MAX_BATCH:
+        raise shape_problem(
+            f"records must be a list of 1..{MAX_BATCH} records",
+            ["records"],
+            f"1..{MAX_BATCH} records",
+        )
+    return records
+
+
+def prepare_batch_body(
+    raw: bytes, who: Principal, run_id: str, lanes: Mapping[str, str]
+) -> Prepared:
+    """A whole batch from its body's bytes (run in a worker process for a big body)."""
+    records = batch_records(parse_json(raw))
+    return prepare_request(who, records, route="batch", run_id=run_id, lanes=lanes)

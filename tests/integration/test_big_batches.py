@@ -1,0 +1,112 @@
+"""A big batch body is parsed and validated in a worker process (runtime.cpu), off the
+intake's event loop and its GIL. Played here on the real stack: the records of a batch
+prepared in a worker process are delivered once each; a bad record deep in it comes back as
+the same 422 (record index and field) as on the loop; a worker process killed under the intake
+does not cost a request (the work is done in a thread instead); and a worker process does not
+outlive an intake killed outright."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+
+from runtime import cpu
+from schemas import samples
+from tests.conftest import PipelineFactory, submit_batch
+
+
+async def _processes_up(count: int, timeout: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(pids := cpu.process_ids()) < count:
+        assert time.monotonic() < deadline, f"worker processes not up: {pids}"
+        await asyncio.sleep(0.1)
+    return pids
+
+
+async def test_a_big_batch_is_prepared_in_a_worker_process(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    pipe = await pipeline_factory(intake_cpu_processes=1)
+    client = pipe.client()
+    run = samples.run_id()
+    records = samples.mixed_batch(run, 600, contracts=30, prefix="BIG")
+
+    bad = [dict(r) for r in records]
+    bad[451] = {**bad[451], "settlement_run_id": "not-a-run"}
+    refused = await submit_batch(client, run, bad)
+    assert refused.status_code == 422, refused.text
+    first = refused.json()["errors"][0]
+    assert (first["index"], first["pointer"]) == (451, "/records/451/settlement_run_id")
+    [child] = await _processes_up(1)
+    assert child != os.getpid()
+
+    accepted = await submit_batch(client, run, records)
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["accepted"] == 600
+    assert cpu.process_ids() == [child]  # prepared there, not in a thread
+    final = await pipe.wait_final(client, accepted.json()["batch_id"], timeout=120)
+    assert final["counts"] == {"delivered": 600}
+
+    # The worker process dies (killed, out of memory): the next big batch is still accepted.
+    os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while child in cpu.process_ids():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    more = samples.mixed_batch(run, 400, contracts=20, prefix="BIG2")
+    again = await submit_batch(client, run, more)
+    assert again.status_code == 202, again.text
+    final = await pipe.wait_final(client, again.json()["batch_id"], timeout=120)
+    assert final["counts"] == {"delivered": 400}
+
+    posts = Counter(e.idempotency_key for e in pipe.sim.effects)
+    assert len(posts) == 1000
+    assert set(posts.values()) == {1}
+    assert set(pipe.sim.posts_by_key.values()) == {1}
+
+
+def test_a_worker_process_does_not_outlive_its_intake(tmp_path: object) -> None:
+    """SIGKILL leaves the serving process no chance to shut its pool: the worker processes
+    notice their parent is gone and leave."""
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from runtime import cpu
+        cpu.use_processes(1)
+        cpu.warm_processes()
+        deadline = time.monotonic() + 30
+        while not cpu.process_ids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(cpu.process_ids()[0], flush=True)
+        time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=os.getcwd(), text=True
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, "the worker process outlived its intake"
+            time.sleep(0.1)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
