@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import audit, reads, upstream
 from ledger.crypto import PayloadCipher
-from ledger.db import sql
+from ledger.db import fetch_direct, sql
 from ledger.rows import Actor, AuditEvent, UpstreamView
 from schemas.states import BatchState, MessageState
 
@@ -177,22 +177,24 @@ async def _begin_fresh(engine: AsyncEngine, req: Request, columns: _Columns) -> 
     takes the general path (an expired key holder to abort, records to re-take or to wait for).
     A record another request inserted in the same instant is not taken (ON CONFLICT); if that
     request is still accepting it, this one is undone (aborted, key released) and is Busy."""
-    async with engine.connect() as plain:
-        conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
-        row = (
-            await conn.execute(
-                sql(_FRESH_SQL),
-                {
-                    **_pending_params(req),
-                    **columns.params,
-                    "hash": req.request_hash,
-                    "key_lease": req.key_lease_s,
-                },
-            )
-        ).one()
-    if not row.fresh:
+    try:
+        [row] = await fetch_direct(
+            engine,
+            _FRESH_SQL,
+            {
+                **_pending_params(req),
+                **columns.params,
+                "hash": req.request_hash,
+                "key_lease": req.key_lease_s,
+            },
+        )
+    except Exception as exc:  # asyncpg's UniqueViolationError, straight from the driver
+        if getattr(exc, "constraint_name", None) != "messages_identity_revision":
+            raise
+        return await _conflict(engine, req)
+    if not row["fresh"]:
         return None
-    taken = set(row.taken)
+    taken = set(row["taken"])
     unique = columns.unique
     others = [r.message_id for r in unique if r.message_id not in taken]
     if others:
@@ -445,44 +447,39 @@ async def complete(engine: AsyncEngine, req: Request, actor: Actor, new: int) ->
         ],
         where="WHERE EXISTS (SELECT 1 FROM won)",
     )
-    async with engine.connect() as plain:
-        # A single statement is atomic by itself: no BEGIN and COMMIT round trips.
-        conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
-        won = (
-            await conn.execute(
-                sql(
-                    f"""
-                    WITH won AS (
-                        UPDATE batches SET state = 'accepted', accepted_at = now(),
-                                           pending_until = NULL
-                         WHERE batch_id = :batch AND state = 'pending'
-                        RETURNING 1
-                    ), queued AS (
-                        UPDATE messages SET state = 'queued', queued_at = now(),
-                                            pending_until = NULL, updated_at = now()
-                         WHERE publication = :batch AND state = 'pending'
-                           AND EXISTS (SELECT 1 FROM won)
-                    ), keyed AS (
-                        UPDATE idempotency_keys
-                           SET state = 'completed', resource_kind = :kind, resource_id = :rid,
-                               status_url = :url, completed_at = now()
-                         WHERE desk = :desk AND key = :key AND batch_id = :batch
-                           AND EXISTS (SELECT 1 FROM won)
-                    ), audited AS ({audit_sql})
-                    SELECT count(*) FROM won
-                    """
-                ),
-                {
-                    "batch": req.batch_id,
-                    "kind": req.resource_kind,
-                    "rid": req.resource_id,
-                    "url": req.status_url,
-                    "desk": req.desk,
-                    "key": req.idempotency_key,
-                    **audit_params,
-                },
-            )
-        ).scalar_one()
+    # A single statement is atomic by itself: no BEGIN and COMMIT round trips.
+    [row] = await fetch_direct(
+        engine,
+        f"""
+        WITH won AS (
+            UPDATE batches SET state = 'accepted', accepted_at = now(), pending_until = NULL
+             WHERE batch_id = :batch AND state = 'pending'
+            RETURNING 1
+        ), queued AS (
+            UPDATE messages SET state = 'queued', queued_at = now(),
+                                pending_until = NULL, updated_at = now()
+             WHERE publication = :batch AND state = 'pending'
+               AND EXISTS (SELECT 1 FROM won)
+        ), keyed AS (
+            UPDATE idempotency_keys
+               SET state = 'completed', resource_kind = :kind, resource_id = :rid,
+                   status_url = :url, completed_at = now()
+             WHERE desk = :desk AND key = :key AND batch_id = :batch
+               AND EXISTS (SELECT 1 FROM won)
+        ), audited AS ({audit_sql})
+        SELECT count(*) FROM won
+        """,
+        {
+            "batch": req.batch_id,
+            "kind": req.resource_kind,
+            "rid": req.resource_id,
+            "url": req.status_url,
+            "desk": req.desk,
+            "key": req.idempotency_key,
+            **audit_params,
+        },
+    )
+    won = row[0]
     return bool(won)
 
 
