@@ -184,6 +184,7 @@ class Bench:
         process = self.spawn(["intake", "--processes", str(processes)], env)
         url = f"http://127.0.0.1:{port}"
         await wait_http(f"{url}/readyz", process=process)
+        await until_started(process)
         token = mint_token(
             pem,
             issuer="bench",
@@ -541,6 +542,29 @@ async def scenario_intake(bench: Bench, scale: int) -> list[Row]:
         await bench.stop(intake)
         await bench.stop(sim)
     return rows
+
+
+async def until_started(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Until a process and everything it started (an intake's worker processes import their
+    code for a second or two after it answers /readyz) has gone quiet: measurements start from
+    a steady state, not from start-up CPU on the same two cores."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    deadline = time.monotonic() + timeout
+    last = -1.0
+    while time.monotonic() < deadline:
+        total = 0.0
+        for member in [root, *root.children(recursive=True)]:
+            try:
+                times = member.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        if last >= 0 and total - last < 0.05:
+            return
+        last = total
+        await asyncio.sleep(0.5)
 
 
 async def post_single(
