@@ -1012,8 +1012,8 @@ async def scenario_fairness(bench: Bench, scale: int) -> list[Row]:
             "ms",
         ),
         Row(
-            f"other desk's read p99, one desk sending 5,000-record batches ({sent} sent)",
-            "latency",
+            "other desk's read p99, one desk sending 5,000-record batches",
+            f"latency ({sent} batches sent)",
             percentile(loaded, 0.99) * 1000,
             percentile(idle, 0.99) * 1000,
             "ms",
