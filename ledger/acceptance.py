@@ -176,7 +176,7 @@ async def _begin_fresh(engine: AsyncEngine, req: Request, columns: _Columns) -> 
     does nothing at all when the key or any of the records already exists, and the caller then
     takes the general path (an expired key holder to abort, records to re-take or to wait for).
     A record another request inserted in the same instant is not taken (ON CONFLICT); if that
-    request is still accepting it, this one is undone (aborted, key released) and is Busy."""
+    request is still accepting it, this one is undone (`_undo_fresh`) and is Busy."""
     try:
         [row] = await fetch_direct(
             engine,
@@ -211,22 +211,18 @@ async def _undo_fresh(engine: AsyncEngine, req: Request) -> None:
     """Takes back what `_begin_fresh` committed, as a rolled-back transaction would have: the
     rows are this request's own, still pending and never published. (Aborting instead would
     leave the batch id taken, and the request retries under the same id.)"""
-    async with engine.connect() as plain:
-        conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(
-            sql(
-                """
-                WITH listed AS (DELETE FROM batch_messages WHERE batch_id = :batch),
-                     records AS (DELETE FROM messages
-                                  WHERE publication = :batch AND state = 'pending'),
-                     keyed AS (DELETE FROM idempotency_keys
-                                WHERE desk = :desk AND key = :key AND batch_id = :batch
-                                  AND state = 'in_flight')
-                DELETE FROM batches WHERE batch_id = :batch AND state = 'pending'
-                """
-            ),
-            {"batch": req.batch_id, "desk": req.desk, "key": req.idempotency_key},
-        )
+    await fetch_direct(
+        engine,
+        """
+        WITH listed AS (DELETE FROM batch_messages WHERE batch_id = :batch),
+             records AS (DELETE FROM messages WHERE publication = :batch AND state = 'pending'),
+             keyed AS (DELETE FROM idempotency_keys
+                        WHERE desk = :desk AND key = :key AND batch_id = :batch
+                          AND state = 'in_flight')
+        DELETE FROM batches WHERE batch_id = :batch AND state = 'pending'
+        """,
+        {"batch": req.batch_id, "desk": req.desk, "key": req.idempotency_key},
+    )
 
 
 async def _take_key(conn: AsyncConnection, req: Request) -> KeyHeld | None:

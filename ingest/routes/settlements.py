@@ -237,7 +237,7 @@ async def _prepare_batch(
     wait. A small one is done here (off the loop above HEAVY_RECORDS records)."""
     lanes = svc.publisher.lanes
     raw = await read_body(request, svc.settings.max_body_bytes)
-    if len(raw) > HEAVY_BODY_BYTES and svc.settings.intake_cpu_processes > 0:
+    if len(raw) > HEAVY_BODY_BYTES:  # without worker processes, in_process uses a thread
         prepared = await in_process(prepare_batch_body, raw, who, run_id, lanes)
         _limit_records(svc, who, len(prepared[0]))
         return prepared
