@@ -395,7 +395,7 @@ async def _refuse_if_pending_elsewhere(conn: AsyncConnection, message_ids: list[
         raise _PendingElsewhere(expired, wait)
 
 
-async def _conflict(engine: AsyncEngine, req: Request) -> RevisionConflict:
+async def _conflict(engine: AsyncEngine, req: Request) -> RevisionConflict | Busy:
     """Which record of the request collides with another record's identity and revision."""
     async with engine.connect() as conn:
         rows = (
@@ -420,8 +420,12 @@ async def _conflict(engine: AsyncEngine, req: Request) -> RevisionConflict:
                 },
             )
         ).first()
-    if rows is None:  # the other request aborted meanwhile; the desk may simply retry
-        return RevisionConflict(req.records[0].index, None)
+    if rows is None:
+        # No other record holds the identity and revision: the collision was with a request
+        # inserting these very records at the same instant (Postgres checks the identity index
+        # besides ON CONFLICT's message-id arbiter), or one that aborted since. Nothing of this
+        # attempt was recorded; like any record being accepted elsewhere, it is Busy (retried).
+        return Busy(0.01)
     return RevisionConflict(req.records[rows.ord - 1].index, rows.message_id)
 
 
