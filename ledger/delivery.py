@@ -45,6 +45,7 @@ from schemas.states import (
     TAKEN_UPSTREAM,
     UNCERTAIN_REASONS,
     MessageState,
+    Sequencing,
     sql_values,
 )
 from schemas.text import cap_text, header_text
@@ -64,6 +65,7 @@ async def claim(
     owner: str,
     lease_s: float,
     actor: Actor,
+    sequencing: Sequencing = Sequencing.OFF,
 ) -> list[ClaimRow]:
     """Take the lease of every requested record that is claimable, and report what the
     ledger says of each (one statement for the group)."""
@@ -79,64 +81,86 @@ async def claim(
                            WITH ORDINALITY
                            AS r(message_id, publication, source_partition, source_offset, ord)
                 ),
+                seen AS (
+                    SELECT r.ord, r.message_id AS requested, r.publication AS requested_pub,
+                           r.source_partition, r.source_offset,
+                           m.message_id, m.state, m.publication, m.attempts, m.budget_used_s,
+                           m.lease_until, m.pending_until, m.revision, m.first_attempt_at,
+                           (SELECT max(t.revision) FROM messages t
+                             WHERE t.identity_hash = m.identity_hash
+                               AND t.state IN {_TAKEN}) AS max_taken_revision,
+                           coalesce(p.waiting, 0) AS waiting,
+                           coalesce(p.replaying, 0) AS replaying,
+                           coalesce(p.parked, 0) AS parked, coalesce(p.dead_open, 0) AS dead_open,
+                           p.blocker, p.ahead
+                      FROM req r
+                      LEFT JOIN messages m ON m.message_id = r.message_id
+                      LEFT JOIN LATERAL (
+                          SELECT count(*) FILTER (
+                                     WHERE q.state IN ('pending', 'queued', 'delivering')
+                                       AND q.publication_kind <> 'replay') AS waiting,
+                                 count(*) FILTER (
+                                     WHERE q.state IN ('queued', 'delivering')
+                                       AND q.publication_kind = 'replay') AS replaying,
+                                 count(*) FILTER (WHERE q.state = 'parked') AS parked,
+                                 count(*) FILTER (WHERE q.state = 'dead_lettered'
+                                                    AND d.status IN ('open', 'replaying'))
+                                     AS dead_open,
+                                 (array_agg(q.message_id ORDER BY q.accept_seq) FILTER (
+                                     WHERE q.state = 'parked'
+                                        OR (q.state IN ('queued', 'delivering')
+                                            AND q.publication_kind = 'replay')
+                                        OR (q.state = 'dead_lettered'
+                                            AND d.status IN ('open', 'replaying'))))[1]
+                                     AS blocker,
+                                 (array_agg(q.message_id ORDER BY q.accept_seq) FILTER (
+                                     WHERE q.state IN ('pending', 'queued', 'delivering')))[1]
+                                     AS ahead
+                            FROM messages q
+                            LEFT JOIN dead_letters d ON d.dead_letter_id = q.dead_letter_id
+                           WHERE q.desk = m.desk AND q.contract_id = m.contract_id
+                             AND q.accept_seq < m.accept_seq
+                             AND q.state IN ('pending', 'queued', 'delivering', 'parked',
+                                             'dead_lettered')
+                      ) p ON true
+                ),
                 claimed AS (
+                    -- A record that would only wait for an earlier one (Predecessors.hold_back)
+                    -- is not leased: its claim is a read, and nothing is written or released.
                     UPDATE messages m
                        SET state = 'delivering', lease_owner = :owner,
                            lease_epoch = m.lease_epoch + 1,
                            lease_until = now() + make_interval(secs => :lease),
                            attempts = m.attempts + 1,
                            first_attempt_at = coalesce(m.first_attempt_at, now()),
-                           source_partition = r.source_partition,
-                           source_offset = r.source_offset, updated_at = now()
-                      FROM req r
-                     WHERE m.message_id = r.message_id AND m.publication = r.publication
+                           source_partition = s.source_partition,
+                           source_offset = s.source_offset, updated_at = now()
+                      FROM seen s
+                     WHERE m.message_id = s.requested AND m.publication = s.requested_pub
                        AND (m.state = 'queued'
                             OR (m.state = 'delivering' AND m.lease_until < now()))
+                       AND NOT (
+                           (s.max_taken_revision IS NULL OR s.revision >= s.max_taken_revision)
+                           AND CASE WHEN :contract_sequencing
+                                    THEN s.dead_open = 0 AND s.parked = 0
+                                         AND (s.waiting > 0 OR s.replaying > 0)
+                                    ELSE s.waiting > 0 END)
                     RETURNING m.message_id, m.lease_epoch
                 )
-                SELECT r.message_id, m.message_id IS NOT NULL AS exists, m.state,
-                       coalesce(m.publication = r.publication, false) AS live_copy,
+                SELECT s.requested AS message_id, s.message_id IS NOT NULL AS exists, s.state,
+                       coalesce(s.publication = s.requested_pub, false) AS live_copy,
                        c.lease_epoch AS claimed_epoch,
-                       coalesce(m.attempts, 0) AS attempts,
-                       coalesce(m.budget_used_s, 0) AS budget_used_s,
-                       coalesce(m.lease_until > now(), false) AS lease_live,
-                       coalesce(m.pending_until < now(), false) AS pending_expired,
-                       coalesce(m.revision, 0) AS revision,
-                       coalesce(m.first_attempt_at, now()) AS first_attempt_at,
-                       (SELECT max(t.revision) FROM messages t
-                         WHERE t.identity_hash = m.identity_hash
-                           AND t.state IN {_TAKEN}) AS max_taken_revision,
-                       coalesce(p.waiting, 0) AS waiting, coalesce(p.replaying, 0) AS replaying,
-                       coalesce(p.parked, 0) AS parked, coalesce(p.dead_open, 0) AS dead_open,
-                       p.blocker
-                  FROM req r
-                  LEFT JOIN claimed c ON c.message_id = r.message_id
-                  LEFT JOIN messages m ON m.message_id = r.message_id
-                  LEFT JOIN LATERAL (
-                      SELECT count(*) FILTER (
-                                 WHERE q.state IN ('pending', 'queued', 'delivering')
-                                   AND q.publication_kind <> 'replay') AS waiting,
-                             count(*) FILTER (
-                                 WHERE q.state IN ('queued', 'delivering')
-                                   AND q.publication_kind = 'replay') AS replaying,
-                             count(*) FILTER (WHERE q.state = 'parked') AS parked,
-                             count(*) FILTER (WHERE q.state = 'dead_lettered'
-                                                AND d.status IN ('open', 'replaying'))
-                                 AS dead_open,
-                             (array_agg(q.message_id ORDER BY q.accept_seq) FILTER (
-                                 WHERE q.state = 'parked'
-                                    OR (q.state IN ('queued', 'delivering')
-                                        AND q.publication_kind = 'replay')
-                                    OR (q.state = 'dead_lettered'
-                                        AND d.status IN ('open', 'replaying'))))[1] AS blocker
-                        FROM messages q
-                        LEFT JOIN dead_letters d ON d.dead_letter_id = q.dead_letter_id
-                       WHERE q.desk = m.desk AND q.contract_id = m.contract_id
-                         AND q.accept_seq < m.accept_seq
-                         AND q.state IN ('pending', 'queued', 'delivering', 'parked',
-                                         'dead_lettered')
-                  ) p ON true
-                 ORDER BY r.ord
+                       coalesce(s.attempts, 0) AS attempts,
+                       coalesce(s.budget_used_s, 0) AS budget_used_s,
+                       coalesce(s.lease_until > now(), false) AS lease_live,
+                       coalesce(s.pending_until < now(), false) AS pending_expired,
+                       coalesce(s.revision, 0) AS revision,
+                       coalesce(s.first_attempt_at, now()) AS first_attempt_at,
+                       s.max_taken_revision, s.waiting, s.replaying, s.parked, s.dead_open,
+                       s.blocker, s.ahead
+                  FROM seen s
+                  LEFT JOIN claimed c ON c.message_id = s.requested
+                 ORDER BY s.ord
                 """
             ),
             {
@@ -146,6 +170,7 @@ async def claim(
                 "offs": [r.offset for r in requests],
                 "owner": owner,
                 "lease": lease_s,
+                "contract_sequencing": sequencing is Sequencing.CONTRACT,
             },
         )
         rows = [
@@ -162,7 +187,12 @@ async def claim(
                 revision=int(r.revision),
                 max_taken_revision=r.max_taken_revision,
                 predecessors=Predecessors(
-                    int(r.waiting), int(r.replaying), int(r.parked), int(r.dead_open), r.blocker
+                    int(r.waiting),
+                    int(r.replaying),
+                    int(r.parked),
+                    int(r.dead_open),
+                    r.blocker,
+                    r.ahead,
                 ),
                 first_attempt_at=r.first_attempt_at,
             )
@@ -534,8 +564,10 @@ class DeliveryStore:
         owner: str,
         lease_s: float,
         actor: Actor,
+        sequencing: Sequencing = Sequencing.OFF,
     ) -> None:
         self.engine = engine
+        self.sequencing = sequencing
         self.cipher = cipher
         self.owner = owner
         self.lease_s = lease_s
@@ -551,6 +583,7 @@ class DeliveryStore:
                 owner=self.owner,
                 lease_s=self.lease_s,
                 actor=self.actor,
+                sequencing=self.sequencing,
             )
             found.update({i: row for (i, _), row in zip(run, rows, strict=True)})
         return [found[i] for i in range(len(requests))]

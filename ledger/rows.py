@@ -9,7 +9,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from schemas.states import CircuitState, MessageState
+from schemas.states import CircuitState, MessageState, Sequencing
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +51,14 @@ class Predecessors:
     parked: int = 0
     dead_open: int = 0  # dead-lettered, the dead letter still open (or being replayed)
     blocker: str | None = None  # the earliest blocking record (the head of its contract)
+    ahead: str | None = None  # the earliest one still pending, queued or delivering
+
+    def hold_back(self, sequencing: Sequencing) -> bool:
+        """The record waits for these (it is neither sent nor parked). The claim statement
+        applies the same rule, so such a record's lease is not even taken: waiting is a read."""
+        if sequencing is Sequencing.CONTRACT:
+            return not (self.dead_open or self.parked) and bool(self.waiting or self.replaying)
+        return bool(self.waiting)
 
 
 @dataclass(frozen=True, slots=True)

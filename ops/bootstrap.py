@@ -245,7 +245,12 @@ async def worker_parts(settings: WorkerSettings) -> WorkerParts:
     )
     pipeline = Pipeline(
         ledger=DeliveryStore(
-            engine, cipher, owner=owner, lease_s=settings.delivery_lease_s, actor=actor
+            engine,
+            cipher,
+            owner=owner,
+            lease_s=settings.delivery_lease_s,
+            actor=actor,
+            sequencing=settings.sequence_dead_letters,
         ),
         upstream=upstream,
         token_errors=(TokenUnavailable,),

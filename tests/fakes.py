@@ -50,8 +50,9 @@ from schemas.states import (
     BatchState,
     CircuitState,
     MessageState,
+    Sequencing,
 )
-from workers.rules import Answer
+from workers.rules import Answer, is_superseded
 
 S = MessageState
 
@@ -92,7 +93,9 @@ class FakeLedger:
     """The intake's and the workers' ledger in memory (ledger.acceptance.IntakeStore and
     ledger.delivery.DeliveryStore)."""
 
-    def __init__(self, lease_s: float = 10.0) -> None:
+    def __init__(self, lease_s: float = 10.0, sequencing: Sequencing = Sequencing.OFF) -> None:
+        self.sequencing = sequencing
+        self.claimed: list[str] = []  # every message id asked for, in order
         self.rows: dict[str, Row] = {}
         self.batches: dict[str, tuple[Request, BatchState]] = {}
         self.batch_records: dict[str, list[str]] = {}
@@ -244,12 +247,17 @@ class FakeLedger:
     def _predecessors(self, row: Row) -> Predecessors:
         waiting = replaying = parked = dead_open = 0
         blocker: tuple[int, str] | None = None
+        ahead: tuple[int, str] | None = None
         for other in self.rows.values():
             if (other.desk, other.contract_id) != (row.desk, row.contract_id):
                 continue
             if other.accept_seq >= row.accept_seq:
                 continue
             blocking = False
+            if other.state in (S.PENDING, S.QUEUED, S.DELIVERING) and (
+                ahead is None or other.accept_seq < ahead[0]
+            ):
+                ahead = (other.accept_seq, other.message_id)
             if other.state in (S.PENDING, S.QUEUED, S.DELIVERING):
                 if other.publication_kind == "replay" and other.state is not S.PENDING:
                     replaying += 1
@@ -266,10 +274,18 @@ class FakeLedger:
                 blocking = True
             if blocking and (blocker is None or other.accept_seq < blocker[0]):
                 blocker = (other.accept_seq, other.message_id)
-        return Predecessors(waiting, replaying, parked, dead_open, blocker[1] if blocker else None)
+        return Predecessors(
+            waiting,
+            replaying,
+            parked,
+            dead_open,
+            blocker[1] if blocker else None,
+            ahead[1] if ahead else None,
+        )
 
     async def claim(self, requests: Sequence[ClaimRequest]) -> list[ClaimRow]:
         self._check()
+        self.claimed.extend(r.message_id for r in requests)
         found: list[ClaimRow] = []
         for request in requests:
             row = self.rows.get(request.message_id)
@@ -293,9 +309,23 @@ class FakeLedger:
                 continue
             live = row.publication == request.publication
             before = replace(row)
+            taken = [
+                r.revision
+                for r in self.rows.values()
+                if r.identity == row.identity and r.state in TAKEN_UPSTREAM
+            ]
+            predecessors = self._predecessors(before)
+            waits_only = not is_superseded(
+                row.revision, max(taken) if taken else None
+            ) and predecessors.hold_back(self.sequencing)
             epoch = None
-            if live and (
-                row.state is S.QUEUED or (row.state is S.DELIVERING and row.lease_until < self.now)
+            if (
+                live
+                and not waits_only
+                and (
+                    row.state is S.QUEUED
+                    or (row.state is S.DELIVERING and row.lease_until < self.now)
+                )
             ):
                 row.state = S.DELIVERING
                 row.lease_epoch += 1
@@ -303,11 +333,6 @@ class FakeLedger:
                 row.attempts += 1
                 epoch = row.lease_epoch
                 row.history.append(("delivering", None))
-            taken = [
-                r.revision
-                for r in self.rows.values()
-                if r.identity == row.identity and r.state in TAKEN_UPSTREAM
-            ]
             found.append(
                 ClaimRow(
                     request.message_id,
@@ -321,7 +346,7 @@ class FakeLedger:
                     False,
                     before.revision,
                     max(taken) if taken else None,
-                    self._predecessors(before),
+                    predecessors,
                 )
             )
         return found

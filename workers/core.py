@@ -68,6 +68,7 @@ class Wait:
 
     why: str
     release: bool = False
+    behind: str | None = None  # the earlier record of its contract it waits for, if known
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,9 @@ class AbortExpired:
 ClaimVerdict = Send | Finish | Wait | Supersede | Park | Exhausted | NotAccepted | AbortExpired
 
 
+WAITS_FOR_EARLIER = "an earlier record of its contract is not settled"
+
+
 def decide_claim(row: ClaimRow, policy: Policy) -> ClaimVerdict:
     if not row.exists:
         return NotAccepted("no accepted record carries this message id")
@@ -115,21 +119,22 @@ def decide_claim(row: ClaimRow, policy: Policy) -> ClaimVerdict:
         return Finish("its request was not accepted (503)")
     if state in FINAL_STATES or state is MessageState.PARKED:
         return Finish(f"already {state}")
+    before = row.predecessors
+    superseded = is_superseded(row.revision, row.max_taken_revision)
     if row.epoch is None:
         if state is MessageState.DELIVERING and row.lease_live:
             return Wait("another worker holds its lease")
+        if not superseded and before.hold_back(policy.sequencing):
+            # The claim did not take the lease for a wait.
+            return Wait(WAITS_FOR_EARLIER, behind=before.ahead)
         return Wait("its state changed while claiming")
     # The lease is ours from here on; whatever is decided is written under it.
-    if is_superseded(row.revision, row.max_taken_revision):
+    if superseded:
         return Supersede(f"revision {row.revision} < delivered revision {row.max_taken_revision}")
-    before = row.predecessors
-    if policy.sequencing is Sequencing.CONTRACT:
-        if before.dead_open or before.parked:
-            return Park(before.blocker, "behind a dead letter of its contract")
-        if before.waiting or before.replaying:
-            return Wait("an earlier record of its contract is not settled", release=True)
-    elif before.waiting:
-        return Wait("an earlier record of its contract is not settled", release=True)
+    if before.hold_back(policy.sequencing):
+        return Wait(WAITS_FOR_EARLIER, release=True, behind=before.ahead)
+    if policy.sequencing is Sequencing.CONTRACT and (before.dead_open or before.parked):
+        return Park(before.blocker, "behind a dead letter of its contract")
     if row.attempts >= policy.max_attempts:
         return Exhausted(f"{row.attempts} attempt(s) already made")
     if row.budget_used_s >= policy.budget_s:

@@ -133,6 +133,7 @@ class Copy:
     problem: str | None = None  # signed by the intake, yet not a canonical record
     not_before: float = 0.0
     waits: int = 0
+    behind: str | None = None  # of its last wait: the earlier record it waited for
 
 
 @dataclass(eq=False)
@@ -142,6 +143,11 @@ class Chain:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    # Where the last wait points: an earlier record in this chain to try next (`front`), or
+    # one not here yet (`behind`) — nothing else is tried until it arrives or `behind_until`.
+    front: Copy | None = None
+    behind: str | None = None
+    behind_until: float = 0.0
 
     @property
     def stopping(self) -> bool:
@@ -356,7 +362,11 @@ class Pipeline:
         while chain.items and not chain.stopping:
             copy = self._next_ready(chain)
             if copy is None:
-                wake_at = min(c.not_before for c in list(chain.items)[: LOOKAHEAD + 1])
+                wake_at = (
+                    chain.behind_until
+                    if chain.behind is not None
+                    else min(c.not_before for c in list(chain.items)[: LOOKAHEAD + 1])
+                )
                 chain.arrived.clear()
                 if wake_at > time.monotonic():
                     with contextlib.suppress(TimeoutError):
@@ -385,15 +395,49 @@ class Pipeline:
             if finished:
                 chain.items.remove(copy)
                 self._finish(copy.ticket)
+                # What waited in this chain most likely waited for this very record (copies of
+                # one contract can reach the partition out of their acceptance order): look
+                # again now rather than at the end of each one's back-off.
+                for waiting in chain.items:
+                    waiting.not_before = 0.0
+                chain.front, chain.behind = None, None
             else:
                 copy.waits += 1
                 copy.not_before = time.monotonic() + _wait_delay(copy.waits, self.rng)
+                self._wait_behind(chain, copy)
         if self.chains.get(chain.key) is chain and not chain.items:
             del self.chains[chain.key]
 
     @staticmethod
+    def _wait_behind(chain: Chain, copy: Copy) -> None:
+        """After `copy` waited: if it waits for a record of this chain, that one goes next;
+        if for one not consumed yet (published later, or still being accepted), the chain tries
+        nothing until it arrives or `copy`'s back-off ends — the later copies would only wait
+        behind it too, each with a claim of its own."""
+        behind, copy.behind = copy.behind, None
+        if behind is None:
+            return
+        for other in chain.items:
+            if other.message_id == behind:
+                other.not_before = 0.0
+                chain.front = other
+                return
+        chain.behind, chain.behind_until = behind, copy.not_before
+
+    @staticmethod
     def _next_ready(chain: Chain) -> Copy | None:
         now = time.monotonic()
+        front, chain.front = chain.front, None
+        if front is not None and any(c is front for c in chain.items):
+            return front
+        if chain.behind is not None:
+            if now < chain.behind_until:
+                for copy in chain.items:
+                    if copy.message_id == chain.behind:
+                        chain.behind = None
+                        return copy
+                return None
+            chain.behind = None
         for i, copy in enumerate(chain.items):
             if copy.not_before <= now:
                 return copy
@@ -431,7 +475,8 @@ class Pipeline:
             case AbortExpired():
                 await self.ledger.sweep_expired()
                 return False
-            case Wait(release=release, why=why):
+            case Wait(release=release, why=why, behind=behind):
+                copy.behind = behind
                 if release and row.epoch is not None:
                     await self._write(
                         copy,

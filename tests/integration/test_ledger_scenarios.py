@@ -222,7 +222,9 @@ async def test_claims_see_earlier_records_and_the_highest_revision_taken(b: Back
     row = await claim(b, second)
     assert row.predecessors.waiting == 1
     assert row.max_taken_revision is None
-    await b.worker.write([Outcome(second, row.epoch, S.QUEUED, 0, 0.0)])  # hand it back
+    # It would only wait: its claim is a read — no lease, no attempt, nothing to hand back.
+    assert row.epoch is None
+    assert await b.state(second) is S.QUEUED
     lead = await claim(b, first)
     assert lead.predecessors.waiting == 0
     assert await b.worker.write([Outcome(first, lead.epoch, S.DELIVERED, 1, 0.0)]) == [True]
@@ -230,6 +232,11 @@ async def test_claims_see_earlier_records_and_the_highest_revision_taken(b: Back
     row = await claim(b, lower)
     assert row.max_taken_revision == 2
     assert row.revision == 1
+    # Behind `second`, yet superseded: leased all the same, so it can be settled as such.
+    assert row.predecessors.waiting == 1
+    assert row.epoch is not None
+    now = await claim(b, second)
+    assert (now.epoch, now.attempts, now.predecessors.waiting) == (1, 0, 0)
 
 
 async def test_a_late_answer_closes_a_dead_letter_that_guessed_wrong(b: Backend) -> None:

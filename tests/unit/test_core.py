@@ -103,6 +103,22 @@ def test_contract_sequencing(predecessors: Predecessors, verdict: type) -> None:
         assert decided.blocker == "m0"
 
 
+@pytest.mark.parametrize("policy", [POLICY, CONTRACT])
+def test_a_claim_that_only_waits_names_the_record_it_waits_for(policy: Policy) -> None:
+    before = Predecessors(waiting=2, ahead="m0")
+    assert before.hold_back(policy.sequencing)
+    unleased = decide_claim(row(epoch=None, predecessors=before), policy)
+    assert unleased == Wait("an earlier record of its contract is not settled", behind="m0")
+    leased = decide_claim(row(predecessors=before), policy)  # a ledger that leased it anyway
+    assert leased == Wait("an earlier record of its contract is not settled", True, "m0")
+    # Superseded or parked, it is leased: there is something to write about it.
+    assert isinstance(
+        decide_claim(row(revision=1, max_taken_revision=2, predecessors=before), policy), Supersede
+    )
+    parked = Predecessors(waiting=1, dead_open=1, blocker="m0", ahead="m0")
+    assert parked.hold_back(policy.sequencing) is (policy.sequencing is Sequencing.OFF)
+
+
 def test_send_counts_the_post_it_is_about_to_make() -> None:
     decided = decide_claim(row(attempts=2, budget_used_s=12.5), POLICY)
     assert decided == Send(3, 3, 12.5, None)

@@ -126,7 +126,11 @@ def make_pipeline(
 async def harness_with(
     policy: Policy, breaker_config: BreakerConfig = BREAKER
 ) -> AsyncIterator[Harness]:
-    ledger, broker, circuit = FakeLedger(), FakeBroker(), FakeCircuitStore()
+    ledger, broker, circuit = (
+        FakeLedger(sequencing=policy.sequencing),
+        FakeBroker(),
+        FakeCircuitStore(),
+    )
     upstream = FakeUpstream(taken())
     breaker = make_breaker(circuit, breaker_config)
     pipeline = make_pipeline(ledger, upstream, policy, breaker=breaker)
@@ -188,10 +192,37 @@ async def test_a_record_waits_until_the_earlier_record_of_its_contract_settles(
     )
     h.feed(skip=lambda i: i == 0)  # the first one's copy is somewhere else
     await never(lambda: bool(h.upstream.posts), 0.3, every=0.01)
-    assert h.state(second) is S.QUEUED  # the lease it took to look was handed back
+    assert h.state(second) is S.QUEUED  # looked at, never leased
     h.ledger.rows[first].state = S.DELIVERED  # another worker delivered it
     await h.until(lambda: h.ledger.settled(second))
     assert h.upstream.posts == [second]
+
+
+async def test_copies_out_of_acceptance_order_go_in_order_with_one_wait_each(h: Harness) -> None:
+    # A contract's copies can reach a partition out of their acceptance order (two requests
+    # accepted at once, published in the other order). A copy that waits names the record it
+    # waits for; that one is tried next, not every later copy in turn.
+    run = samples.run_id()
+    accepted = await h.desk.accept([otc(run, "OTC-REV", r, str(10 * r)) for r in range(1, 13)])
+    h.broker.records.reverse()
+    h.feed()
+    await h.until(lambda: all(h.ledger.settled(m) for m in accepted))
+    assert h.upstream.posts == accepted
+    assert len(h.ledger.claimed) <= 2 * len(accepted)  # was 6 claims a record
+
+
+async def test_a_copy_waiting_for_one_not_consumed_yet_holds_its_chain_still(h: Harness) -> None:
+    run = samples.run_id()
+    first, second, third = await h.desk.accept(
+        [otc(run, "OTC-LATE", r, str(10 * r)) for r in (1, 2, 3)]
+    )
+    h.feed(skip=lambda i: i == 0)  # the first one's copy is published later
+    await h.until(lambda: h.ledger.claimed.count(second) >= 2)
+    assert third not in h.ledger.claimed  # it would only have waited behind `first` too
+    h.broker.records.append(h.broker.records[0])  # `first` arrives
+    h.feed()
+    await h.until(lambda: all(h.ledger.settled(m) for m in (first, second, third)))
+    assert h.upstream.posts == [first, second, third]
 
 
 async def test_a_revision_below_one_taken_is_superseded_without_a_post(h: Harness) -> None:
