@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 import structlog
+from asyncpg.exceptions import DataError as DriverDataError
+from asyncpg.exceptions import IntegrityConstraintViolationError, SyntaxOrAccessError
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 
 log = structlog.get_logger("etrm.worker")
@@ -24,11 +26,15 @@ log = structlog.get_logger("etrm.worker")
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Errors that belong to the values sent, not to the database being away.
+# Errors that belong to the values sent, not to the database being away: SQLAlchemy's, and
+# asyncpg's own for the statements run on it directly (ledger.db.fetch_direct).
 CONTENT_ERRORS: tuple[type[BaseException], ...] = (
     DataError,
     IntegrityError,
     ProgrammingError,
+    DriverDataError,
+    IntegrityConstraintViolationError,
+    SyntaxOrAccessError,
     ValueError,
     TypeError,
 )
