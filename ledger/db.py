@@ -14,6 +14,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from asyncpg.exceptions import PostgresError
 from sqlalchemy import Connection, TextClause, event, text
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.exc import DisconnectionError
@@ -103,8 +104,12 @@ async def fetch_direct(engine: AsyncEngine, statement: str, params: Mapping[str,
         assert driver is not None  # a checked-out connection has its driver connection
         try:
             return list(await driver.fetch(query, *[params[name] for name in names]))
-        except BaseException:
-            if driver.is_closed():
+        except BaseException as exc:
+            # A statement the server refused leaves its connection as good as before; anything
+            # else (lost, cancelled mid-statement, a client-side protocol error such as
+            # asyncpg's InternalClientError during a restart) may leave it in an unknown state:
+            # it is closed, never handed to the next request.
+            if driver.is_closed() or not isinstance(exc, PostgresError):
                 await conn.invalidate()
             raise
 
@@ -176,6 +181,7 @@ def _known(script: ScriptDirectory, revision: str) -> bool:
 _AWAY = (
     "Connection",
     "CannotConnectNow",
+    "InternalClientError",  # the driver's protocol state broken (seen during restarts)
     "AdminShutdown",
     "CrashShutdown",
     "TooManyConnections",

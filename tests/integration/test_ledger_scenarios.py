@@ -354,3 +354,36 @@ async def test_a_pooled_connection_the_server_dropped_is_replaced_not_handed_out
     finally:
         await engine.dispose()
         await other.dispose()
+
+
+async def test_a_direct_statement_keeps_its_connection_only_after_a_server_refusal(
+    infra: Infra,
+) -> None:
+    """ledger.db.fetch_direct: a statement the server refused leaves the connection reusable;
+    one cancelled mid-statement (or broken on the client side, as asyncpg's
+    InternalClientError during a restart) is not handed to the next statement — that runs on
+    a fresh connection and succeeds."""
+    import asyncpg
+
+    from ledger.db import database_unavailable, fetch_direct
+
+    url = await fresh_database(infra)
+    engine = make_engine(url, 1)
+    try:
+        [row] = await fetch_direct(engine, "SELECT pg_backend_pid() AS pid", {})
+        first = row["pid"]
+        with pytest.raises(asyncpg.PostgresError):
+            await fetch_direct(engine, "SELECT 1 / :zero", {"zero": 0})
+        [row] = await fetch_direct(engine, "SELECT pg_backend_pid() AS pid", {})
+        assert row["pid"] == first  # refused by the server: the same connection
+        sleeping = asyncio.create_task(fetch_direct(engine, "SELECT pg_sleep(5)", {}))
+        await asyncio.sleep(0.3)
+        sleeping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeping
+        [row] = await fetch_direct(engine, "SELECT pg_backend_pid() AS pid", {})
+        assert row["pid"] != first  # cancelled mid-statement: a fresh connection
+        assert database_unavailable(asyncpg.exceptions.InternalClientError("state"))
+        assert not database_unavailable(asyncpg.exceptions.UniqueViolationError("dup"))
+    finally:
+        await engine.dispose()
