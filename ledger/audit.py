@@ -94,23 +94,6 @@ def insert_statement(events: Sequence[AuditEvent], where: str = "") -> tuple[str
     return statement, {"audit_at": datetime.now(UTC), **params}
 
 
-def state_insert(actor: Actor, state: str, source: str) -> tuple[str, dict[str, Any]]:
-    """The INSERT (for a CTE) of the events `state_events(actor, state, ids)` would make, one
-    per `message_id` that the caller's CTE `source` yields — the ids known only in the
-    statement itself (the records a claim leased)."""
-    content = _content(AuditEvent(actor, f"message.{state}", state=state))
-    values = ", ".join(
-        "s.message_id" if column == "message_id" else f"CAST(:audit_{column} AS text)"
-        for column in _CONTENT
-    )
-    statement = f"""
-        INSERT INTO audit_log (at, {", ".join(_CONTENT)})
-        SELECT CAST(:audit_at AS timestamptz), {values} FROM {source} s
-    """
-    params = {f"audit_{column}": content[column] for column in _CONTENT if column != "message_id"}
-    return statement, {"audit_at": datetime.now(UTC), **params}
-
-
 async def append(conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
     """Append events inside the caller's transaction: one statement, no lock."""
     if not events:

@@ -73,7 +73,10 @@ async def claim(
         return []
     # One statement, on its own: the lease, what the ledger says of each record, and the
     # audit rows of the leases taken — no BEGIN and COMMIT round trips, and on asyncpg directly.
-    audit_sql, audit_params = audit.state_insert(actor, str(MessageState.DELIVERING), "claimed")
+    audit_sql, audit_params = audit.insert_statement(
+        audit.state_events(actor, MessageState.DELIVERING, [r.message_id for r in requests]),
+        where="WHERE e.message_id IN (SELECT message_id FROM claimed)",
+    )
     result = await fetch_direct(
         engine,
         f"""

@@ -153,6 +153,9 @@ class Chain:
     def stopping(self) -> bool:
         return self.stopped.is_set()
 
+    def find(self, message_id: str) -> Copy | None:
+        return next((c for c in self.items if c.message_id == message_id), None)
+
     async def pause(self, seconds: float) -> None:
         """Sleep, but wake at once when the chain is stopped."""
         with contextlib.suppress(TimeoutError):
@@ -417,12 +420,12 @@ class Pipeline:
         behind, copy.behind = copy.behind, None
         if behind is None:
             return
-        for other in chain.items:
-            if other.message_id == behind:
-                other.not_before = 0.0
-                chain.front = other
-                return
-        chain.behind, chain.behind_until = behind, copy.not_before
+        ahead = chain.find(behind)
+        if ahead is not None:
+            ahead.not_before = 0.0
+            chain.front = ahead
+        else:
+            chain.behind, chain.behind_until = behind, copy.not_before
 
     @staticmethod
     def _next_ready(chain: Chain) -> Copy | None:
@@ -431,13 +434,12 @@ class Pipeline:
         if front is not None and any(c is front for c in chain.items):
             return front
         if chain.behind is not None:
-            if now < chain.behind_until:
-                for copy in chain.items:
-                    if copy.message_id == chain.behind:
-                        chain.behind = None
-                        return copy
+            arrived = chain.find(chain.behind)
+            if arrived is None and now < chain.behind_until:
                 return None
             chain.behind = None
+            if arrived is not None:
+                return arrived
         for i, copy in enumerate(chain.items):
             if copy.not_before <= now:
                 return copy
