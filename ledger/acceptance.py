@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import audit, reads, upstream
 from ledger.crypto import PayloadCipher
-from ledger.db import fetch_direct, sql
+from ledger.db import array_literal, fetch_direct, sql
 from ledger.rows import Actor, AuditEvent, UpstreamView
 from schemas.states import BatchState, MessageState
 
@@ -124,17 +124,17 @@ def _columns(req: Request, cipher: PayloadCipher) -> _Columns:
     unique = req.unique
     return _Columns(
         unique,
-        {
-            "idx": [r.index for r in req.records],
-            "all_ids": [r.message_id for r in req.records],
-            "ids": [r.message_id for r in unique],
-            "contracts": [r.contract_id for r in unique],
-            "markets": [r.market for r in unique],
-            "identities": [r.identity for r in unique],
-            "revisions": [r.revision for r in unique],
-            "topics": [r.topic for r in unique],
-            "positions": [r.position_mwh for r in unique],  # decimal text; numeric in SQL
-            "payloads": [cipher.seal(r.value, r.message_id) for r in unique],
+        {  # each column as one array text (ledger.db.array_literal)
+            "idx": array_literal(r.index for r in req.records),
+            "all_ids": array_literal(r.message_id for r in req.records),
+            "ids": array_literal(r.message_id for r in unique),
+            "contracts": array_literal(r.contract_id for r in unique),
+            "markets": array_literal(r.market for r in unique),
+            "identities": array_literal(r.identity for r in unique),
+            "revisions": array_literal(r.revision for r in unique),
+            "topics": array_literal(r.topic for r in unique),
+            "positions": array_literal(r.position_mwh for r in unique),  # decimal text
+            "payloads": array_literal(cipher.seal(r.value, r.message_id) for r in unique),
             "kid": cipher.active_kid,
         },
     )
@@ -287,7 +287,8 @@ def _pending_ctes(when: str) -> str:
         ), listed AS (
             INSERT INTO batch_messages (batch_id, idx, message_id)
             SELECT :batch, idx, message_id
-              FROM unnest(CAST(:idx AS int[]), CAST(:all_ids AS text[])) AS t(idx, message_id)
+              FROM unnest(CAST(CAST(:idx AS text) AS int[]),
+                          CAST(CAST(:all_ids AS text) AS text[])) AS t(idx, message_id)
              WHERE {when}
         ), taken AS (
             INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id,
@@ -300,11 +301,14 @@ def _pending_ctes(when: str) -> str:
                    now() + make_interval(secs => :lease), t.position, t.payload, :kid,
                    :trace
               FROM (SELECT * FROM unnest(
-                        CAST(:ids AS text[]), CAST(:contracts AS text[]),
-                        CAST(:markets AS text[]), CAST(:identities AS text[]),
-                        CAST(:revisions AS int[]), CAST(:topics AS text[]),
-                        CAST(CAST(:positions AS text[]) AS numeric[]),
-                        CAST(:payloads AS bytea[]))
+                        CAST(CAST(:ids AS text) AS text[]),
+                        CAST(CAST(:contracts AS text) AS text[]),
+                        CAST(CAST(:markets AS text) AS text[]),
+                        CAST(CAST(:identities AS text) AS text[]),
+                        CAST(CAST(:revisions AS text) AS int[]),
+                        CAST(CAST(:topics AS text) AS text[]),
+                        CAST(CAST(:positions AS text) AS numeric[]),
+                        CAST(CAST(:payloads AS text) AS bytea[]))
                         WITH ORDINALITY
                         AS u(message_id, contract_id, market, identity_hash, revision,
                              topic, position, payload, ord)
@@ -333,7 +337,7 @@ _FRESH_SQL = f"""
     WITH seen AS (
         SELECT 1 FROM idempotency_keys WHERE desk = :desk AND key = :key
         UNION ALL
-        SELECT 1 FROM messages WHERE message_id = ANY(CAST(:ids AS text[]))
+        SELECT 1 FROM messages WHERE message_id = ANY(CAST(CAST(:ids AS text) AS text[]))
         LIMIT 1
     ), keyed AS (
         INSERT INTO idempotency_keys (desk, key, request_hash, state, lease_until, batch_id)
@@ -383,10 +387,11 @@ async def _refuse_if_pending_elsewhere(conn: AsyncConnection, message_ids: list[
                 """
                 SELECT publication, extract(epoch FROM pending_until - now()) AS left_s
                   FROM messages
-                 WHERE message_id = ANY(CAST(:ids AS text[])) AND state = 'pending'
+                 WHERE message_id = ANY(CAST(CAST(:ids AS text) AS text[]))
+                   AND state = 'pending'
                 """
             ),
-            {"ids": message_ids},
+            {"ids": array_literal(message_ids)},
         )
     ).all()
     if rows:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,25 @@ async def fetch_direct(engine: AsyncEngine, statement: str, params: Mapping[str,
             if driver.is_closed() or not isinstance(exc, PostgresError):
                 await conn.invalidate()
             raise
+
+
+def array_literal(values: Iterable[str | int | bytes]) -> str:
+    """A list as Postgres's array text (what `array_in` reads), for statements that take a big
+    array as `CAST(CAST(:p AS text) AS text[])` (or int[], numeric[], bytea[]): asyncpg encodes
+    a list parameter element by element on the event loop, with abstract-class checks per
+    element — measured, 30 to 36 ms of one uninterrupted callback for a 5,000-record request's
+    columns, while every other desk's request waited. A text parameter is one copy; building
+    it runs where the caller builds the lists (off the loop for a big request), and Postgres
+    parses it. Strings are quoted and escaped; bytes go as bytea hex (`\\x…`)."""
+    parts = []
+    for value in values:
+        if isinstance(value, bytes):
+            parts.append('"\\\\x' + value.hex() + '"')
+        elif isinstance(value, int):
+            parts.append(str(value))
+        else:
+            parts.append('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return "{" + ",".join(parts) + "}"
 
 
 @functools.lru_cache(maxsize=1024)

@@ -356,6 +356,48 @@ async def test_a_pooled_connection_the_server_dropped_is_replaced_not_handed_out
         await other.dispose()
 
 
+async def test_array_text_reads_back_as_the_same_values_in_postgres(infra: Infra) -> None:
+    """ledger.db.array_literal against Postgres's own parser: quotes, backslashes, braces,
+    commas, blanks, the word NULL, empty strings, non-ASCII and seeded random text; integers;
+    bytes of every value."""
+    import random
+
+    from ledger.db import array_literal, fetch_direct
+
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in range(1, 0x2FF)] + ["€", "日", "\U0001f600", "\\x41"]
+    texts = ["", " ", "NULL", "null", '"', "\\", '\\"', "{}", "{a,b}", ",", "a b", "\\x00"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(300)]
+    blobs = [b"", bytes(range(256)), b'"\\{},']
+    blobs += [rng.randbytes(rng.randint(0, 64)) for _ in range(50)]
+    numbers = [0, -1, 2**31 - 1, -(2**31), 7]
+    url = await fresh_database(infra)
+    engine = make_engine(url, 1)
+    try:
+        [row] = await fetch_direct(
+            engine,
+            "SELECT CAST(CAST(:t AS text) AS text[]) AS t, CAST(CAST(:b AS text) AS bytea[]) AS b,"
+            " CAST(CAST(:n AS text) AS int[]) AS n,"
+            " CAST(CAST(:p AS text) AS numeric[]) AS p",
+            {
+                "t": array_literal(texts),
+                "b": array_literal(blobs),
+                "n": array_literal(numbers),
+                "p": array_literal(["1.5", "-0.000001", "123456789.123"]),
+            },
+        )
+        assert list(row["t"]) == texts
+        assert [bytes(b) for b in row["b"]] == blobs
+        assert list(row["n"]) == numbers
+        assert [str(p) for p in row["p"]] == ["1.5", "-0.000001", "123456789.123"]
+        [empty] = await fetch_direct(
+            engine, "SELECT CAST(CAST(:e AS text) AS text[]) AS e", {"e": array_literal([])}
+        )
+        assert list(empty["e"]) == []
+    finally:
+        await engine.dispose()
+
+
 async def test_a_desk_read_is_planned_for_its_own_parameters_every_time(infra: Infra) -> None:
     """The desks' reads run on an engine made with `custom_plans`: Postgres never switches
     them to the session's cached generic plan (made once from the statistics of that moment,
