@@ -136,6 +136,13 @@ Index(
 )
 Index("messages_desk_run", messages.c.desk, messages.c.settlement_run_id)
 Index("messages_publication", messages.c.publication)
+# Records being accepted, by request (migration 0007): a few entries, the plan for completing
+# or aborting an acceptance whether or not the planner has statistics yet.
+Index(
+    "messages_pending_publication",
+    messages.c.publication,
+    postgresql_where=text("state = 'pending'"),
+)
 Index(
     "messages_open",
     messages.c.state,

@@ -356,6 +356,45 @@ async def test_a_pooled_connection_the_server_dropped_is_replaced_not_handed_out
         await other.dispose()
 
 
+async def test_completing_an_acceptance_does_not_read_every_open_record(infra: Infra) -> None:
+    """A new database, never analyzed, with 20,000 open records (one desk's big batches, no
+    worker yet): completing a one-record acceptance finds its pending row by its own small
+    index. Without it the planner read the whole open-records index into a bitmap AND (seen
+    with auto_explain: 75,519 entries, 5.2 ms per single-record request)."""
+    from ledger.db import fetch_direct
+
+    url = await fresh_database(infra)
+    engine = make_engine(url, 1)
+    try:
+        await fetch_direct(
+            engine,
+            """INSERT INTO messages (message_id, desk, trader, settlement_run_id, contract_id,
+                    market, identity_hash, revision, topic, state, publication, accept_seq,
+                    submitted_position_mwh, payload, payload_kid, trace_id)
+               SELECT 'm' || n, 'big-desk', 't', 'run', 'C-' || (n % 500), 'ERCOT',
+                      'i' || n, 1, 'lane', 'queued', 'batch_' || (n / 5000), n, 1,
+                      ''::bytea, 'k', 'x'
+                 FROM generate_series(1, 20000) AS n
+               UNION ALL
+               SELECT 'single', 'desk', 't', 'run', 'C-1', 'ERCOT', 'i-single', 1, 'lane',
+                      'pending', 'batch_single', 20001, 1, ''::bytea, 'k', 'x'""",
+            {},
+        )
+        plan = "\n".join(
+            row[0]
+            for row in await fetch_direct(
+                engine,
+                "EXPLAIN UPDATE messages SET state = 'queued' "
+                "WHERE publication = 'batch_single' AND state = 'pending'",
+                {},
+            )
+        )
+        assert "messages_pending_publication" in plan, plan
+        assert "messages_contract_open" not in plan, plan
+    finally:
+        await engine.dispose()
+
+
 async def test_array_text_reads_back_as_the_same_values_in_postgres(infra: Infra) -> None:
     """ledger.db.array_literal against Postgres's own parser: quotes, backslashes, braces,
     commas, blanks, the word NULL, empty strings, non-ASCII and seeded random text; integers;
