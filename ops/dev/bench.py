@@ -571,8 +571,9 @@ async def until_started(process: subprocess.Popen[bytes], timeout: float = 30.0)
 
 def load_client(url: str, timeout: float) -> httpx.AsyncClient:
     """The bench's load generator: the httpx API on aiohttp's transport, as the workers use.
-    With httpx's own transport the generator spent ~1.4 ms of CPU per single-record request,
-    as much as the intake it measures, on the same two cores."""
+    With httpx's own transport the generator spent 0.97 ms of CPU per single-record request
+    against 0.61 ms with this one (measured in one process under 16 clients), on the same two
+    cores as the intake it measures."""
     return httpx.AsyncClient(
         base_url=url, timeout=timeout, transport=AiohttpTransport(trust_env=False), trust_env=False
     )
