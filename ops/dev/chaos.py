@@ -156,7 +156,10 @@ class Cluster:
     def env(self, **extra: Any) -> dict[str, str]:
         values = settings_env(self.settings)
         values.update({f"ETRM_{k.upper()}": str(v) for k, v in extra.items()})
-        return {**os.environ, **values, "ETRM_LOG_LEVEL": "WARNING"}
+        # The processes log warnings unless ETRM_CHAOS_LOG_LEVEL asks for more (with
+        # ETRM_CHAOS_KEEP, the kept logs then show every join, assignment and revocation).
+        level = os.environ.get("ETRM_CHAOS_LOG_LEVEL", "WARNING")
+        return {**os.environ, **values, "ETRM_LOG_LEVEL": level}
 
     def _spawn(self, name: str, command: str, **extra: Any) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("ab")
