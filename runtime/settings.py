@@ -82,6 +82,12 @@ class KafkaSettings(_Settings):
     kafka_enable_idempotence: bool = True
     kafka_group_id: str = "etrm-sync-workers"
     kafka_session_timeout_ms: int = Field(10000, ge=1000)
+    # Whether a worker's consumers send LeaveGroup when they stop. Off by default, as in Kafka
+    # Streams: a stopped worker's partitions move once its session times out. Tansu 0.6 keeps a
+    # member that leaves a re-forming group as that group's leader for ever, and no worker of
+    # the group is assigned anything again (workers.app.StayingConsumer); on Apache Kafka it is
+    # safe to turn on for faster hand-overs on a rolling restart.
+    kafka_leave_group_on_stop: bool = False
     # Unset: a third of the session timeout, as Kafka expects (a heartbeat slower than the
     # session timeout would get every worker evicted).
     kafka_heartbeat_interval_ms: int | None = Field(None, ge=100)

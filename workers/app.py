@@ -21,11 +21,12 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import structlog
 import uvicorn
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -50,6 +51,9 @@ COMMIT_INTERVAL_S = 0.2
 # Unsettled records a lane may hold before its partitions pause; and, behind one that is
 # stuck, settled offsets it may keep in memory.
 HELD_BACK_FACTOR = 20
+WATCHDOG_TICK_S = 1.0
+# A lane consumer whose start failed (the broker not answering) is started again after this.
+START_RETRY_S = 3.0
 
 
 def build_broker(settings: WorkerSettings) -> KafkaBroker:
@@ -61,6 +65,43 @@ def build_broker(settings: WorkerSettings) -> KafkaBroker:
         security=faststream_security(settings),
         logger=None,
     )
+
+
+class StayingConsumer(AIOKafkaConsumer):  # type: ignore[misc]
+    """A consumer that does not send LeaveGroup when it stops; the group hands its partitions
+    on once its session times out (Kafka Streams' default, for the same reason: no rebalance
+    storm on restarts).
+
+    Why not leave: Tansu 0.6 (`LeaveGroup` of a group still forming) removes the member but
+    keeps it as the group's leader. Every later member is then told to wait for that departed
+    leader's assignment, for ever: no worker of the group is assigned a partition again. Any
+    graceful stop in which the leader is not the first to go does it (two lanes of one worker
+    are enough), and it is what stopped all delivery in a chaos run. A member that just stops
+    heartbeating is expired properly, leader included."""
+
+    async def stop(self) -> None:
+        coordinator = getattr(self, "_coordinator", None)
+        if coordinator is not None:
+
+            async def forget_membership() -> None:
+                coordinator.reset_generation()
+
+            coordinator._maybe_leave_group = forget_membership
+        await super().stop()
+
+
+def use_consumer_class(broker: KafkaBroker, settings: WorkerSettings) -> None:
+    """Have FastStream build the lanes' consumers as StayingConsumer, unless the settings ask
+    for consumers that leave their group on stop (safe on Apache Kafka)."""
+    if settings.kafka_leave_group_on_stop:
+        return
+    config = broker.config.broker_config
+    builder = config.builder
+    if not (isinstance(builder, partial) and builder.func is AIOKafkaConsumer):
+        raise RuntimeError(
+            f"FastStream's consumer builder is not what this worker expects: {builder!r}"
+        )
+    config.builder = partial(StayingConsumer, *builder.args, **builder.keywords)
 
 
 def max_poll_interval_ms(settings: WorkerSettings) -> int:
@@ -80,6 +121,9 @@ class Lane:
         # Since when the lane's consumer has been out of the group (started, or revoked and
         # not assigned again); None while it is a member.
         self.out_since: float | None = time.monotonic()
+        # The consumer's start, running in the background: aiokafka's start waits, without a
+        # bound, until the group hands it partitions.
+        self.starting: asyncio.Task[None] | None = None
 
     @property
     def consumer(self) -> Any:
@@ -259,32 +303,84 @@ async def resume_when_settled(pipeline: Pipeline, lanes: dict[str, Lane]) -> Non
         await asyncio.sleep(0.05)
 
 
+def start_lane(lane: Lane) -> None:
+    """Start the lane's consumer in the background and restart its out-of-group clock.
+
+    The start is never awaited by the caller: aiokafka's `start()` returns only once the group
+    has assigned partitions, and a group that never forms (a broker stalled mid-rebalance, or
+    a member that leads the group but never syncs) would hold the worker — and this lane's
+    watchdog — for ever. Seen in a chaos run: a worker stuck in its first start, another stuck
+    restarting a lane, and the whole group delivering nothing until the end."""
+    lane.out_since = time.monotonic()
+    lane.starting = asyncio.create_task(lane.subscriber.start(), name=f"start_{lane.name}_lane")
+
+
+async def stop_lane(lane: Lane, timeout_s: float) -> None:
+    """Stop the lane's consumer, whatever state its start is in (still joining included)."""
+    starting, lane.starting = lane.starting, None
+    if starting is not None:
+        if not starting.done():
+            starting.cancel()
+        with contextlib.suppress(BaseException):  # its failure is why we are here, or moot
+            await asyncio.wait_for(starting, timeout_s)
+    try:
+        await asyncio.wait_for(lane.subscriber.stop(), timeout_s)
+    except Exception as exc:
+        log.warning("lane_consumer_stop_failed", lane=lane.name, error=type(exc).__name__)
+
+
+def lane_stuck(lane: Lane, stuck_after_s: float, now: float) -> str | None:
+    """Why the lane's consumer must be replaced now, or None.
+
+    A start that failed (the broker not answering yet) is retried after a few seconds; a
+    consumer out of its group (never assigned, or revoked and not assigned again) for
+    `stuck_after_s` is replaced, so a group wedged by one of its members re-forms without it."""
+    if lane.out_since is None:
+        return None
+    out_for = now - lane.out_since
+    starting = lane.starting
+    if starting is not None and starting.done() and not starting.cancelled():
+        failure = starting.exception()
+        if failure is not None and out_for >= min(stuck_after_s, START_RETRY_S):
+            return f"start_failed:{type(failure).__name__}"
+    return "out_of_group" if out_for >= stuck_after_s else None
+
+
 async def rejoin_watchdog(
     pipeline: Pipeline, lanes: dict[str, Lane], session_timeout_ms: int
 ) -> None:
-    """A lane whose consumer stays out of its group (seen after a broker stall: a SyncGroup
-    that timed out leaves aiokafka's coordinator waiting for nothing) gets a new consumer, so
-    the worker catches up by itself once the broker answers again."""
+    """Replaces the consumer of any lane that stays out of its group (seen after a broker
+    stall: a SyncGroup that timed out leaves aiokafka's coordinator waiting for nothing, and
+    under Tansu a member that leads the group but never syncs holds every other member out),
+    so the worker catches up by itself once the broker answers again. Each lane is restarted
+    in a task of its own: one lane's slow stop never delays another's."""
     stuck_after = max(20.0, 10 * session_timeout_ms / 1000)
-    while True:
-        await asyncio.sleep(2.0)
-        for lane in lanes.values():
-            if lane.out_since is None or time.monotonic() - lane.out_since < stuck_after:
-                continue
-            log.warning("lane_out_of_group_restarting_consumer", lane=lane.name)
-            metrics.CONSUMER_RESTARTS.labels(lane.name).inc()
-            pipeline.revoke(
-                [key for key in list(pipeline.offsets.partitions()) if key[0] == lane.topic]
-            )
-            lane.out_since = time.monotonic()
-            try:
-                await asyncio.wait_for(lane.subscriber.stop(), 30)
-            except Exception as exc:
-                log.warning("lane_consumer_stop_failed", lane=lane.name, error=type(exc).__name__)
-            try:
-                await lane.subscriber.start()
-            except Exception as exc:
-                log.warning("lane_consumer_start_failed", lane=lane.name, error=type(exc).__name__)
+    restarting: dict[str, asyncio.Task[None]] = {}
+
+    async def restart(lane: Lane, why: str) -> None:
+        log.warning("lane_out_of_group_restarting_consumer", lane=lane.name, reason=why)
+        metrics.CONSUMER_RESTARTS.labels(lane.name).inc()
+        pipeline.revoke(
+            [key for key in list(pipeline.offsets.partitions()) if key[0] == lane.topic]
+        )
+        await stop_lane(lane, 30.0)
+        start_lane(lane)
+
+    try:
+        while True:
+            await asyncio.sleep(WATCHDOG_TICK_S)
+            now = time.monotonic()
+            for lane in lanes.values():
+                busy = restarting.get(lane.name)
+                if busy is not None and not busy.done():
+                    continue
+                why = lane_stuck(lane, stuck_after, now)
+                if why is not None:
+                    restarting[lane.name] = asyncio.create_task(restart(lane, why))
+    finally:  # the worker is stopping: it stops every lane itself
+        for task in restarting.values():
+            task.cancel()
+        await asyncio.gather(*restarting.values(), return_exceptions=True)
 
 
 async def record_lag(consumer: Any) -> None:
@@ -377,12 +473,13 @@ async def serve(
     parts.housekeeping.start()
     parts.breaker.start()
     log.info("worker_starting", step="joining the consumer group")
-    await until_up("broker", broker.start, transient=transient)
+    await until_up("broker", broker.connect, transient=transient)
+    use_consumer_class(broker, settings)
+    # Each lane's consumer starts in the background, watched from the first second: joining
+    # the group has no bound of its own (see start_lane).
     for lane in lanes.values():
-        # The clock of a lane still out of its group starts now (joining may take long); a lane
-        # already assigned during the start is in, and stays so (it was restarted 20 s later).
-        if lane.out_since is not None:
-            lane.out_since = time.monotonic()
+        start_lane(lane)
+    broker.running = True
     background = [
         asyncio.create_task(committer.run(), name="committer"),
         asyncio.create_task(resume_when_settled(pipeline, lanes), name="resume"),
@@ -410,12 +507,10 @@ async def serve(
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        # One LeaveGroup at a time: FastStream stops subscribers concurrently, and two
-        # members leaving in the same instant left Tansu's group with a departed leader that
-        # every later join waited on for ever (a worker restart that never consumed).
-        for subscriber in broker.subscribers:
-            with contextlib.suppress(Exception):
-                await subscriber.stop()
+        # One lane at a time (FastStream would stop them concurrently); where LeaveGroup is
+        # sent at all (ETRM_KAFKA_LEAVE_GROUP_ON_STOP), one member leaves at a time.
+        for lane in lanes.values():
+            await stop_lane(lane, 30.0)
         await broker.stop()
         await parts.breaker.stop()
         await parts.housekeeping.stop()

@@ -4,6 +4,7 @@ once, and its offset becomes committable; nothing in FastStream acknowledges on 
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
@@ -19,7 +20,7 @@ from schemas.envelope import header_map
 from schemas.states import MessageState
 from tests.fakes import Desk, FakeBroker, FakeCircuitStore, FakeLedger, FakeUpstream, taken
 from tests.support import wait_for
-from workers.app import Lane, build_broker, make_handler, wire_lane
+from workers.app import START_RETRY_S, Lane, build_broker, lane_stuck, make_handler, wire_lane
 from workers.breaker import Breaker
 from workers.core import Policy
 from workers.pipeline import Pipeline
@@ -89,3 +90,25 @@ async def test_a_published_record_is_delivered_once_through_the_lane_subscriber(
     assert points == {(t, p): 1 for p, (t, *_rest) in enumerate(outbox.records)}
     subscribers: list[Any] = [lane.subscriber for lane in lanes.values()]
     assert {s.ack_policy.name for s in subscribers} == {"MANUAL"}
+
+
+async def test_a_lane_is_replaced_when_its_start_failed_or_it_stays_out_of_its_group() -> None:
+    lane = Lane("priority", "t.priority", 8)
+    assert lane.out_since is not None
+    t0 = lane.out_since
+
+    async def refused() -> None:
+        raise ConnectionRefusedError
+
+    lane.starting = asyncio.create_task(refused())
+    await asyncio.gather(lane.starting, return_exceptions=True)
+    # A start that failed is tried again after a few seconds, not after the out-of-group bound.
+    assert lane_stuck(lane, 20.0, t0 + START_RETRY_S - 0.1) is None
+    assert lane_stuck(lane, 20.0, t0 + START_RETRY_S) == "start_failed:ConnectionRefusedError"
+
+    lane.starting = asyncio.create_task(asyncio.sleep(3600))  # still waiting for an assignment
+    assert lane_stuck(lane, 20.0, t0 + 19.9) is None
+    assert lane_stuck(lane, 20.0, t0 + 20.0) == "out_of_group"
+    lane.out_since = None  # assigned: a member, whatever its start task says
+    assert lane_stuck(lane, 20.0, t0 + 1000) is None
+    lane.starting.cancel()
