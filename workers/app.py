@@ -390,7 +390,9 @@ async def record_lag(consumer: Any) -> None:
         if highwater is None:
             continue
         with contextlib.suppress(Exception):
-            position = await consumer.position(tp)
+            # position() waits (request after request) for a position the broker has not
+            # answered yet; the committer that calls this must not wait with it.
+            position = await asyncio.wait_for(consumer.position(tp), 1.0)
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(highwater - position)
 
 
