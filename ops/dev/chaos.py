@@ -157,7 +157,7 @@ class Cluster:
         values = settings_env(self.settings)
         values.update({f"ETRM_{k.upper()}": str(v) for k, v in extra.items()})
         # The processes log warnings unless ETRM_CHAOS_LOG_LEVEL asks for more (with
-        # ETRM_CHAOS_KEEP, the kept logs then show every join, assignment and revocation).
+        # ETRM_CHAOS_KEEP, the kept logs then show every assignment and revocation).
         level = os.environ.get("ETRM_CHAOS_LOG_LEVEL", "WARNING")
         return {**os.environ, **values, "ETRM_LOG_LEVEL": level}
 
