@@ -590,6 +590,39 @@ class Run:
         self.replayed.update(uncertain)
         self.report.replayed = len(uncertain)
 
+    async def whereabouts(self, ids: list[str]) -> dict[str, str]:
+        """What the ledger knows of records left unsettled (their topic, live copy, lease,
+        attempts, last error, where a worker last read them), for the report: a run that ends
+        with a few records stuck is otherwise hard to explain afterwards."""
+        if not ids:
+            return {}
+        engine = make_engine(self.cluster.settings.database_url, 2)
+        try:
+            async with engine.connect() as conn:
+                rows = await conn.execute(
+                    text(
+                        "SELECT message_id, topic, publication_kind, publication, lease_epoch,"
+                        " lease_owner, attempts, last_error, source_partition, source_offset,"
+                        " created_at, queued_at, now() AS checked_at FROM messages"
+                        " WHERE message_id = ANY(CAST(:ids AS text[]))"
+                    ),
+                    {"ids": ids},
+                )
+                return {
+                    r.message_id: (
+                        f" [topic {r.topic}, {r.publication_kind} copy {r.publication},"
+                        f" epoch {r.lease_epoch} owner {r.lease_owner}, attempts {r.attempts},"
+                        f" last read at {r.source_partition}/{r.source_offset},"
+                        f" last error {r.last_error!r}, created {r.created_at:%H:%M:%S.%f},"
+                        f" queued {r.queued_at}, checked {r.checked_at:%H:%M:%S}]"
+                    )
+                    for r in rows
+                }
+        except Exception as exc:  # the details must never hide the violations themselves
+            return dict.fromkeys(ids, f" [no details: {type(exc).__name__}]")
+        finally:
+            await engine.dispose()
+
     async def check(self) -> None:
         report, sim = self.report, self.cluster.sim
         assert sim is not None
@@ -604,10 +637,17 @@ class Run:
         effects_per_key = Counter(e.idempotency_key for e in sim.effects)
         effect_of = {e.idempotency_key: e for e in sim.effects}
         # I1
-        for mid in self.accepted:
+        unsettled = [
+            mid
+            for mid in self.accepted
+            if states.get(mid, ("missing", None))[0] not in FINAL_STATES
+        ]
+        where = await self.whereabouts(unsettled[:20])
+        for mid in unsettled:
             state = states.get(mid, ("missing", None))[0]
-            if state not in FINAL_STATES:
-                violations.append(f"I1: {mid} ({self.accepted[mid].contract}) is {state}")
+            violations.append(
+                f"I1: {mid} ({self.accepted[mid].contract}) is {state}{where.get(mid, '')}"
+            )
         # I2
         for key in effects_per_key:
             if key not in self.accepted and key not in self.replayed:
