@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.db import make_engine
 from ops.dev.devkeys import mint_token
@@ -513,37 +515,39 @@ class Run:
         await self.check()
         return self.report
 
-    async def slowest_to_final(self) -> float:
-        """The longest a record took from its acceptance (or its replay) to a final state."""
+    @contextlib.asynccontextmanager
+    async def ledger(self) -> AsyncIterator[AsyncConnection]:
+        """A connection to the run's ledger, on an engine of its own (closed afterwards)."""
         engine = make_engine(self.cluster.settings.database_url, 2)
         try:
             async with engine.connect() as conn:
-                slowest = await conn.scalar(
-                    text(
-                        "SELECT max(extract(epoch FROM final_at - queued_at)) FROM messages "
-                        "WHERE message_id = ANY(CAST(:ids AS text[]))"
-                    ),
-                    {"ids": list(self.accepted)},
-                )
+                yield conn
         finally:
             await engine.dispose()
+
+    async def slowest_to_final(self) -> float:
+        """The longest a record took from its acceptance (or its replay) to a final state."""
+        async with self.ledger() as conn:
+            slowest = await conn.scalar(
+                text(
+                    "SELECT max(extract(epoch FROM final_at - queued_at)) FROM messages "
+                    "WHERE message_id = ANY(CAST(:ids AS text[]))"
+                ),
+                {"ids": list(self.accepted)},
+            )
         return float(slowest or 0.0)
 
     async def ledger_states(self) -> dict[str, tuple[str, str | None]]:
-        engine = make_engine(self.cluster.settings.database_url, 2)
-        try:
-            async with engine.connect() as conn:
-                rows = await conn.execute(
-                    text(
-                        "SELECT m.message_id, m.state, d.reason FROM messages m "
-                        "LEFT JOIN dead_letters d ON d.dead_letter_id = m.dead_letter_id "
-                        "WHERE m.message_id = ANY(CAST(:ids AS text[]))"
-                    ),
-                    {"ids": list(self.accepted)},
-                )
-                return {r.message_id: (r.state, r.reason) for r in rows}
-        finally:
-            await engine.dispose()
+        async with self.ledger() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT m.message_id, m.state, d.reason FROM messages m "
+                    "LEFT JOIN dead_letters d ON d.dead_letter_id = m.dead_letter_id "
+                    "WHERE m.message_id = ANY(CAST(:ids AS text[]))"
+                ),
+                {"ids": list(self.accepted)},
+            )
+            return {r.message_id: (r.state, r.reason) for r in rows}
 
     async def settle(self) -> None:
         deadline = time.monotonic() + self.profile.settle_timeout_s
@@ -596,9 +600,8 @@ class Run:
         with a few records stuck is otherwise hard to explain afterwards."""
         if not ids:
             return {}
-        engine = make_engine(self.cluster.settings.database_url, 2)
         try:
-            async with engine.connect() as conn:
+            async with self.ledger() as conn:
                 rows = await conn.execute(
                     text(
                         "SELECT message_id, topic, publication_kind, publication, lease_epoch,"
@@ -620,8 +623,6 @@ class Run:
                 }
         except Exception as exc:  # the details must never hide the violations themselves
             return dict.fromkeys(ids, f" [no details: {type(exc).__name__}]")
-        finally:
-            await engine.dispose()
 
     async def check(self) -> None:
         report, sim = self.report, self.cluster.sim
