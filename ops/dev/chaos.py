@@ -638,14 +638,13 @@ class Run:
         effects_per_key = Counter(e.idempotency_key for e in sim.effects)
         effect_of = {e.idempotency_key: e for e in sim.effects}
         # I1
-        unsettled = [
-            mid
+        unsettled = {
+            mid: state
             for mid in self.accepted
-            if states.get(mid, ("missing", None))[0] not in FINAL_STATES
-        ]
-        where = await self.whereabouts(unsettled[:20])
-        for mid in unsettled:
-            state = states.get(mid, ("missing", None))[0]
+            if (state := states.get(mid, ("missing", None))[0]) not in FINAL_STATES
+        }
+        where = await self.whereabouts(list(unsettled)[:20])
+        for mid, state in unsettled.items():
             violations.append(
                 f"I1: {mid} ({self.accepted[mid].contract}) is {state}{where.get(mid, '')}"
             )
