@@ -54,6 +54,8 @@ HELD_BACK_FACTOR = 20
 WATCHDOG_TICK_S = 1.0
 # A lane consumer whose start failed (the broker not answering) is started again after this.
 START_RETRY_S = 3.0
+# How long a stopping worker waits for each lane's consumer to stop.
+LANE_STOP_S = 5.0
 
 
 def build_broker(settings: WorkerSettings) -> KafkaBroker:
@@ -511,8 +513,10 @@ async def serve(
         await asyncio.gather(*background, return_exceptions=True)
         # One lane at a time (FastStream would stop them concurrently); where LeaveGroup is
         # sent at all (ETRM_KAFKA_LEAVE_GROUP_ON_STOP), one member leaves at a time.
+        # Bounded: a consumer still joining can take long to stop, and nothing is lost by not
+        # waiting for it (offsets are committed above; the group expires it either way).
         for lane in lanes.values():
-            await stop_lane(lane, 30.0)
+            await stop_lane(lane, LANE_STOP_S)
         await broker.stop()
         await parts.breaker.stop()
         await parts.housekeeping.stop()
