@@ -49,7 +49,7 @@ from runtime.kafka import ensure_topics
 from runtime.servers import EmbeddedServer
 from runtime.settings import StackSettings, settings_env
 from schemas import samples
-from schemas.states import FINAL_STATES, TAKEN_UPSTREAM
+from schemas.states import FINAL_STATES, TAKEN_UPSTREAM, ReplayState
 
 FAULTS = (
     "kill_worker",
@@ -591,8 +591,22 @@ class Run:
                     json={"reason": "second pair of eyes"},
                     headers={"Authorization": f"Bearer {approver}"},
                 )
-        self.replayed.update(uncertain)
-        self.report.replayed = len(uncertain)
+            self.replayed.update(uncertain)
+            self.report.replayed = len(uncertain)
+            if created.status_code == 202:
+                await self.replay_published(http, body["replay_id"])
+
+    async def replay_published(self, http: httpx.AsyncClient, replay_id: str) -> None:
+        """Wait until the replay has put its records back on their lanes: until then they are
+        still `dead_lettered` (final), and a settle that looked at them too early would end
+        before their new copies are delivered (seen: a replayed record found `queued` by the
+        check a moment after it was requeued)."""
+        deadline = time.monotonic() + self.profile.settle_timeout_s
+        while time.monotonic() < deadline:
+            answer = await http.get(f"/v1/reconciliation/replay/{replay_id}")
+            if answer.status_code == 200 and answer.json().get("state") == ReplayState.COMPLETED:
+                return
+            await asyncio.sleep(0.5)
 
     async def whereabouts(self, ids: list[str]) -> dict[str, str]:
         """What the ledger knows of records left unsettled (their topic, live copy, lease,
