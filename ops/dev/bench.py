@@ -8,6 +8,7 @@ prints a table and writes JSON to bench-results/. Also runnable as `python -m op
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from aiokafka import AIOKafkaConsumer
 from httpx_aiohttp import AiohttpTransport
 from rich.console import Console
@@ -312,6 +314,24 @@ async def reset_sim(url: str) -> None:
         await http.post(f"{url}/_sim/reset")
 
 
+@dataclass(frozen=True, slots=True)
+class Drain:
+    rate: float  # records/s between the first and the last effect the simulator saw
+    cpu_ms: float | None  # CPU of the delivering process per effect while it drained
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children so far."""
+    process = psutil.Process(pid)
+    times = process.cpu_times()
+    total: float = times.user + times.system
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = child.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 async def effects_rate(
     url: str,
     expected: int,
@@ -320,9 +340,27 @@ async def effects_rate(
     task: asyncio.Task[None] | None = None,
 ) -> float:
     """Records/s between the first and the last effect the simulator saw."""
+    return (await drain(url, expected, timeout, process=process, task=task)).rate
+
+
+async def drain(
+    url: str,
+    expected: int,
+    timeout: float,
+    *,
+    process: subprocess.Popen[bytes] | None = None,
+    task: asyncio.Task[None] | None = None,
+    cpu_of: int | None = None,
+) -> Drain:
+    """Wait for `expected` effects; with `cpu_of` (a pid), also the CPU that process spent per
+    effect, from the first poll that saw effects to the one that saw them all (its start-up
+    excluded)."""
     deadline = time.monotonic() + timeout
+    first: tuple[float, int] | None = None  # (cpu, effects) when effects were first seen
     while True:
         stats = await sim_stats(url)
+        if cpu_of is not None and first is None and stats["effects"] > 0:
+            first = (cpu_seconds(cpu_of), stats["effects"])
         if stats["effects"] >= expected:
             break
         if time.monotonic() > deadline:
@@ -333,8 +371,11 @@ async def effects_rate(
             task.result()  # raises what stopped the baseline
             raise RuntimeError("baseline consumer stopped early")
         await asyncio.sleep(0.2)
+    cpu_ms = None
+    if cpu_of is not None and first is not None and stats["effects"] > first[1]:
+        cpu_ms = (cpu_seconds(cpu_of) - first[0]) * 1000 / (stats["effects"] - first[1])
     span = stats["last_effect_at"] - stats["first_effect_at"]
-    return (expected - 1) / span if span > 0 else float("inf")
+    return Drain((expected - 1) / span if span > 0 else float("inf"), cpu_ms)
 
 
 async def baseline_consumer(settings: StackSettings, expected: int, concurrency: int) -> None:
@@ -395,6 +436,28 @@ async def baseline_consumer(settings: StackSettings, expected: int, concurrency:
         await http.aclose()
 
 
+def _baseline_process(settings: StackSettings, expected: int, concurrency: int) -> None:
+    asyncio.run(baseline_consumer(settings, expected, concurrency))
+
+
+async def baseline_drain(
+    settings: StackSettings, sim_url: str, expected: int, concurrency: int
+) -> Drain:
+    """The baseline consumer in a process of its own, so its CPU is measured as the worker's
+    is (the bench's own polling and printing not counted)."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=_baseline_process, args=(settings, expected, concurrency), daemon=True
+    )
+    process.start()
+    try:
+        assert process.pid is not None
+        return await drain(sim_url, expected, timeout=600, cpu_of=process.pid)
+    finally:
+        await asyncio.to_thread(process.join, 30)
+        if process.is_alive():
+            process.kill()
+
+
 # -- scenarios --------------------------------------------------------------------------------
 
 
@@ -407,30 +470,36 @@ async def worker_throughput(
     partitions: int = 4,
     contracts: int = 500,
     label: str = "worker throughput",
-) -> Row:
+    throughput: str = ">= 0.7 x baseline",
+    cpu: bool = True,
+) -> list[Row]:
     sim_url, sim = await bench.simulator(latency_ms)
     try:
         settings = bench.settings(sim_url, worker_concurrency=concurrency)
         await bench.preload(settings, bench.envelopes(records, contracts), partitions)
-        baseline_task = asyncio.create_task(baseline_consumer(settings, records, concurrency))
-        baseline = await effects_rate(sim_url, records, timeout=600, task=baseline_task)
-        await baseline_task
+        baseline = await baseline_drain(settings, sim_url, records, concurrency)
         await reset_sim(sim_url)
         worker = bench.spawn(["worker"], settings_env(settings))
         try:
-            measured = await effects_rate(sim_url, records, timeout=600, process=worker)
+            measured = await drain(sim_url, records, timeout=600, process=worker, cpu_of=worker.pid)
         finally:
             await bench.stop(worker)
     finally:
         await bench.stop(sim)
-    return Row(
-        f"{label}, {latency_ms:.0f} ms upstream, C={concurrency}",
-        "records/s delivered",
-        measured,
-        baseline,
-        "rec/s",
-        ">= 0.7 x baseline",
-    )
+    name = f"{label}, {latency_ms:.0f} ms upstream, C={concurrency}"
+    rows = [Row(name, "records/s delivered", measured.rate, baseline.rate, "rec/s", throughput)]
+    if cpu and measured.cpu_ms is not None and baseline.cpu_ms is not None:
+        rows.append(
+            Row(
+                f"worker CPU per delivery, {latency_ms:.0f} ms upstream, C={concurrency}",
+                "CPU per delivery (baseline: per POST of the bare loop)",
+                measured.cpu_ms * 1000,
+                baseline.cpu_ms * 1000,
+                "us",
+                "<= 1.5 x baseline",
+            )
+        )
+    return rows
 
 
 def contract_prefix() -> str:
@@ -1119,20 +1188,23 @@ Scenario = Callable[[Bench, int], Awaitable[list[Row]]]
 
 async def scenario_worker(bench: Bench, scale: int) -> list[Row]:
     return [
-        await worker_throughput(bench, records=10 * scale, latency_ms=0, concurrency=64),
-        await worker_throughput(bench, records=3 * scale, latency_ms=50, concurrency=64),
+        *await worker_throughput(bench, records=10 * scale, latency_ms=0, concurrency=64),
+        *await worker_throughput(
+            bench, records=3 * scale, latency_ms=50, concurrency=64, cpu=False
+        ),
     ]
 
 
 async def scenario_single_partition(bench: Bench, scale: int) -> list[Row]:
     concurrency = 64
-    row = await worker_throughput(
+    [row] = await worker_throughput(
         bench,
         records=3 * scale,
         latency_ms=50,
         concurrency=concurrency,
         partitions=1,
         label="one partition, many contracts",
+        cpu=False,
     )
     ideal = concurrency / 0.05
     row.baseline, row.target = ideal, ">= 0.8 x C / 50 ms (baseline = C / 50 ms)"
