@@ -20,6 +20,15 @@ from workers import metrics
 from workers.rules import BODY_LIMIT, Answer, AnswerKind, read_answer
 
 SYNC_PATH = "/api/v1/settlements/sync"
+# Sent with every POST besides its own headers. The answer is read as raw bytes (bounded, see
+# `_send`), so it is asked for uncompressed: httpx's default `Accept-Encoding: gzip, deflate`
+# let an upstream compress it, and a compressed answer would not have been read at all.
+FIXED_HEADERS = (
+    ("Content-Type", "application/json"),
+    ("Accept", "application/json"),
+    ("Accept-Encoding", "identity"),
+    ("User-Agent", "etrm-sync"),
+)
 
 
 class HttpPool:
@@ -141,9 +150,14 @@ class UpstreamClient:
     ) -> None:
         self._http = http
         self._tokens = tokens
-        self._url = base_url.rstrip("/") + SYNC_PATH
+        # Parsed once: building each request through the client (its URL merge, its default
+        # headers set one by one, the upstream's host parsed again) was ~20 % of a worker's CPU
+        # per delivery in a py-spy profile at 0 ms upstream.
+        self._url = httpx.URL(base_url.rstrip("/") + SYNC_PATH)
         self._secret = signing_secret.encode()
         self._deadline_s = http.timeout_s if isinstance(http, HttpPool) else None
+        client = http.client() if isinstance(http, HttpPool) else http
+        self._timeout = client.timeout.as_dict()
 
     @property
     def tokens(self) -> TokenProvider:
@@ -162,16 +176,16 @@ class UpstreamClient:
 
     async def post(self, body: bytes, message_id: str, trace_id: str, token: str) -> Answer:
         now = int(time.time())
-        headers = {
-            "Authorization": f"Bearer {token}",
-            "Idempotency-Key": message_id,
-            "X-Gateway-Trace-ID": trace_id,
-            "X-Signature": self.signature(body, now),
-            "Content-Type": "application/json",
-        }
+        headers = [
+            ("Authorization", f"Bearer {token}"),
+            ("Idempotency-Key", message_id),
+            ("X-Gateway-Trace-ID", trace_id),
+            ("X-Signature", self.signature(body, now)),
+            *FIXED_HEADERS,
+        ]
         parent = tracing.traceparent()
         if parent is not None:
-            headers["traceparent"] = parent
+            headers.append(("traceparent", parent))
         started = time.perf_counter()
         outcome = "error"
         try:
@@ -190,11 +204,15 @@ class UpstreamClient:
             metrics.UPSTREAM_LATENCY.labels(outcome).observe(time.perf_counter() - started)
         return read_answer(status, raw, retry_after, time.time())
 
-    async def _send(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str | None]:
+    async def _send(
+        self, body: bytes, headers: list[tuple[str, str]]
+    ) -> tuple[int, bytes, str | None]:
         """POST and read at most BODY_LIMIT bytes of the answer (a hostile upstream cannot make
         us hold a huge body)."""
         client = self._http.client() if isinstance(self._http, HttpPool) else self._http
-        request = client.build_request("POST", self._url, content=body, headers=headers)
+        request = httpx.Request(
+            "POST", self._url, content=body, headers=headers, extensions={"timeout": self._timeout}
+        )
         response = await client.send(request, stream=True)
         try:
             chunks: list[bytes] = []

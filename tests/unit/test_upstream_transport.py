@@ -133,3 +133,44 @@ async def test_a_garbled_token_endpoint_is_token_unavailable(
         client = await upstream(await _serve(answer))
         with pytest.raises(TokenUnavailable):
             await client.token()
+
+
+async def test_the_post_carries_the_contracts_headers_and_asks_for_an_uncompressed_answer(
+    upstream: Callable[[Handler], Awaitable[UpstreamClient]],
+) -> None:
+    """The answer is read as raw bytes (bounded), so it must not come compressed: httpx's
+    default `Accept-Encoding: gzip, deflate` would let an upstream gzip it, unread."""
+    seen: list[bytes] = []
+    body = b'{"contract_id":"C"}'
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        await reader.readexactly(len(body))
+        answer = b'{"transaction_id":"T-1","reconciled_position_mwh":"10.000"}'
+        writer.write(
+            b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(answer)}\r\n\r\n".encode()
+            + answer
+        )
+        await writer.drain()
+        writer.close()
+
+    client = await upstream(handle)
+    got = await client.post(body, "m-1", "trace-1", "tok")
+    assert got.kind is AnswerKind.TAKEN
+    assert got.transaction_id == "T-1"
+    [head] = seen
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /api/v1/settlements/sync HTTP/1.1"
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines[1:] if line)
+    }
+    assert headers["accept-encoding"] == "identity"
+    assert headers["authorization"] == "Bearer tok"
+    assert headers["idempotency-key"] == "m-1"
+    assert headers["x-gateway-trace-id"] == "trace-1"
+    assert headers["content-type"] == "application/json"
+    assert headers["content-length"] == str(len(body))
+    assert headers["x-signature"].startswith("t=")
