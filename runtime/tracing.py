@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -26,6 +26,7 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 tracer = trace.get_tracer("etrm-sync")
 _DEFAULT_TRACER = tracer
 _OFF = trace.INVALID_SPAN
+_OFF_SPAN: AbstractContextManager[Span] = nullcontext(_OFF)  # reusable, reentrant
 _installed = False
 
 
@@ -98,14 +99,11 @@ def from_headers(headers: Sequence[tuple[str, bytes | None]]) -> Context:
     return Context()
 
 
-@contextmanager
 def span(
     name: str, kind: SpanKind, context: Context | None = None, **attributes: str | int
-) -> Iterator[Span]:
+) -> AbstractContextManager[Span]:
+    """A span as the current one, or (tracing off) one shared no-op context: nothing is made
+    per call."""
     if not active():
-        yield _OFF
-        return
-    with tracer.start_as_current_span(
-        name, context=context, kind=kind, attributes=attributes
-    ) as current:
-        yield current
+        return _OFF_SPAN
+    return tracer.start_as_current_span(name, context=context, kind=kind, attributes=attributes)
