@@ -6,6 +6,7 @@ line of defence for field names that look like secrets.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -20,13 +21,20 @@ from runtime.settings import SettingsError
 _SECRET_WORDS = ("secret", "password", "token", "authorization", "key", "signature")
 
 
+@functools.lru_cache(maxsize=512)
+def _secret_name(name: str) -> bool:
+    """Whether a field name looks like a secret's (event field names are few and fixed: each is
+    looked at once, not on every line)."""
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS) and name not in (
+        "idempotency_key_present",
+        "kid",
+    )
+
+
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for name in list(event):
-        lowered = name.lower()
-        if any(word in lowered for word in _SECRET_WORDS) and name not in (
-            "idempotency_key_present",
-            "kid",
-        ):
+        if _secret_name(name):
             event[name] = "[redacted]"
     return event
 
@@ -57,7 +65,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)
