@@ -379,7 +379,8 @@ async def baseline_consumer(settings: StackSettings, expected: int, concurrency:
         session_timeout_ms=2000,
         heartbeat_interval_ms=500,
     )
-    # The same transport as the worker (pooled httpx), so the ratio measures everything else.
+    # The worker's HTTP pool (httpx on aiohttp's transport), used as a person writing this loop
+    # would: `client.post`. The worker hands its POST to the same transport directly (dd0df68).
     http = HttpPool(concurrency, 30.0)
     try:
         assert settings.upstream_token_url
