@@ -25,8 +25,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 _PROPAGATOR = TraceContextTextMapPropagator()
 tracer = trace.get_tracer("etrm-sync")
 _DEFAULT_TRACER = tracer
-_OFF = trace.INVALID_SPAN
-_OFF_SPAN: AbstractContextManager[Span] = nullcontext(_OFF)  # reusable, reentrant
+_OFF_SPAN: AbstractContextManager[Span] = nullcontext(trace.INVALID_SPAN)  # reusable, reentrant
 _installed = False
 
 

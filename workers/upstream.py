@@ -9,6 +9,8 @@ import asyncio
 import hashlib
 import hmac
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -155,7 +157,6 @@ class UpstreamClient:
         base_url: str,
         signing_secret: str,
     ) -> None:
-        self._http = http
         self._tokens = tokens
         # Parsed once: building each request through the client (its URL merge, its default
         # headers set one by one, the upstream's host parsed again) was ~20 % of a worker's CPU
@@ -166,6 +167,10 @@ class UpstreamClient:
         self._deadline_s = http.timeout_s if isinstance(http, HttpPool) else None
         client = http.client() if isinstance(http, HttpPool) else http
         self._timeout = client.timeout.as_dict()
+        # Pooled: straight to the transport. A plain client (tests on an ASGI app): streamed.
+        self._dispatch: Callable[[httpx.Request], Awaitable[httpx.Response]] = (
+            http.send if isinstance(http, HttpPool) else partial(http.send, stream=True)
+        )
 
     @property
     def tokens(self) -> TokenProvider:
@@ -229,10 +234,7 @@ class UpstreamClient:
         )
         request.headers.encoding = "ascii"  # what it is: a str header that is not fails above
         request.read()
-        if isinstance(self._http, HttpPool):
-            response = await self._http.send(request)
-        else:
-            response = await self._http.send(request, stream=True)
+        response = await self._dispatch(request)
         try:
             chunks: list[bytes] = []
             size = 0

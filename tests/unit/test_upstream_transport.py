@@ -163,10 +163,13 @@ async def test_the_post_carries_the_contracts_headers_and_asks_for_an_uncompress
     [head] = seen
     lines = head.decode().split("\r\n")
     assert lines[0] == "POST /api/v1/settlements/sync HTTP/1.1"
-    headers = {
-        name.strip().lower(): value.strip()
+    pairs = [
+        (name.strip().lower(), value.strip())
         for name, _, value in (line.partition(":") for line in lines[1:] if line)
-    }
+    ]
+    headers = dict(pairs)
+    assert len(headers) == len(pairs), f"a header sent twice: {pairs}"
+    assert headers["host"].startswith("127.0.0.1:")
     assert headers["accept-encoding"] == "identity"
     assert headers["authorization"] == "Bearer tok"
     assert headers["idempotency-key"] == "m-1"
