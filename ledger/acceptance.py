@@ -332,12 +332,19 @@ _TAKEN = "coalesce((SELECT array_agg(message_id) FROM taken), '{}')"
 _PENDING_SQL = f"WITH {_pending_ctes('TRUE')} SELECT {_TAKEN}"
 
 # The key is inserted only when neither it nor any of the records exists yet; everything else
-# only when the key went in.
+# only when the key went in. Each record is looked up on its own (a LATERAL subquery with a
+# LIMIT is never flattened into a join), so the plan is a primary-key probe per record whatever
+# the table's size when the statement was prepared: `message_id = ANY(:ids)` was planned as a
+# sequential scan on a new database (an unanalyzed table of a few pages), and that generic plan
+# stayed cached on the connection while the table grew — until autovacuum's first ANALYZE, each
+# single-record acceptance read every row of `messages`.
 _FRESH_SQL = f"""
     WITH seen AS (
         SELECT 1 FROM idempotency_keys WHERE desk = :desk AND key = :key
         UNION ALL
-        SELECT 1 FROM messages WHERE message_id = ANY(CAST(CAST(:ids AS text) AS text[]))
+        SELECT 1 FROM unnest(CAST(CAST(:ids AS text) AS text[])) AS i(message_id),
+               LATERAL (SELECT 1 FROM messages m
+                         WHERE m.message_id = i.message_id LIMIT 1) AS hit
         LIMIT 1
     ), keyed AS (
         INSERT INTO idempotency_keys (desk, key, request_hash, state, lease_until, batch_id)
