@@ -574,32 +574,31 @@ async def runnable_replays(engine: AsyncEngine) -> list[str]:
 # -- parked records continue ------------------------------------------------------------------
 
 
+# Parked records with nothing earlier of their contract open any more (read through the
+# partial index `messages_parked`, migration 0008: never the whole table).
+_RUNNABLE_PARKED = """
+    SELECT p.message_id FROM messages p
+     WHERE p.state = 'parked'
+       AND NOT EXISTS (
+           SELECT 1 FROM messages q
+             LEFT JOIN dead_letters d ON d.dead_letter_id = q.dead_letter_id
+            WHERE q.desk = p.desk AND q.contract_id = p.contract_id
+              AND q.accept_seq < p.accept_seq
+              AND ((q.state = 'dead_lettered'
+                    AND d.status IN ('open', 'replaying'))
+                   OR (q.state IN ('queued', 'delivering')
+                       AND q.publication_kind = 'replay')))
+     ORDER BY p.accept_seq
+     LIMIT 5000
+     FOR UPDATE OF p SKIP LOCKED
+"""
+
+
 async def continue_parked(engine: AsyncEngine, job_id: str, actor: Actor) -> int:
     """Parked records with nothing earlier of their contract open any more (no open dead
     letter, no replay in progress) go on under a continuation of their own; returns how many."""
     async with engine.begin() as conn:
-        rows = (
-            await conn.execute(
-                sql(
-                    """
-                    SELECT p.message_id FROM messages p
-                     WHERE p.state = 'parked'
-                       AND NOT EXISTS (
-                           SELECT 1 FROM messages q
-                             LEFT JOIN dead_letters d ON d.dead_letter_id = q.dead_letter_id
-                            WHERE q.desk = p.desk AND q.contract_id = p.contract_id
-                              AND q.accept_seq < p.accept_seq
-                              AND ((q.state = 'dead_lettered'
-                                    AND d.status IN ('open', 'replaying'))
-                                   OR (q.state IN ('queued', 'delivering')
-                                       AND q.publication_kind = 'replay')))
-                     ORDER BY p.accept_seq
-                     LIMIT 5000
-                     FOR UPDATE OF p SKIP LOCKED
-                    """
-                )
-            )
-        ).all()
+        rows = (await conn.execute(sql(_RUNNABLE_PARKED))).all()
         if not rows:
             return 0
         ids = [r.message_id for r in rows]

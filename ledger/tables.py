@@ -143,6 +143,14 @@ Index(
     messages.c.publication,
     postgresql_where=text("state = 'pending'"),
 )
+# Parked records, by the dead letter they wait behind (migration 0008): few at any time, read
+# by the continuation job and the dead-letter list's counts without a scan of every record.
+Index(
+    "messages_parked",
+    messages.c.parked_behind,
+    messages.c.accept_seq,
+    postgresql_where=text("state = 'parked'"),
+)
 Index(
     "messages_open",
     messages.c.state,
