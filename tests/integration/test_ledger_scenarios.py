@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.deps import IntakeLedger
 from ingest.publisher import SettlementPublisher
@@ -356,6 +357,35 @@ async def test_a_pooled_connection_the_server_dropped_is_replaced_not_handed_out
         await other.dispose()
 
 
+async def _many_records_and_one(
+    engine: AsyncEngine,
+    many: str,
+    one: str,
+    state: str,
+    publication: str,
+    behind: str | None = None,
+) -> None:
+    """A new database's `messages`, never analyzed: 20,000 records of one desk in state
+    `many`, and the record `one` in `state` (parked behind `behind`, if given)."""
+    from ledger.db import fetch_direct
+
+    await fetch_direct(
+        engine,
+        """INSERT INTO messages (message_id, desk, trader, settlement_run_id, contract_id,
+                market, identity_hash, revision, topic, state, publication, accept_seq,
+                submitted_position_mwh, payload, payload_kid, trace_id, parked_behind)
+           SELECT 'm' || n, 'big-desk', 't', 'run', 'C-' || (n % 500), 'ERCOT',
+                  'i' || n, 1, 'lane', CAST(:many AS text), 'batch_' || (n / 5000), n, 1,
+                  ''::bytea, 'k', 'x', NULL
+             FROM generate_series(1, 20000) AS n
+           UNION ALL
+           SELECT CAST(:one AS text), 'desk', 't', 'run', 'C-1', 'ERCOT', 'i-' || :one, 1,
+                  'lane', CAST(:state AS text), CAST(:publication AS text), 20001, 1,
+                  ''::bytea, 'k', 'x', CAST(:behind AS text)""",
+        {"many": many, "one": one, "state": state, "publication": publication, "behind": behind},
+    )
+
+
 async def test_completing_an_acceptance_does_not_read_every_open_record(infra: Infra) -> None:
     """A new database, never analyzed, with 20,000 open records (one desk's big batches, no
     worker yet): completing a one-record acceptance finds its pending row by its own small
@@ -366,20 +396,7 @@ async def test_completing_an_acceptance_does_not_read_every_open_record(infra: I
     url = await fresh_database(infra)
     engine = make_engine(url, 1)
     try:
-        await fetch_direct(
-            engine,
-            """INSERT INTO messages (message_id, desk, trader, settlement_run_id, contract_id,
-                    market, identity_hash, revision, topic, state, publication, accept_seq,
-                    submitted_position_mwh, payload, payload_kid, trace_id)
-               SELECT 'm' || n, 'big-desk', 't', 'run', 'C-' || (n % 500), 'ERCOT',
-                      'i' || n, 1, 'lane', 'queued', 'batch_' || (n / 5000), n, 1,
-                      ''::bytea, 'k', 'x'
-                 FROM generate_series(1, 20000) AS n
-               UNION ALL
-               SELECT 'single', 'desk', 't', 'run', 'C-1', 'ERCOT', 'i-single', 1, 'lane',
-                      'pending', 'batch_single', 20001, 1, ''::bytea, 'k', 'x'""",
-            {},
-        )
+        await _many_records_and_one(engine, "queued", "single", "pending", "batch_single")
         plan = "\n".join(
             row[0]
             for row in await fetch_direct(
@@ -434,20 +451,7 @@ async def test_looking_for_parked_records_does_not_read_every_record(infra: Infr
     url = await fresh_database(infra)
     engine = make_engine(url, 1)
     try:
-        await fetch_direct(
-            engine,
-            """INSERT INTO messages (message_id, desk, trader, settlement_run_id, contract_id,
-                    market, identity_hash, revision, topic, state, publication, accept_seq,
-                    submitted_position_mwh, payload, payload_kid, trace_id, parked_behind)
-               SELECT 'm' || n, 'big-desk', 't', 'run', 'C-' || (n % 500), 'ERCOT',
-                      'i' || n, 1, 'lane', 'delivered', 'batch_' || (n / 5000), n, 1,
-                      ''::bytea, 'k', 'x', NULL
-                 FROM generate_series(1, 20000) AS n
-               UNION ALL
-               SELECT 'parked', 'desk', 't', 'run', 'C-1', 'ERCOT', 'i-parked', 1, 'lane',
-                      'parked', 'batch_p', 20001, 1, ''::bytea, 'k', 'x', 'm1'""",
-            {},
-        )
+        await _many_records_and_one(engine, "delivered", "parked", "parked", "batch_p", "m1")
         for statement in (
             _RUNNABLE_PARKED,
             f"SELECT d.dead_letter_id, {_PARKED_BEHIND} FROM dead_letters d",  # noqa: S608
