@@ -232,7 +232,11 @@ class UpstreamClient:
             headers=[self._host, ("Content-Length", str(len(body))), *headers],
             extensions={"timeout": self._timeout},
         )
-        request.headers.encoding = "ascii"  # what it is: a str header that is not fails above
+        # httpx encodes str header values as ASCII (a value that is not fails when the request
+        # is built); saying so spares it guessing the encoding by decoding every header.
+        request.headers.encoding = "ascii"
+        # Loaded (a copy-free join of the one chunk), as `content=` would have done: the
+        # transport then sends the body as bytes with its Content-Length, not as a stream.
         request.read()
         response = await self._dispatch(request)
         try:
