@@ -168,7 +168,9 @@ async def test_each_record_is_sent_once_in_contract_order_and_its_offset_passes(
     assert {m: h.state(m) for m in a + b} == dict.fromkeys(a + b, S.DELIVERED)
     assert [m for m in h.upstream.posts if m in a] == a  # in acceptance order
     assert sorted(h.upstream.posts) == sorted(a + b)  # one POST each
-    assert h.pipeline.offsets.commit_points() == {(LANES["standard"], 0): 4}
+    # The offset passes a record once its outcome write has returned to the chain, a step after
+    # the ledger shows it settled: wait for it rather than read it in the same instant.
+    await h.until(lambda: h.pipeline.offsets.commit_points() == {(LANES["standard"], 0): 4})
 
 
 async def test_transient_answers_are_retried_under_one_lease_until_taken(h: Harness) -> None:
