@@ -15,7 +15,6 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 import uuid
 from dataclasses import dataclass
@@ -103,7 +102,7 @@ async def accept(
 ) -> Accepted:
     """Record, publish and accept a request whose records are prepared (ingest.preparing)."""
     batch = route == "batch"
-    envelopes, request_hash, records = prepared
+    envelopes, request_hash, records = prepared.envelopes, prepared.request_hash, prepared.records
     batch_id = f"batch_{uuid.uuid4().hex}"
     status_url = (
         f"/v1/batches/{batch_id}" if batch else f"/v1/settlements/{envelopes[0].message_id}"
@@ -124,8 +123,12 @@ async def accept(
         key_lease_s=max(svc.settings.idempotency_lease_s, svc.settings.pending_lease_s),
     )
     pending = await _begin(svc, request)
-    by_id = {e.message_id: e for e in envelopes}
-    to_publish = [by_id[r.message_id] for r in pending.to_publish]
+    if len(pending.to_publish) == len(envelopes):
+        # every record is new to the ledger (and none repeated): no per-record work on the loop
+        to_publish = envelopes
+    else:
+        by_id = {e.message_id: e for e in envelopes}
+        to_publish = [by_id[r.message_id] for r in pending.to_publish]
     try:
         await svc.publisher.publish(
             to_publish, desk=who.desk, trader=who.subject, trace_id=trace_id, batch_id=batch_id
@@ -138,7 +141,7 @@ async def accept(
         raise
     if not await _complete(svc, request, actor, len(to_publish)):
         raise broker_unavailable()
-    for lane, count in collections.Counter(e.lane for e in envelopes).items():
+    for lane, count in prepared.lanes.items():
         metrics.ACCEPTED.labels(who.desk, lane).inc(count)
     log.info(
         "accepted",

@@ -7,9 +7,12 @@ functions of picklable values.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
+
+import orjson
 
 from ingest.auth import Principal
 from ingest.body import parse_json
@@ -21,7 +24,18 @@ from schemas.records import CanonicalRecord
 MAX_BATCH = 5000
 MAX_REPORTED_ERRORS = 200
 
-Prepared = tuple[list[Envelope], str, list[RecordToAccept]]
+
+class Prepared(NamedTuple):
+    """A request's records, ready to be recorded, published and answered. For a big batch it is
+    built in a worker process and everything per record is done there — the answer's list of
+    messages included, already encoded: building and encoding a 5,000-entry answer on the
+    event loop held it for 8 to 13 ms per batch while other desks' requests waited."""
+
+    envelopes: list[Envelope]
+    request_hash: str
+    records: list[RecordToAccept]
+    lanes: dict[str, int]  # records per lane, for the acceptance metrics
+    messages_json: bytes  # a batch's answer `messages`: [{"index": i, "message_id": …}, …]
 
 
 def field_errors(errors: Sequence[FieldError], *, batch: bool) -> Problem:
@@ -150,7 +164,18 @@ def prepare_request(
     lanes: Mapping[str, str],
 ) -> Prepared:
     envelopes, digest = prepare(who, raw_records, route=route, run_id=run_id)
-    return envelopes, digest, records_to_accept(envelopes, lanes)
+    answer = (
+        orjson.dumps([{"index": i, "message_id": e.message_id} for i, e in enumerate(envelopes)])
+        if route == "batch"
+        else b""
+    )
+    return Prepared(
+        envelopes,
+        digest,
+        records_to_accept(envelopes, lanes),
+        dict(collections.Counter(e.lane for e in envelopes)),
+        answer,
+    )
 
 
 def batch_records(body: Any) -> list[Any]:

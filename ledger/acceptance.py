@@ -186,6 +186,7 @@ async def _begin_fresh(engine: AsyncEngine, req: Request, columns: _Columns) -> 
                 **columns.params,
                 "hash": req.request_hash,
                 "key_lease": req.key_lease_s,
+                "unique": len(columns.unique),
             },
         )
     except Exception as exc:  # asyncpg's UniqueViolationError, straight from the driver
@@ -194,8 +195,10 @@ async def _begin_fresh(engine: AsyncEngine, req: Request, columns: _Columns) -> 
         return await _conflict(engine, req)
     if not row["fresh"]:
         return None
-    taken = set(row["taken"])
     unique = columns.unique
+    if row["taken"] is None:  # every record taken: no ids back, nothing per record to do here
+        return Pending(unique)
+    taken = set(row["taken"])
     others = [r.message_id for r in unique if r.message_id not in taken]
     if others:
         try:
@@ -337,7 +340,8 @@ _PENDING_SQL = f"WITH {_pending_ctes('TRUE')} SELECT {_TAKEN}"
 # the table's size when the statement was prepared: `message_id = ANY(:ids)` was planned as a
 # sequential scan on a new database (an unanalyzed table of a few pages), and that generic plan
 # stayed cached on the connection while the table grew — until autovacuum's first ANALYZE, each
-# single-record acceptance read every row of `messages`.
+# single-record acceptance read every row of `messages`. `taken` is NULL when every record was
+# taken (the common case): a 5,000-record request's ids are not sent back and decoded for nothing.
 _FRESH_SQL = f"""
     WITH seen AS (
         SELECT 1 FROM idempotency_keys WHERE desk = :desk AND key = :key
@@ -353,7 +357,8 @@ _FRESH_SQL = f"""
         ON CONFLICT (desk, key) DO NOTHING
         RETURNING 1
     ), {_pending_ctes("EXISTS (SELECT 1 FROM keyed)")}
-    SELECT EXISTS (SELECT 1 FROM keyed) AS fresh, {_TAKEN} AS taken
+    SELECT EXISTS (SELECT 1 FROM keyed) AS fresh,
+           CASE WHEN (SELECT count(*) FROM taken) < :unique THEN {_TAKEN} END AS taken
 """
 
 

@@ -205,19 +205,27 @@ async def submit_batch(request: Request, svc: ServicesDep, who: PrincipalDep) ->
     key = idempotency_header(request, required=True)
     prepared = await _prepare_batch(request, svc, who, run_id)
     accepted = await _accept(request, svc, who, "batch", prepared, key, run_id)
-    # The BatchAccepted shape (response_model), written directly: 5,000 pydantic objects and
-    # a json.dumps of them held the event loop for tens of milliseconds per big batch.
-    answer = {
-        "batch_id": accepted.batch_id,
-        "accepted": len(accepted.envelopes),
-        "messages": [
-            {"index": i, "message_id": e.message_id} for i, e in enumerate(accepted.envelopes)
-        ],
-        "status_url": accepted.status_url,
-        "trace_id": request.state.trace_id,
-    }
+    # The BatchAccepted shape (response_model), written directly around the `messages` list
+    # encoded where the batch was prepared (a worker process for a big one): 5,000 pydantic
+    # objects and a json.dumps of them held the event loop for tens of milliseconds per big
+    # batch, and building and encoding the list here still 8-13 ms.
+    answer = b"".join(
+        (
+            b'{"batch_id":',
+            orjson.dumps(accepted.batch_id),
+            b',"accepted":',
+            b"%d" % len(accepted.envelopes),
+            b',"messages":',
+            prepared.messages_json,
+            b',"status_url":',
+            orjson.dumps(accepted.status_url),
+            b',"trace_id":',
+            orjson.dumps(request.state.trace_id),
+            b"}",
+        )
+    )
     return Response(
-        orjson.dumps(answer),
+        answer,
         status_code=202,
         media_type="application/json",
         headers={"Location": accepted.status_url},
@@ -239,7 +247,7 @@ async def _prepare_batch(
     raw = await read_body(request, svc.settings.max_body_bytes)
     if len(raw) > HEAVY_BODY_BYTES:  # without worker processes, in_process uses a thread
         prepared = await in_process(prepare_batch_body, raw, who, run_id, lanes)
-        _limit_records(svc, who, len(prepared[0]))
+        _limit_records(svc, who, len(prepared.envelopes))
         return prepared
     records = batch_records(await parse_body(raw))
     _limit_records(svc, who, len(records))
@@ -264,7 +272,7 @@ async def _accept(
         SpanKind.SERVER,
         tracing.desk_trace(trace_id),
         desk=who.desk,
-        records=len(prepared[0]),
+        records=len(prepared.envelopes),
     ):
         return await accept(
             svc,

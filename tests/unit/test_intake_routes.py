@@ -269,6 +269,23 @@ async def test_a_record_accepted_before_is_not_published_again(intake: Intake) -
     assert len(intake.broker.records) == 1
 
 
+async def test_a_batch_naming_one_record_twice_publishes_it_once_and_answers_each_index(
+    intake: Intake,
+) -> None:
+    run = samples.run_id()
+    before = samples.otc_confirmation(run, "OTC-UNIT-003")
+    assert (await submit(intake, run, [before])).status_code == 202
+    twice, new = samples.otc_confirmation(run, "OTC-UNIT-004"), samples.canonical(run, "RT-UNIT-04")
+    response = await submit(intake, run, [twice, before, new, twice])
+    assert response.status_code == 202, response.text
+    body = response.json()
+    ids = [m["message_id"] for m in body["messages"]]
+    assert [m["index"] for m in body["messages"]] == [0, 1, 2, 3]
+    assert (body["accepted"], ids[0] == ids[3], len(set(ids))) == (4, True, 3)
+    published = [header_map(h)["message_id"] for _, _, _, h in intake.broker.records]
+    assert published == [ids[1], ids[0], ids[2]]  # the earlier one, then each new one once
+
+
 async def test_the_broker_not_acknowledging_is_a_503_and_nothing_is_accepted(
     intake: Intake,
 ) -> None:
