@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Iterable, Sequence
+import struct
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -19,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.util import calc_crc32c
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
 from runtime.cpu import HEAVY_RECORDS, off_loop
@@ -28,6 +30,8 @@ log = structlog.get_logger("etrm.kafka")
 
 # (topic, key, value, headers)
 OutgoingRecord = tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes | None]]]
+# (topic, partition, one record batch as the broker takes it, how many records it holds)
+BuiltBatch = tuple[str, int, bytes, int]
 
 
 def client_options(settings: KafkaSettings) -> dict[str, Any]:
@@ -165,60 +169,146 @@ class KafkaPublisher:
         producer = await asyncio.wait_for(self._ready(), 2.0)
         await asyncio.wait_for(producer.client.fetch_all_metadata(), 2.0)
 
+    async def partitions(self, topics: Iterable[str]) -> dict[str, list[int]]:
+        """Each topic's partitions, as the producer's own partitioner sees them."""
+        producer = await self._ready()
+        return {t: list(await producer.partitions_for(t)) for t in topics}
+
     async def send_all(self, records: Sequence[OutgoingRecord], *, what: str = "") -> None:
         """Send every record and wait until the broker acknowledged all of them (acks=all);
         PublishFailed when that does not happen within the publish timeout."""
         if not records:
             return
 
-        async def send() -> None:
-            producer = await self._ready()
+        async def send(producer: AIOKafkaProducer) -> list[asyncio.Future[Any]]:
             if len(records) > HEAVY_RECORDS and all(r[1] is not None for r in records):
-                pending = await self._send_batches(producer, records)
-            else:
-                # The producer batches records per partition; one awaited ack per batch.
-                pending = [
-                    await producer.send(topic, value=value, key=key, headers=list(headers))
-                    for topic, key, value, headers in records
-                ]
-            await asyncio.gather(*pending)
+                # A big request's records as a few record batches built off the event loop:
+                # the encoding and the CRCs are CPU the loop would otherwise spend in 5,000
+                # `send` calls while other desks wait.
+                partitions = await self.partitions({r[0] for r in records})
+                built = await off_loop(True, lambda: build_batches(records, partitions))
+                return await _send_built(producer, built)
+            # The producer batches records per partition; one awaited ack per batch.
+            return [
+                await producer.send(topic, value=value, key=key, headers=list(headers))
+                for topic, key, value, headers in records
+            ]
+
+        await self._acknowledged(send, len(records), what)
+
+    async def send_built(self, batches: Sequence[BuiltBatch], *, what: str = "") -> None:
+        """Send record batches built elsewhere (`build_batches`, in a worker process for a big
+        request) and wait until the broker acknowledged all of them, as `send_all` does."""
+        if batches:
+            await self._acknowledged(
+                lambda producer: _send_built(producer, batches), sum(b[3] for b in batches), what
+            )
+
+    async def _acknowledged(
+        self,
+        send: Callable[[AIOKafkaProducer], Awaitable[list[asyncio.Future[Any]]]],
+        records: int,
+        what: str,
+    ) -> None:
+        async def sent() -> None:
+            await asyncio.gather(*await send(await self._ready()))
 
         try:
-            await asyncio.wait_for(send(), self.timeout_s)
+            await asyncio.wait_for(sent(), self.timeout_s)
         except Exception as exc:
-            log.warning("publish_failed", error=type(exc).__name__, records=len(records), what=what)
+            log.warning("publish_failed", error=type(exc).__name__, records=records, what=what)
             raise PublishFailed(type(exc).__name__) from None
 
-    @staticmethod
-    async def _send_batches(
-        producer: AIOKafkaProducer, records: Sequence[OutgoingRecord]
-    ) -> list[asyncio.Future[Any]]:
-        """A big request's records as a few record batches built off the event loop: the
-        partition of each (the producer's own partitioner over the same partition list, so a
-        contract lands where a single send would put it), the encoding and the CRCs are CPU
-        the loop would otherwise spend in 5,000 `send` calls while other desks wait. Records
-        keep their order within each partition."""
-        partitions = {t: list(await producer.partitions_for(t)) for t in {r[0] for r in records}}
 
-        def build() -> dict[tuple[str, int], list[BatchBuilder]]:
-            choose = DefaultPartitioner()
-            batches: dict[tuple[str, int], list[BatchBuilder]] = {}
-            for topic, key, value, headers in records:
-                tp = (topic, choose(key, partitions[topic], partitions[topic]))
-                builders = batches.setdefault(tp, [])
-                fields = {"timestamp": None, "key": key, "value": value, "headers": list(headers)}
-                if not builders or builders[-1].append(**fields) is None:
-                    builders.append(producer.create_batch())
-                    if builders[-1].append(**fields) is None:
-                        raise PublishFailed("a record larger than a record batch")
-            for builders in batches.values():
-                for builder in builders:
-                    builder.close()
-            return batches
+# -- record batches built away from the producer -----------------------------------------------
 
-        async def in_order(tp: tuple[str, int], builders: list[BatchBuilder]) -> list[Any]:
-            return [await producer.send_batch(b, tp[0], partition=tp[1]) for b in builders]
 
-        batches = await off_loop(True, build)
-        sent = await asyncio.gather(*(in_order(tp, b) for tp, b in batches.items()))
-        return [future for futures in sent for future in futures]
+def build_batches(
+    records: Sequence[OutgoingRecord], partitions: Mapping[str, Sequence[int]]
+) -> list[BuiltBatch]:
+    """Records (each with a key) laid into record batches of at most MAX_BATCH_BYTES, without a
+    producer: the partition of each is the producer's own partitioner over the same partition
+    list (`KafkaPublisher.partitions`), so a contract lands where a single send would put it;
+    records keep their order within each partition, and so do the batches of a partition in the
+    list. A plain function of picklable values: a worker process can do it."""
+    choose = DefaultPartitioner()
+    open_batches: dict[tuple[str, int], BatchBuilder] = {}
+    built: list[BuiltBatch] = []
+
+    def close(tp: tuple[str, int], builder: BatchBuilder) -> None:
+        built.append((tp[0], tp[1], bytes(builder._build()), builder.record_count()))
+
+    for topic, key, value, headers in records:
+        tp = (topic, choose(key, partitions[topic], partitions[topic]))
+        fields = {"timestamp": None, "key": key, "value": value, "headers": list(headers)}
+        builder = open_batches.get(tp)
+        if builder is None or builder.append(**fields) is None:
+            if builder is not None:
+                close(tp, builder)
+            builder = open_batches[tp] = BatchBuilder(MAX_BATCH_BYTES, NO_COMPRESSION)
+            if builder.append(**fields) is None:
+                raise PublishFailed("a record larger than a record batch")
+    for tp, builder in open_batches.items():
+        close(tp, builder)
+    return built
+
+
+NO_COMPRESSION = 0  # the producer's default (make_producer sets no compression_type)
+# Where a v2 record batch keeps its producer id, epoch and base sequence, and its CRC-32C (over
+# everything from the attributes on): aiokafka's DefaultRecordBatch layout.
+# (baseOffset, length, partitionLeaderEpoch, magic, crc, attributes, lastOffsetDelta,
+# firstTimestamp, maxTimestamp, then producerId, producerEpoch, baseSequence)
+_CRC_OFFSET = struct.calcsize(">qiib")
+_ATTRIBUTES_OFFSET = struct.calcsize(">qiibI")
+_PRODUCER_STATE_OFFSET = struct.calcsize(">qiibIhiqq")
+
+
+class _Built:
+    """A record batch built by `build_batches`, in the shape the producer's accumulator takes
+    a BatchBuilder (`send_batch`): closed, and stamped with the producer id, epoch and sequence
+    when the producer is idempotent, as aiokafka stamps the batches it builds itself."""
+
+    def __init__(self, buffer: bytes, count: int) -> None:
+        self._buffer = bytearray(buffer)
+        self._count = count
+
+    def append(self, **_: object) -> object | None:
+        return None  # closed: the producer's own sends go into a batch of their own
+
+    def close(self) -> None:
+        return None
+
+    def closed(self) -> bool:
+        return True
+
+    def size(self) -> int:
+        return len(self._buffer)
+
+    def record_count(self) -> int:
+        return self._count
+
+    def _build(self) -> bytearray:
+        return self._buffer
+
+    def _set_producer_state(
+        self, producer_id: int, producer_epoch: int, base_sequence: int
+    ) -> None:
+        struct.pack_into(
+            ">qhi", self._buffer, _PRODUCER_STATE_OFFSET, producer_id, producer_epoch, base_sequence
+        )
+        crc = calc_crc32c(self._buffer[_ATTRIBUTES_OFFSET:])
+        struct.pack_into(">I", self._buffer, _CRC_OFFSET, crc)
+
+
+async def _send_built(
+    producer: AIOKafkaProducer, batches: Sequence[BuiltBatch]
+) -> list[asyncio.Future[Any]]:
+    by_partition: dict[tuple[str, int], list[_Built]] = {}
+    for topic, partition, buffer, count in batches:
+        by_partition.setdefault((topic, partition), []).append(_Built(buffer, count))
+
+    async def in_order(tp: tuple[str, int], built: list[_Built]) -> list[Any]:
+        return [await producer.send_batch(b, tp[0], partition=tp[1]) for b in built]
+
+    sent = await asyncio.gather(*(in_order(tp, b) for tp, b in by_partition.items()))
+    return [future for futures in sent for future in futures]
