@@ -44,6 +44,10 @@ class Accepted:
     envelopes: list[Envelope]
 
 
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex}"
+
+
 def _key_in_use(existing: ledger.KeyHeld, request_hash: str) -> Problem:
     if existing.state == "in_flight":
         return Problem(
@@ -99,11 +103,13 @@ async def accept(
     key: str | None,
     run_id: str,
     trace_id: str,
+    batch_id: str | None = None,
 ) -> Accepted:
-    """Record, publish and accept a request whose records are prepared (ingest.preparing)."""
+    """Record, publish and accept a request whose records are prepared (ingest.preparing);
+    `batch_id` when they were prepared for publishing under it (`new_batch_id`)."""
     batch = route == "batch"
     envelopes, request_hash, records = prepared.envelopes, prepared.request_hash, prepared.records
-    batch_id = f"batch_{uuid.uuid4().hex}"
+    batch_id = batch_id or new_batch_id()
     status_url = (
         f"/v1/batches/{batch_id}" if batch else f"/v1/settlements/{envelopes[0].message_id}"
     )
@@ -119,6 +125,7 @@ async def accept(
         resource_id=batch_id if batch else envelopes[0].message_id,
         status_url=status_url,
         records=records,
+        columns=prepared.columns,
         pending_lease_s=svc.settings.pending_lease_s,
         key_lease_s=max(svc.settings.idempotency_lease_s, svc.settings.pending_lease_s),
     )
@@ -130,9 +137,13 @@ async def accept(
         by_id = {e.message_id: e for e in envelopes}
         to_publish = [by_id[r.message_id] for r in pending.to_publish]
     try:
-        await svc.publisher.publish(
-            to_publish, desk=who.desk, trader=who.subject, trace_id=trace_id, batch_id=batch_id
-        )
+        if prepared.kafka is not None and to_publish is envelopes:
+            # laid into record batches already, under this batch id (a worker process)
+            await svc.publisher.publish_built(prepared.kafka, batch_id=batch_id)
+        else:
+            await svc.publisher.publish(
+                to_publish, desk=who.desk, trader=who.subject, trace_id=trace_id, batch_id=batch_id
+            )
     except PublishFailed:
         await _abort(svc, request)
         raise broker_unavailable() from None

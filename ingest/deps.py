@@ -22,6 +22,7 @@ from ingest.waiting import WaitingWatch
 from ledger.acceptance import Begun
 from ledger.acceptance import Request as Request_
 from ledger.console import Hit, Overview
+from ledger.crypto import PayloadCipher
 from ledger.reads import Batch, Message, OpenWork
 from ledger.reconciliation import DeadLetterFilter
 from ledger.rows import Actor, UpstreamView
@@ -36,6 +37,7 @@ log = structlog.get_logger("etrm.intake")
 class IntakeLedger(Protocol):
     """What the intake needs of the ledger (ledger.acceptance.IntakeStore; a fake in tests)."""
 
+    def payload_cipher(self) -> PayloadCipher | None: ...
     async def begin(self, req: Request_) -> Begun: ...
     async def complete(self, req: Request_, actor: Actor, new: int) -> bool: ...
     async def abort(self, req: Request_) -> bool: ...

@@ -3,7 +3,9 @@ only when the broker acknowledged every one of its records (acks=all)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from opentelemetry.trace import SpanKind
@@ -11,14 +13,74 @@ from opentelemetry.trace import SpanKind
 from ledger.crypto import LaneSealer
 from runtime import tracing
 from runtime.cpu import HEAVY_RECORDS, off_loop
-from runtime.kafka import OutgoingRecord
+from runtime.kafka import BuiltBatch, OutgoingRecord, build_batches
 from schemas.envelope import SCHEMA_VERSION, Envelope, kafka_headers
+
+# How long a big request waits for its topics' partitions before building its records here.
+PARTITIONS_WAIT_S = 2.0
 
 
 class Sink(Protocol):
     """Where records go (runtime.kafka.KafkaPublisher; a fake in tests)."""
 
     async def send_all(self, records: Sequence[OutgoingRecord], *, what: str = "") -> None: ...
+
+    async def send_built(self, batches: Sequence[BuiltBatch], *, what: str = "") -> None: ...
+
+    async def partitions(self, topics: Iterable[str]) -> dict[str, list[int]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """Everything a request's records need to go on their lanes, signed — so that a worker
+    process can lay them into record batches (`lay_out`) while the request is prepared."""
+
+    sealer: LaneSealer = field(repr=False)  # holds the signing (and sealing) keys
+    lanes: dict[str, str]  # lane -> topic
+    partitions: dict[str, list[int]]  # topic -> its partitions
+    desk: str
+    trader: str
+    trace_id: str
+    batch_id: str
+
+    def lay_out(self, envelopes: Sequence[Envelope]) -> list[BuiltBatch]:
+        records = [
+            lane_record(
+                e,
+                self.lanes[e.lane],
+                self.sealer,
+                desk=self.desk,
+                trader=self.trader,
+                trace_id=self.trace_id,
+                batch_id=self.batch_id,
+            )
+            for e in envelopes
+        ]
+        return build_batches(records, self.partitions)
+
+
+def lane_record(
+    envelope: Envelope,
+    topic: str,
+    sealer: LaneSealer,
+    *,
+    desk: str,
+    trader: str,
+    trace_id: str,
+    batch_id: str,
+    extra: Sequence[tuple[str, bytes | None]] = (),
+) -> OutgoingRecord:
+    """One accepted record as it goes on its lane: keyed by its contract, sealed and signed."""
+    headers = {
+        "message_id": envelope.message_id,
+        "desk": desk,
+        "trader": trader,
+        "trace_id": trace_id,
+        "schema_version": SCHEMA_VERSION,
+        "batch_id": batch_id,
+    }
+    wire = sealer.seal(envelope.value, headers)
+    return (topic, envelope.contract_id.encode(), wire, [*kafka_headers(headers), *extra])
 
 
 class SettlementPublisher:
@@ -40,21 +102,44 @@ class SettlementPublisher:
         batch_id: str,
         extra: Sequence[tuple[str, bytes | None]] = (),
     ) -> OutgoingRecord:
-        headers = {
-            "message_id": envelope.message_id,
-            "desk": desk,
-            "trader": trader,
-            "trace_id": trace_id,
-            "schema_version": SCHEMA_VERSION,
-            "batch_id": batch_id,
-        }
-        wire = self._sealer.seal(envelope.value, headers)
-        return (
+        return lane_record(
+            envelope,
             self.topic_for(envelope),
-            envelope.contract_id.encode(),
-            wire,
-            [*kafka_headers(headers), *extra],
+            self._sealer,
+            desk=desk,
+            trader=trader,
+            trace_id=trace_id,
+            batch_id=batch_id,
+            extra=extra,
         )
+
+    async def publication(
+        self, *, desk: str, trader: str, trace_id: str, batch_id: str
+    ) -> Publication | None:
+        """What a worker process needs to lay a big request's records into record batches;
+        None when they must be built here: while tracing, each record carries its publish
+        span (known only here), and without the topics' partitions (the broker away: the
+        publish then fails as it would have)."""
+        if tracing.active():
+            return None
+        try:
+            partitions = await asyncio.wait_for(
+                self.kafka.partitions(set(self.lanes.values())), PARTITIONS_WAIT_S
+            )
+        except Exception:
+            return None
+        return Publication(self._sealer, self.lanes, partitions, desk, trader, trace_id, batch_id)
+
+    async def publish_built(self, batches: Sequence[BuiltBatch], *, batch_id: str) -> None:
+        """A request's records laid into record batches by `Publication.lay_out`. Raises
+        runtime.kafka.PublishFailed unless the broker acknowledged all of them."""
+        with tracing.span(
+            "kafka publish",
+            SpanKind.PRODUCER,
+            records=sum(b[3] for b in batches),
+            batch_id=batch_id,
+        ):
+            await self.kafka.send_built(batches, what=f"batch {batch_id}")
 
     async def publish(
         self,

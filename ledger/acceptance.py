@@ -46,6 +46,23 @@ class RecordToAccept:
     position_mwh: str
     value: bytes
 
+    def __reduce__(self) -> tuple[type[RecordToAccept], tuple[Any, ...]]:
+        # as schemas.envelope.Envelope's: one call per record when unpickled
+        return (
+            RecordToAccept,
+            (
+                self.index,
+                self.message_id,
+                self.identity,
+                self.contract_id,
+                self.market,
+                self.revision,
+                self.topic,
+                self.position_mwh,
+                self.value,
+            ),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -64,11 +81,18 @@ class Request:
     records: Sequence[RecordToAccept]
     pending_lease_s: float
     key_lease_s: float
+    # the records as the statements take them, when laid out already (`columns_for`, in the
+    # intake's worker process for a big batch); else built by `begin`
+    columns: Columns | None = None
 
     @property
     def unique(self) -> list[RecordToAccept]:
         """Each message once (the same record twice in one request is one message)."""
-        return list({r.message_id: r for r in self.records}.values())
+        return unique_records(self.records)
+
+
+def unique_records(records: Sequence[RecordToAccept]) -> list[RecordToAccept]:
+    return list({r.message_id: r for r in records}.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,22 +135,23 @@ SEAL_IN_THREAD = 64
 
 
 @dataclass(frozen=True, slots=True)
-class _Columns:
+class Columns:
     """A request's records as the statements' array parameters, each message once, payloads
-    sealed: built before the transaction (in a thread for a big request — sealing and 5,000-long
-    lists are CPU the event loop would otherwise spend while other desks wait)."""
+    sealed: built before the transaction — in the intake's worker process for a big batch, or
+    in a thread (sealing and 5,000-long lists are CPU the event loop would otherwise spend
+    while other desks wait; in a thread it still held the intake's GIL ~35 ms a batch)."""
 
     unique: list[RecordToAccept]
     params: dict[str, Any]
 
 
-def _columns(req: Request, cipher: PayloadCipher) -> _Columns:
-    unique = req.unique
-    return _Columns(
+def columns_for(records: Sequence[RecordToAccept], cipher: PayloadCipher) -> Columns:
+    unique = unique_records(records)
+    return Columns(
         unique,
         {  # each column as one array text (ledger.db.array_literal)
-            "idx": array_literal(r.index for r in req.records),
-            "all_ids": array_literal(r.message_id for r in req.records),
+            "idx": array_literal(r.index for r in records),
+            "all_ids": array_literal(r.message_id for r in records),
             "ids": array_literal(r.message_id for r in unique),
             "contracts": array_literal(r.contract_id for r in unique),
             "markets": array_literal(r.market for r in unique),
@@ -141,10 +166,12 @@ def _columns(req: Request, cipher: PayloadCipher) -> _Columns:
 
 
 async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Begun:
-    if len(req.records) > SEAL_IN_THREAD:
-        columns = await asyncio.to_thread(_columns, req, cipher)
+    if req.columns is not None:
+        columns = req.columns
+    elif len(req.records) > SEAL_IN_THREAD:
+        columns = await asyncio.to_thread(columns_for, req.records, cipher)
     else:
-        columns = _columns(req, cipher)
+        columns = columns_for(req.records, cipher)
     try:
         fresh = await _begin_fresh(engine, req, columns)
         if fresh is not None:
@@ -170,7 +197,7 @@ async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Beg
     return await _conflict(engine, req)
 
 
-async def _begin_fresh(engine: AsyncEngine, req: Request, columns: _Columns) -> Begun | None:
+async def _begin_fresh(engine: AsyncEngine, req: Request, columns: Columns) -> Begun | None:
     """The common case — a new Idempotency-Key and records the ledger has never seen — in one
     autocommit statement (one round trip instead of BEGIN, key, records, COMMIT). The statement
     does nothing at all when the key or any of the records already exists, and the caller then
@@ -375,7 +402,7 @@ def _pending_params(req: Request) -> dict[str, Any]:
     }
 
 
-async def _insert_pending(conn: AsyncConnection, req: Request, columns: _Columns) -> set[str]:
+async def _insert_pending(conn: AsyncConnection, req: Request, columns: Columns) -> set[str]:
     """The request's rows as pending, in the caller's transaction (one statement); returns the
     ids of the records taken. Records already accepted (or pending elsewhere) are left alone."""
     taken = await conn.execute(sql(_PENDING_SQL), {**_pending_params(req), **columns.params})
@@ -602,6 +629,10 @@ class IntakeStore:
         self.cipher = cipher
         # The desks' reads, planned per call (ledger.db.make_engine `custom_plans`).
         self.reads = reads or engine
+
+    def payload_cipher(self) -> PayloadCipher | None:
+        """The key a big batch's payloads are sealed under where it is prepared (`Columns`)."""
+        return self.cipher
 
     async def begin(self, req: Request) -> Begun:
         return await begin(self.engine, req, self.cipher)

@@ -31,6 +31,12 @@ class PayloadCipher:
             raise ValueError("at least one encryption key is needed")
         self.active_kid = keys[0][0]
         self._keys = {kid: AESGCM(secret) for kid, secret in keys}
+        self._material = [(kid, bytes(secret)) for kid, secret in keys]
+
+    def __reduce__(self) -> tuple[type[PayloadCipher], tuple[list[tuple[str, bytes]]]]:
+        # The intake's worker processes seal a big request's records with the same keys
+        # (runtime.cpu.in_process pickles its arguments to them; nothing else pickles this).
+        return (PayloadCipher, (self._material,))
 
     def seal(self, plaintext: bytes, row_id: str) -> bytes:
         nonce = os.urandom(NONCE_BYTES)

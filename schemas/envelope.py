@@ -79,6 +79,23 @@ class Envelope:
     def lane(self) -> str:
         return lane_for(self.market)
 
+    def __reduce__(self) -> tuple[type[Envelope], tuple[str, str, str, str, int, str, bytes]]:
+        # A big batch's envelopes come back from the worker process that prepared them: built
+        # from their fields in one call, unpickling takes half the time of the slotted
+        # dataclass's own per-field __setstate__ (5,000 of them, in a thread of the intake).
+        return (
+            Envelope,
+            (
+                self.message_id,
+                self.identity,
+                self.contract_id,
+                self.market,
+                self.revision,
+                self.position_mwh,
+                self.value,
+            ),
+        )
+
 
 def envelope_for(desk: str, record: CanonicalRecord) -> Envelope:
     wire = record.to_wire()

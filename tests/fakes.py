@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from aiokafka.record.default_records import DefaultRecordBatch
 from sqlalchemy.exc import OperationalError
 
 from ingest.deps import IntakeLedger
@@ -40,7 +41,7 @@ from ledger.rows import (
     Predecessors,
     UpstreamView,
 )
-from runtime.kafka import OutgoingRecord, PublishFailed
+from runtime.kafka import BuiltBatch, OutgoingRecord, PublishFailed
 from schemas.envelope import Envelope, envelope_for, validate_record
 from schemas.records import CanonicalRecord
 from schemas.states import (
@@ -114,6 +115,9 @@ class FakeLedger:
             raise DatabaseAway()
 
     # -- the intake ------------------------------------------------------------------------------
+
+    def payload_cipher(self) -> None:
+        return None  # keeps no payloads: nothing to lay out ahead
 
     async def begin(self, req: Request) -> Begun:
         self._check()
@@ -420,6 +424,20 @@ class FakeBroker:
         if self.failing:
             raise PublishFailed("TimeoutError")
         self.records.extend(records)
+
+    async def send_built(self, batches: Sequence[BuiltBatch], *, what: str = "") -> None:
+        """Record batches built elsewhere, read back into their records."""
+        if self.failing:
+            raise PublishFailed("TimeoutError")
+        for topic, _partition, buffer, _count in batches:
+            self.records.extend(
+                (topic, r.key, r.value, list(r.headers)) for r in DefaultRecordBatch(buffer)
+            )
+
+    async def partitions(self, topics: Iterable[str]) -> dict[str, list[int]]:
+        if self.failing:
+            raise TimeoutError
+        return {t: [0, 1, 2, 3] for t in topics}
 
     async def ping(self) -> None:
         if self.failing:

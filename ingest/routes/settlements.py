@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from opentelemetry.trace import SpanKind
 from pydantic import TypeAdapter
 
-from ingest.acceptance import Accepted, accept
+from ingest.acceptance import Accepted, accept, new_batch_id
 from ingest.auth import Principal
 from ingest.body import HEAVY_BODY_BYTES, parse_body, read_body, read_json
 from ingest.deps import IntakeServices, PrincipalDep, ServicesDep, actor_of, require
@@ -203,8 +203,9 @@ async def submit_batch(request: Request, svc: ServicesDep, who: PrincipalDep) ->
     require(who, "settlements:write")
     run_id = run_id_header(request)
     key = idempotency_header(request, required=True)
-    prepared = await _prepare_batch(request, svc, who, run_id)
-    accepted = await _accept(request, svc, who, "batch", prepared, key, run_id)
+    batch_id = new_batch_id()
+    prepared = await _prepare_batch(request, svc, who, run_id, batch_id)
+    accepted = await _accept(request, svc, who, "batch", prepared, key, run_id, batch_id)
     # The BatchAccepted shape (response_model), written directly around the `messages` list
     # encoded where the batch was prepared (a worker process for a big one): 5,000 pydantic
     # objects and a json.dumps of them held the event loop for tens of milliseconds per big
@@ -238,15 +239,21 @@ def _limit_records(svc: IntakeServices, who: Principal, count: int) -> None:
 
 
 async def _prepare_batch(
-    request: Request, svc: IntakeServices, who: Principal, run_id: str
+    request: Request, svc: IntakeServices, who: Principal, run_id: str, batch_id: str
 ) -> Prepared:
-    """A big body is parsed and its records prepared in a worker process (runtime.cpu): one
-    desk's 5,000-record batch does not hold the event loop, nor its GIL, while other desks
-    wait. A small one is done here (off the loop above HEAVY_RECORDS records)."""
+    """A big body is parsed and its records prepared — and signed, sealed and laid into Kafka
+    record batches — in a worker process (runtime.cpu): one desk's 5,000-record batch does not
+    hold the event loop, nor its GIL, while other desks wait. A small one is done here (off the
+    loop above HEAVY_RECORDS records)."""
     lanes = svc.publisher.lanes
     raw = await read_body(request, svc.settings.max_body_bytes)
     if len(raw) > HEAVY_BODY_BYTES:  # without worker processes, in_process uses a thread
-        prepared = await in_process(prepare_batch_body, raw, who, run_id, lanes)
+        publication = await svc.publisher.publication(
+            desk=who.desk, trader=who.subject, trace_id=request.state.trace_id, batch_id=batch_id
+        )
+        prepared = await in_process(
+            prepare_batch_body, raw, who, run_id, lanes, publication, svc.ledger.payload_cipher()
+        )
         _limit_records(svc, who, len(prepared.envelopes))
         return prepared
     records = batch_records(await parse_body(raw))
@@ -265,6 +272,7 @@ async def _accept(
     prepared: Prepared,
     key: str | None,
     run_id: str,
+    batch_id: str | None = None,
 ) -> Accepted:
     trace_id = request.state.trace_id
     with tracing.span(
@@ -283,6 +291,7 @@ async def _accept(
             key=key,
             run_id=run_id,
             trace_id=trace_id,
+            batch_id=batch_id,
         )
 
 

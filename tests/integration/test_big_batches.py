@@ -18,7 +18,9 @@ from collections import Counter
 
 from runtime import cpu
 from schemas import samples
+from schemas.envelope import header_map
 from tests.conftest import PipelineFactory, submit_batch
+from tests.support import read_topic
 
 
 async def _processes_up(count: int, timeout: float = 30.0) -> list[int]:
@@ -69,6 +71,34 @@ async def test_a_big_batch_is_prepared_in_a_worker_process(
     assert len(posts) == 1000
     assert set(posts.values()) == {1}
     assert set(pipe.sim.posts_by_key.values()) == {1}
+
+
+async def test_a_big_batch_on_sealed_lanes_is_signed_and_sealed_in_the_worker_process(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    """The worker process lays the records into Kafka record batches, signed and (with lane
+    encryption) sealed under the keys it was handed: every copy opens and verifies at the
+    workers, so each record reaches the engine once; a reader of the lane sees no contract."""
+    pipe = await pipeline_factory(intake_cpu_processes=1, kafka_encrypt_payloads=True)
+    client = pipe.client()
+    run = samples.run_id()
+    accepted = await submit_batch(client, run, samples.mixed_batch(run, 500, prefix="SEAL"))
+    assert accepted.status_code == 202, accepted.text
+    assert len(await _processes_up(1)) == 1
+    batch_id = accepted.json()["batch_id"]
+    final = await pipe.wait_final(client, batch_id, timeout=120)
+    assert final["counts"] == {"delivered": 500}
+    assert Counter(pipe.sim.posts_by_key.values()) == Counter({1: 500})
+    lanes = [
+        r
+        for topic in (pipe.settings.topic_standard, pipe.settings.topic_priority)
+        for r in await read_topic(pipe.settings.kafka_bootstrap_servers, topic, timeout=2)
+    ]
+    ours = [r for r in lanes if header_map(r.headers).get("batch_id") == batch_id]
+    assert len(ours) == 500
+    for record in ours:
+        assert header_map(record.headers)["encryption"].endswith(",alg=A256GCM")
+        assert b"SEAL-" not in record.value
 
 
 def test_a_worker_process_does_not_outlive_its_intake(tmp_path: object) -> None:
