@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from opentelemetry.trace import SpanKind
@@ -32,55 +32,40 @@ class Sink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Publication:
-    """Everything a request's records need to go on their lanes, signed — so that a worker
-    process can lay them into record batches (`lay_out`) while the request is prepared."""
+    """Everything a request's records need to go on their lanes, signed: built here for a
+    small request (`record`), or handed to the worker process that prepares a big one, which
+    lays its records into record batches (`lay_out`, given the topics' `partitions`)."""
 
     sealer: LaneSealer = field(repr=False)  # holds the signing (and sealing) keys
     lanes: dict[str, str]  # lane -> topic
-    partitions: dict[str, list[int]]  # topic -> its partitions
     desk: str
     trader: str
     trace_id: str
     batch_id: str
+    extra: tuple[tuple[str, bytes | None], ...] = ()  # e.g. the publish span's traceparent
+    partitions: dict[str, list[int]] = field(default_factory=dict)  # topic -> its partitions
+
+    def record(self, envelope: Envelope) -> OutgoingRecord:
+        """One accepted record as it goes on its lane: keyed by its contract, sealed and
+        signed."""
+        headers = {
+            "message_id": envelope.message_id,
+            "desk": self.desk,
+            "trader": self.trader,
+            "trace_id": self.trace_id,
+            "schema_version": SCHEMA_VERSION,
+            "batch_id": self.batch_id,
+        }
+        wire = self.sealer.seal(envelope.value, headers)
+        return (
+            self.lanes[envelope.lane],
+            envelope.contract_id.encode(),
+            wire,
+            [*kafka_headers(headers), *self.extra],
+        )
 
     def lay_out(self, envelopes: Sequence[Envelope]) -> list[BuiltBatch]:
-        records = [
-            lane_record(
-                e,
-                self.lanes[e.lane],
-                self.sealer,
-                desk=self.desk,
-                trader=self.trader,
-                trace_id=self.trace_id,
-                batch_id=self.batch_id,
-            )
-            for e in envelopes
-        ]
-        return build_batches(records, self.partitions)
-
-
-def lane_record(
-    envelope: Envelope,
-    topic: str,
-    sealer: LaneSealer,
-    *,
-    desk: str,
-    trader: str,
-    trace_id: str,
-    batch_id: str,
-    extra: Sequence[tuple[str, bytes | None]] = (),
-) -> OutgoingRecord:
-    """One accepted record as it goes on its lane: keyed by its contract, sealed and signed."""
-    headers = {
-        "message_id": envelope.message_id,
-        "desk": desk,
-        "trader": trader,
-        "trace_id": trace_id,
-        "schema_version": SCHEMA_VERSION,
-        "batch_id": batch_id,
-    }
-    wire = sealer.seal(envelope.value, headers)
-    return (topic, envelope.contract_id.encode(), wire, [*kafka_headers(headers), *extra])
+        return build_batches([self.record(e) for e in envelopes], self.partitions)
 
 
 class SettlementPublisher:
@@ -92,26 +77,16 @@ class SettlementPublisher:
     def topic_for(self, envelope: Envelope) -> str:
         return self.lanes[envelope.lane]
 
-    def record_for(
+    def publication_for(
         self,
-        envelope: Envelope,
         *,
         desk: str,
         trader: str,
         trace_id: str,
         batch_id: str,
         extra: Sequence[tuple[str, bytes | None]] = (),
-    ) -> OutgoingRecord:
-        return lane_record(
-            envelope,
-            self.topic_for(envelope),
-            self._sealer,
-            desk=desk,
-            trader=trader,
-            trace_id=trace_id,
-            batch_id=batch_id,
-            extra=extra,
-        )
+    ) -> Publication:
+        return Publication(self._sealer, self.lanes, desk, trader, trace_id, batch_id, tuple(extra))
 
     async def publication(
         self, *, desk: str, trader: str, trace_id: str, batch_id: str
@@ -128,7 +103,10 @@ class SettlementPublisher:
             )
         except Exception:
             return None
-        return Publication(self._sealer, self.lanes, partitions, desk, trader, trace_id, batch_id)
+        return replace(
+            self.publication_for(desk=desk, trader=trader, trace_id=trace_id, batch_id=batch_id),
+            partitions=partitions,
+        )
 
     async def publish_built(self, batches: Sequence[BuiltBatch], *, batch_id: str) -> None:
         """A request's records laid into record batches by `Publication.lay_out`. Raises
@@ -157,19 +135,12 @@ class SettlementPublisher:
             parent = tracing.traceparent()
             # the worker continues this trace (W3C trace context)
             extra = [("traceparent", parent.encode())] if parent is not None else []
+            publication = self.publication_for(
+                desk=desk, trader=trader, trace_id=trace_id, batch_id=batch_id, extra=extra
+            )
 
             def records() -> list[OutgoingRecord]:
-                return [
-                    self.record_for(
-                        e,
-                        desk=desk,
-                        trader=trader,
-                        trace_id=trace_id,
-                        batch_id=batch_id,
-                        extra=extra,
-                    )
-                    for e in envelopes
-                ]
+                return [publication.record(e) for e in envelopes]
 
             # Signing (and sealing) every record is CPU: a big batch's runs off the event loop.
             outgoing = await off_loop(len(envelopes) > HEAVY_RECORDS, records)

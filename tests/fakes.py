@@ -561,9 +561,12 @@ class Desk:
         pending = await self.ledger.begin(request)
         assert isinstance(pending, Pending), pending
         by_id = {r.message_id: r for r in request.records}
+        publication = self.publisher.publication_for(
+            desk=self.desk, trader="trader-1", trace_id=request.trace_id, batch_id=request.batch_id
+        )
         await self.publisher.kafka.send_all(
             [
-                self.publisher.record_for(
+                publication.record(
                     Envelope(
                         r.message_id,
                         r.identity,
@@ -572,11 +575,7 @@ class Desk:
                         r.revision,
                         r.position_mwh,
                         r.value,
-                    ),
-                    desk=self.desk,
-                    trader="trader-1",
-                    trace_id=request.trace_id,
-                    batch_id=request.batch_id,
+                    )
                 )
                 for r in pending.to_publish
             ]

@@ -34,7 +34,13 @@ def test_a_big_batch_comes_back_from_the_worker_process_laid_out_for_ledger_and_
     run = samples.run_id()
     raw = orjson.dumps({"records": samples.mixed_batch(run, 300, contracts=20, prefix="PREP")})
     publication = Publication(
-        LaneSealer(SIGNING, ON_LANES), LANES, PARTITIONS, "power-east", "trader-1", "tr-1", "b_1"
+        LaneSealer(SIGNING, ON_LANES),
+        LANES,
+        "power-east",
+        "trader-1",
+        "tr-1",
+        "b_1",
+        partitions=PARTITIONS,
     )
     prepared = prepare_batch_body(raw, who, run, LANES, publication, AT_REST)
     # as it crosses from the worker process (our own bytes, never a client's)
