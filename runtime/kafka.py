@@ -269,7 +269,7 @@ class _Built:
     when the producer is idempotent, as aiokafka stamps the batches it builds itself."""
 
     def __init__(self, buffer: bytes, count: int) -> None:
-        self._buffer = bytearray(buffer)
+        self._buffer: bytes | bytearray = buffer  # sent as it is unless it must be stamped
         self._count = count
 
     def append(self, **_: object) -> object | None:
@@ -287,17 +287,18 @@ class _Built:
     def record_count(self) -> int:
         return self._count
 
-    def _build(self) -> bytearray:
+    def _build(self) -> bytes | bytearray:
         return self._buffer
 
     def _set_producer_state(
         self, producer_id: int, producer_epoch: int, base_sequence: int
     ) -> None:
+        stamped = bytearray(self._buffer)
         struct.pack_into(
-            ">qhi", self._buffer, _PRODUCER_STATE_OFFSET, producer_id, producer_epoch, base_sequence
+            ">qhi", stamped, _PRODUCER_STATE_OFFSET, producer_id, producer_epoch, base_sequence
         )
-        crc = calc_crc32c(self._buffer[_ATTRIBUTES_OFFSET:])
-        struct.pack_into(">I", self._buffer, _CRC_OFFSET, crc)
+        struct.pack_into(">I", stamped, _CRC_OFFSET, calc_crc32c(stamped[_ATTRIBUTES_OFFSET:]))
+        self._buffer = stamped
 
 
 async def _send_built(
