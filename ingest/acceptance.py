@@ -130,14 +130,15 @@ async def accept(
         key_lease_s=max(svc.settings.idempotency_lease_s, svc.settings.pending_lease_s),
     )
     pending = await _begin(svc, request)
-    if len(pending.to_publish) == len(envelopes):
-        # every record is new to the ledger (and none repeated): no per-record work on the loop
+    # every record new to the ledger (and none repeated): all go, with no per-record work here
+    every_new = len(pending.to_publish) == len(envelopes)
+    if every_new:
         to_publish = envelopes
     else:
         by_id = {e.message_id: e for e in envelopes}
         to_publish = [by_id[r.message_id] for r in pending.to_publish]
     try:
-        if prepared.kafka is not None and to_publish is envelopes:
+        if every_new and prepared.kafka is not None:
             # laid into record batches already, under this batch id (a worker process)
             await svc.publisher.publish_built(prepared.kafka, batch_id=batch_id)
         else:
