@@ -164,7 +164,9 @@ class Server:
                 port=self.port,
                 log_level="warning",
                 lifespan="on",
-                **config,
+                # h11, as the intake and the workers serve in production; uvicorn's "auto" would
+                # take httptools, which the dev tools install for the simulator only
+                **{"http": "h11", **config},
             )
         )
         self.task: asyncio.Task[None] | None = None

@@ -468,6 +468,7 @@ async def serve(
             port=settings.worker_metrics_port,
             log_level="warning",
             lifespan="off",
+            http="h11",  # as installed in production (httptools is a dev tool's parser only)
         )
     )
     health_socket = bind_health_port(settings.worker_metrics_host, settings.worker_metrics_port)

@@ -182,7 +182,7 @@ class Cluster:
         self.sim = app.state.sim
         port = int(self.settings.upstream_url.rsplit(":", 1)[1])
         self.sim_server = EmbeddedServer(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http="httptools")
         )
         self.sim_task = asyncio.create_task(self.sim_server.serve())
         await asyncio.to_thread(wait_for_port, port, 30.0)
