@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from opentelemetry.trace import SpanKind
@@ -85,8 +85,18 @@ class SettlementPublisher:
         trace_id: str,
         batch_id: str,
         extra: Sequence[tuple[str, bytes | None]] = (),
+        partitions: dict[str, list[int]] | None = None,
     ) -> Publication:
-        return Publication(self._sealer, self.lanes, desk, trader, trace_id, batch_id, tuple(extra))
+        return Publication(
+            self._sealer,
+            self.lanes,
+            desk,
+            trader,
+            trace_id,
+            batch_id,
+            tuple(extra),
+            partitions or {},
+        )
 
     async def publication(
         self, *, desk: str, trader: str, trace_id: str, batch_id: str
@@ -103,9 +113,8 @@ class SettlementPublisher:
             )
         except Exception:
             return None
-        return replace(
-            self.publication_for(desk=desk, trader=trader, trace_id=trace_id, batch_id=batch_id),
-            partitions=partitions,
+        return self.publication_for(
+            desk=desk, trader=trader, trace_id=trace_id, batch_id=batch_id, partitions=partitions
         )
 
     async def publish_built(self, batches: Sequence[BuiltBatch], *, batch_id: str) -> None:

@@ -148,11 +148,10 @@ class SimState:
             self.rejected_posts += 1
             return 400, {"error": "bad X-Signature"}, {}
         key = headers.get("idempotency-key")
-        if key:
-            self.posts_by_key[key] += 1
         if not key:
             self.rejected_posts += 1
             return 400, {"error": "Idempotency-Key required"}, {}
+        self.posts_by_key[key] += 1
         if cfg.latency_ms:
             await asyncio.sleep(cfg.latency_ms / 1000)
         try:
