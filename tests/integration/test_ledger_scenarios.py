@@ -567,3 +567,45 @@ async def test_a_direct_statement_keeps_its_connection_only_after_a_server_refus
         assert not database_unavailable(asyncpg.exceptions.UniqueViolationError("dup"))
     finally:
         await engine.dispose()
+
+
+async def test_a_sequencer_turn_that_stalls_or_is_cancelled_sequences_nothing(
+    infra: Infra,
+) -> None:
+    """The audit sequencer's turn is one transaction under its advisory lock. While another
+    session holds the turn, a sequencer that must not wait skips (0), and one that waits and
+    is cancelled there (its process stopping) leaves every row unsequenced. The next turns
+    then give each row its place exactly once, and the chain verifies."""
+    import asyncpg
+
+    from ledger import audit
+    from ledger.db import fetch_direct
+    from ledger.rows import AuditEvent
+
+    url = await fresh_database(infra)
+    engine = make_engine(url, 1)
+    holder = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        actor = Actor("system", "test")
+        await audit.record(engine, [AuditEvent(actor, f"test.{i}") for i in range(3)])
+        async with holder.transaction():
+            await holder.fetch("SELECT pg_advisory_xact_lock($1)", audit._SEQUENCER_LOCK)
+            assert await audit.sequence(engine) == 0  # the turn is taken elsewhere: skipped
+            waiting = asyncio.create_task(audit.sequence(engine, wait=True))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # it waits for the turn
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        [row] = await fetch_direct(
+            engine, "SELECT count(*) FILTER (WHERE hash IS NULL) AS open FROM audit_log", {}
+        )
+        assert row["open"] == 3
+        assert await audit.sequence_all(engine) == 3
+        assert await audit.sequence_all(engine) == 0
+        verified = await audit.verify(engine)
+        assert verified.ok
+        assert (verified.rows, verified.head_seq) == (3, 3)
+    finally:
+        await holder.close()
+        await engine.dispose()
