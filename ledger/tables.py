@@ -134,8 +134,6 @@ Index(
     messages.c.accept_seq,
     postgresql_where=text(f"state IN {sql_values(frozenset(OPEN_FOR_ORDER))}"),
 )
-Index("messages_desk_run", messages.c.desk, messages.c.settlement_run_id)
-Index("messages_publication", messages.c.publication)
 # Records being accepted, by request (migration 0007): a few entries, the plan for completing
 # or aborting an acceptance whether or not the planner has statistics yet.
 Index(

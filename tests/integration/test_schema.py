@@ -62,3 +62,32 @@ async def test_a_rolling_upgrade_gate_accepts_one_declared_migration_ahead(infra
             await ensure_schema_current(engine)
     finally:
         await engine.dispose()
+
+
+# Every index of `messages`, with the statement that reads through it. A record is written at
+# least three times (accepted, leased, settled) and a change of state is not a HOT update, so
+# each write adds an entry to every index of the table: an index nobody reads is paid for on
+# every record. Migration 0009 dropped two such (by run and desk, by publication).
+MESSAGE_INDEXES = {
+    "messages_pkey": "every lookup by message id",
+    "messages_open": "oldest undelivered record (console, open work)",
+    "messages_identity_revision": "identity and revision uniqueness (#6), highest revision taken",
+    "messages_contract_open": "earlier open records of a contract (claims, parked records)",
+    "messages_pending_publication": "completing or aborting an acceptance",
+    "messages_parked": "parked records behind a dead letter (continuations, dead-letter list)",
+}
+
+
+async def test_messages_carries_only_the_indexes_its_statements_read(infra: Infra) -> None:
+    engine = create_async_engine(await fresh_database(infra))
+    try:
+        async with engine.connect() as conn:
+            found = (
+                await conn.execute(
+                    text("SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")
+                )
+            ).scalars()
+            names = set(found)
+    finally:
+        await engine.dispose()
+    assert names == set(MESSAGE_INDEXES)
