@@ -18,7 +18,7 @@ from ingest.auth import Principal
 from ingest.body import parse_json
 from ingest.problems import Problem
 from ingest.publisher import Publication
-from ledger.acceptance import Columns, RecordToAccept, columns_for
+from ledger.acceptance import Columns, RecordToAccept, columns_for, join_columns
 from ledger.crypto import PayloadCipher
 from runtime.kafka import BuiltBatch
 from schemas.envelope import Envelope, FieldError, envelope_for, lane_for, validate_record
@@ -70,10 +70,11 @@ def field_errors(errors: Sequence[FieldError], *, batch: bool) -> Problem:
     )
 
 
-def validate(raw_records: Sequence[Any], *, batch: bool) -> list[CanonicalRecord]:
+def validate(raw_records: Sequence[Any], *, batch: bool, first: int = 0) -> list[CanonicalRecord]:
+    """`first`: the index in its request of the first of `raw_records` (a part of a batch)."""
     records: list[CanonicalRecord] = []
     errors: list[FieldError] = []
-    for index, raw in enumerate(raw_records):
+    for index, raw in enumerate(raw_records, first):
         result = validate_record(raw, index if batch else None)
         if isinstance(result, list):
             errors.extend(result)
@@ -86,14 +87,15 @@ def validate(raw_records: Sequence[Any], *, batch: bool) -> list[CanonicalRecord
 
 def request_hash(route: str, run_id: str, envelopes: Sequence[Envelope]) -> str:
     digest = hashlib.sha256(f"{route}\0{run_id}\0".encode())
-    for envelope in envelopes:
-        digest.update(envelope.message_id.encode())
+    digest.update("".join([e.message_id for e in envelopes]).encode())
     return digest.hexdigest()
 
 
-def reject_internal_conflicts(envelopes: Sequence[Envelope], *, batch: bool) -> None:
+def reject_internal_conflicts(
+    envelopes: Sequence[Envelope], *, batch: bool, first: int = 0
+) -> None:
     seen: dict[tuple[str, int], str] = {}
-    for index, envelope in enumerate(envelopes):
+    for index, envelope in enumerate(envelopes, first):
         slot = (envelope.identity, envelope.revision)
         if seen.setdefault(slot, envelope.message_id) != envelope.message_id:
             raise Problem(
@@ -106,13 +108,14 @@ def reject_internal_conflicts(envelopes: Sequence[Envelope], *, batch: bool) -> 
 
 
 def prepare(
-    who: Principal, raw_records: Sequence[Any], *, route: str, run_id: str
+    who: Principal, raw_records: Sequence[Any], *, route: str, run_id: str, first: int = 0
 ) -> tuple[list[Envelope], str]:
     """The CPU part of an acceptance (run off the loop for big batches): validate every record,
-    check it against the headers and the token, serialize and sign it, hash the request."""
+    check it against the headers and the token, serialize and sign it, hash the request (or
+    the part of a batch that starts at index `first`)."""
     batch = route == "batch"
-    records = validate(raw_records, batch=batch)
-    for index, record in enumerate(records):
+    records = validate(raw_records, batch=batch, first=first)
+    for index, record in enumerate(records, first):
         if record.settlement_run_id != run_id:
             raise Problem(
                 400,
@@ -128,7 +131,7 @@ def prepare(
                 index=index if batch else None,
             )
     envelopes = [envelope_for(who.desk, record) for record in records]
-    reject_internal_conflicts(envelopes, batch=batch)
+    reject_internal_conflicts(envelopes, batch=batch, first=first)
     return envelopes, request_hash(route, run_id, envelopes)
 
 
@@ -145,7 +148,7 @@ def shape_problem(detail: str, fields: list[str], message: str) -> Problem:
 
 
 def records_to_accept(
-    envelopes: Sequence[Envelope], lanes: Mapping[str, str]
+    envelopes: Sequence[Envelope], lanes: Mapping[str, str], first: int = 0
 ) -> list[RecordToAccept]:
     """The records as the ledger takes them; `lanes` maps a lane to its topic."""
     return [
@@ -160,7 +163,7 @@ def records_to_accept(
             position_mwh=e.position_mwh,
             value=e.value,
         )
-        for i, e in enumerate(envelopes)
+        for i, e in enumerate(envelopes, first)
     ]
 
 
@@ -171,17 +174,20 @@ def prepare_request(
     route: str,
     run_id: str,
     lanes: Mapping[str, str],
+    first: int = 0,
 ) -> Prepared:
-    envelopes, digest = prepare(who, raw_records, route=route, run_id=run_id)
+    envelopes, digest = prepare(who, raw_records, route=route, run_id=run_id, first=first)
     answer = (
-        orjson.dumps([{"index": i, "message_id": e.message_id} for i, e in enumerate(envelopes)])
+        orjson.dumps(
+            [{"index": i, "message_id": e.message_id} for i, e in enumerate(envelopes, first)]
+        )
         if route == "batch"
         else b""
     )
     return Prepared(
         envelopes,
         digest,
-        records_to_accept(envelopes, lanes),
+        records_to_accept(envelopes, lanes, first),
         dict(collections.Counter(e.lane for e in envelopes)),
         answer,
     )
@@ -213,15 +219,55 @@ def prepare_batch_body(
     lanes: Mapping[str, str],
     publication: Publication | None = None,
     cipher: PayloadCipher | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> Prepared:
     """A whole batch from its body's bytes (run in a worker process for a big body), with its
     records laid into Kafka record batches when given their `publication`, and into the
     ledger's columns when given its `cipher`: signing, sealing and encoding 5,000 records in
     the intake's own threads held its GIL ~115 ms per batch, which every other desk's request
-    waited for at each turn of the event loop."""
+    waited for at each turn of the event loop.
+
+    `part` (i, k): only the i-th of k consecutive slices of the records, with the indices they
+    have in the whole batch, so that k worker processes prepare one batch together
+    (`join_parts`). Each parses the whole body: its shape, and any problem in it, are the
+    whole batch's."""
     records = batch_records(parse_json(raw))
-    prepared = prepare_request(who, records, route="batch", run_id=run_id, lanes=lanes)
+    i, k = part
+    lo, hi = len(records) * i // k, len(records) * (i + 1) // k
+    prepared = prepare_request(
+        who, records[lo:hi], route="batch", run_id=run_id, lanes=lanes, first=lo
+    )
     return prepared._replace(
         kafka=publication.lay_out(prepared.envelopes) if publication is not None else None,
         columns=columns_for(prepared.records, cipher) if cipher is not None else None,
+    )
+
+
+def join_parts(parts: Sequence[Prepared], run_id: str) -> Prepared | None:
+    """One batch from its consecutive parts, each prepared alone (`prepare_batch_body` with
+    `part`), as if prepared whole; None when two parts hold records of one identity and
+    revision (the same record twice, or a conflict): whether that request is refused, and how,
+    is for the whole batch's own preparation to say. Plain concatenation otherwise — it runs
+    on the event loop: per record, one set entry."""
+    parts = [part for part in parts if part.envelopes]  # more parts than records
+    seen: set[tuple[str, int]] = set()
+    for part in parts:
+        slots = {(e.identity, e.revision) for e in part.envelopes}
+        if not seen.isdisjoint(slots):
+            return None
+        seen |= slots
+    envelopes = [e for part in parts for e in part.envelopes]
+    lanes: collections.Counter[str] = collections.Counter()
+    for part in parts:
+        lanes.update(part.lanes)
+    kafka = [p.kafka for p in parts]
+    columns = [p.columns for p in parts]
+    return Prepared(
+        envelopes,
+        request_hash("batch", run_id, envelopes),
+        [r for part in parts for r in part.records],
+        dict(lanes),
+        b"[" + b",".join(p.messages_json[1:-1] for p in parts) + b"]",
+        None if None in kafka else [b for built in kafka if built for b in built],
+        None if None in columns else join_columns([c for c in columns if c is not None]),
     )

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import audit, reads, upstream
 from ledger.crypto import PayloadCipher
-from ledger.db import array_literal, fetch_direct, sql
+from ledger.db import array_literal, fetch_direct, join_array_literals, sql
 from ledger.rows import Actor, AuditEvent, UpstreamView
 from schemas.states import BatchState, MessageState
 
@@ -163,6 +163,21 @@ def columns_for(records: Sequence[RecordToAccept], cipher: PayloadCipher) -> Col
             "kid": cipher.active_kid,
         },
     )
+
+
+def join_columns(parts: Sequence[Columns]) -> Columns:
+    """The columns of consecutive parts of one request whose parts share no message: each
+    array the parts' arrays one after the other, as `columns_for` builds it whole."""
+    kids = {part.params["kid"] for part in parts}
+    if len(kids) != 1:
+        raise ValueError("parts sealed under different keys")
+    params: dict[str, Any] = {
+        name: join_array_literals([part.params[name] for part in parts])
+        for name in parts[0].params
+        if name != "kid"
+    }
+    params["kid"] = kids.pop()
+    return Columns([r for part in parts for r in part.unique], params)
 
 
 async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Begun:

