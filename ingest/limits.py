@@ -57,6 +57,11 @@ class DeskRateLimiter:
             return None
         return (cost - bucket.tokens) / rate if rate > 0 else 60.0
 
+    def others_seen(self, desk: str, within_s: float) -> bool:
+        """Whether a desk other than `desk` was counted in the last `within_s` seconds."""
+        since = time.monotonic() - within_s
+        return any(b.updated >= since for d, b in self._buckets.items() if d != desk)
+
     def check(self, desk: str, subject: str, cost: float = 1.0) -> None:
         wait = self.retry_after(desk, cost)
         if wait is not None:

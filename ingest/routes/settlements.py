@@ -50,6 +50,8 @@ MAX_ID = 64
 # A big body is prepared in parts of at least this much (~250 records), one per idle worker
 # process: each part parses the whole body, which is not worth it for a small one.
 SPLIT_BODY_BYTES = 128 * 1024
+# A desk counts as alone when no other desk made a request for this long.
+OTHER_DESKS_WITHIN_S = 1.0
 
 
 def run_id_header(request: Request) -> str:
@@ -258,8 +260,10 @@ async def _prepare_batch(
         publication = await svc.publisher.publication(
             desk=who.desk, trader=who.subject, trace_id=request.state.trace_id, batch_id=batch_id
         )
+        # the idle worker processes all take part only while no other desk is being served
+        shared = svc.rate_limiter.others_seen(who.desk, OTHER_DESKS_WITHIN_S)
         prepared = await _prepare_in_processes(
-            raw, who, run_id, lanes, publication, svc.ledger.payload_cipher()
+            raw, who, run_id, lanes, publication, svc.ledger.payload_cipher(), alone=not shared
         )
         _limit_records(svc, who, len(prepared.envelopes))
         return prepared
@@ -278,14 +282,18 @@ async def _prepare_in_processes(
     lanes: dict[str, str],
     publication: Publication | None,
     cipher: PayloadCipher | None,
+    *,
+    alone: bool,
 ) -> Prepared:
-    """A big body in worker processes: in as many parts as there are idle ones (at least
-    SPLIT_BODY_BYTES of body each), so that a desk sending one batch at a time has it prepared
-    on every core rather than one; busy ones (other requests' batches) are not waited for. Any
+    """A big body in worker processes. When its desk is `alone` (no other desk's request
+    lately), in as many parts as there are idle ones (at least SPLIT_BODY_BYTES of body each),
+    so that a desk sending one batch at a time has it prepared on every core rather than one;
+    busy ones (other requests' batches) are not waited for. With other desks about, in one:
+    one desk's batch keeping every core busy, even niced, delays the others' requests. Any
     part that fails — a bad record, a lost process — and the whole batch is prepared again in
     one piece, which gives the one answer the request would have had."""
     work = (prepare_batch_body, raw, who, run_id, lanes, publication, cipher)
-    parts = min(spare_processes(), len(raw) // SPLIT_BODY_BYTES)
+    parts = min(spare_processes(), len(raw) // SPLIT_BODY_BYTES) if alone else 1
     if parts > 1:
         done = await asyncio.gather(
             *(in_process(*work, (i, parts)) for i in range(parts)), return_exceptions=True

@@ -144,6 +144,17 @@ async def test_a_big_batch_is_prepared_in_parts_by_the_idle_worker_processes(
     assert_effects_once(pipe.sim, ids)
     assert_contract_order(pipe.sim, {m: i for i, m in enumerate(ids)})
 
+    # While another desk is being served, a big batch takes one worker process, leaving the
+    # other core to that desk's requests.
+    elsewhere = pipe.client(desk="power-west")
+    assert (await elsewhere.get("/v1/batches/none-such")).status_code == 404
+    parts.clear()
+    shared = await submit_batch(client, run, samples.mixed_batch(run, 1000, prefix="ONE"))
+    assert shared.status_code == 202, shared.text
+    assert parts == [(0, 1)]
+    await pipe.wait_final(client, shared.json()["batch_id"], timeout=180)
+    await asyncio.sleep(settlements.OTHER_DESKS_WITHIN_S)
+
     # The same record in both halves: joined, the halves would be two rows of one message, so
     # the batch is prepared whole, where the repeat is taken once.
     parts.clear()

@@ -4,6 +4,7 @@ committer, the lane slots, the per-desk rate limit and the authentication-failur
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -160,6 +161,17 @@ def test_a_desk_gets_its_burst_then_waits_and_other_desks_are_unaffected() -> No
     assert wait is not None
     assert 1.0 < wait <= 2.0
     assert all(limiter.retry_after("fast") is None for _ in range(5))
+
+
+def test_the_limiter_knows_whether_other_desks_were_served_lately() -> None:
+    limiter = DeskRateLimiter((100.0, 5), {})
+    assert not limiter.others_seen("east", 1.0)
+    limiter.retry_after("east")
+    assert not limiter.others_seen("east", 1.0)  # its own requests do not count
+    assert limiter.others_seen("west", 1.0)
+    time.sleep(0.06)
+    assert not limiter.others_seen("west", 0.05)
+    assert limiter.others_seen("west", 1.0)
 
 
 def test_the_alarm_rings_once_per_window_per_source() -> None:
