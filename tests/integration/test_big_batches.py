@@ -36,6 +36,12 @@ async def _processes_up(count: int, timeout: float = 30.0) -> list[int]:
     return pids
 
 
+def _with_bad_run_id(records: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
+    return [
+        {**r, "settlement_run_id": "not-a-run"} if i == index else r for i, r in enumerate(records)
+    ]
+
+
 async def test_a_big_batch_is_prepared_in_a_worker_process(
     pipeline_factory: PipelineFactory,
 ) -> None:
@@ -44,9 +50,7 @@ async def test_a_big_batch_is_prepared_in_a_worker_process(
     run = samples.run_id()
     records = samples.mixed_batch(run, 600, contracts=30, prefix="BIG")
 
-    bad = [dict(r) for r in records]
-    bad[451] = {**bad[451], "settlement_run_id": "not-a-run"}
-    refused = await submit_batch(client, run, bad)
+    refused = await submit_batch(client, run, _with_bad_run_id(records, 451))
     assert refused.status_code == 422, refused.text
     first = refused.json()["errors"][0]
     assert (first["index"], first["pointer"]) == (451, "/records/451/settlement_run_id")
@@ -124,9 +128,7 @@ async def test_a_big_batch_is_prepared_in_parts_by_the_idle_worker_processes(
 
     # A bad record in the second half: that part fails, the batch is prepared again whole, and
     # the answer is the whole batch's (one error, named by its index in the batch).
-    bad = [dict(r) for r in records]
-    bad[901] = {**bad[901], "settlement_run_id": "not-a-run"}
-    refused = await submit_batch(client, run, bad)
+    refused = await submit_batch(client, run, _with_bad_run_id(records, 901))
     assert refused.status_code == 422, refused.text
     assert [e["pointer"] for e in refused.json()["errors"]] == ["/records/901/settlement_run_id"]
     assert parts == [(0, 2), (1, 2), (0, 1)]

@@ -29,6 +29,7 @@ PARTITIONS = {"t.standard": [0, 1, 2, 3], "t.priority": [0, 1]}
 AT_REST = PayloadCipher([("e1", bytes(range(32)))])
 ON_LANES = PayloadCipher([("e2", bytes(range(32, 64)))])
 SIGNING = ("k1", b"lane-signing-secret")
+WHO = Principal("trader-1", "power-east", frozenset({"settlements:write"}), None, None, None)
 
 
 def _array(text: str) -> list[str]:
@@ -37,19 +38,9 @@ def _array(text: str) -> list[str]:
 
 
 def test_a_big_batch_comes_back_from_the_worker_process_laid_out_for_ledger_and_lanes() -> None:
-    who = Principal("trader-1", "power-east", frozenset({"settlements:write"}), None, None, None)
     run = samples.run_id()
     raw = orjson.dumps({"records": samples.mixed_batch(run, 300, contracts=20, prefix="PREP")})
-    publication = Publication(
-        LaneSealer(SIGNING, ON_LANES),
-        LANES,
-        "power-east",
-        "trader-1",
-        "tr-1",
-        "b_1",
-        partitions=PARTITIONS,
-    )
-    prepared = prepare_batch_body(raw, who, run, LANES, publication, AT_REST)
+    prepared = prepare_batch_body(raw, WHO, run, LANES, _publication(ON_LANES), AT_REST)
     # as it crosses from the worker process (our own bytes, never a client's)
     back = pickle.loads(pickle.dumps(prepared, pickle.HIGHEST_PROTOCOL))  # noqa: S301
     assert back == prepared
@@ -81,13 +72,9 @@ def test_a_big_batch_comes_back_from_the_worker_process_laid_out_for_ledger_and_
     assert sorted(published) == sorted(ids)
 
 
-WHO = Principal("trader-1", "power-east", frozenset({"settlements:write"}), None, None, None)
-
-
-def _publication() -> Publication:
-    # lanes signed, not sealed: a record's bytes on its lane are then the same wherever built
+def _publication(on_lanes: PayloadCipher | None) -> Publication:
     return Publication(
-        LaneSealer(SIGNING, None),
+        LaneSealer(SIGNING, on_lanes),
         LANES,
         "power-east",
         "trader-1",
@@ -99,7 +86,8 @@ def _publication() -> Publication:
 
 def _prepared(raw: bytes, run: str, part: tuple[int, int]) -> Prepared | Problem:
     try:
-        return prepare_batch_body(raw, WHO, run, LANES, _publication(), AT_REST, part)
+        # lanes signed, not sealed: a record's bytes on its lane are then the same wherever built
+        return prepare_batch_body(raw, WHO, run, LANES, _publication(None), AT_REST, part)
     except Problem as problem:
         return problem
 
