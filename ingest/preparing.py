@@ -243,6 +243,30 @@ def prepare_batch_body(
     )
 
 
+# Problems a part finds in its own records alone, which the whole batch finds in the same
+# words when no other part has any (422: every record validated, the errors listed in order;
+# 400/403: the first record, in order, with another run's id or a contract the token may not
+# touch). A revision conflict is not one of them: a record in another part may collide first.
+_PART_PROBLEMS = frozenset({"schema_violation", "run_id_mismatch", "contract_not_allowed"})
+
+
+def settle_parts(
+    outcomes: Sequence[Prepared | BaseException], run_id: str
+) -> Prepared | Problem | None:
+    """What a batch prepared in consecutive parts comes to: the batch (`join_parts`), the
+    problem that is the whole batch's answer (one part alone refused it, for one of its own
+    records), or None when only the whole batch, prepared in one piece, can say."""
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    if not failed:
+        return join_parts([o for o in outcomes if isinstance(o, Prepared)], run_id)
+    [problem, *others] = failed
+    if others or not isinstance(problem, Problem) or problem.code not in _PART_PROBLEMS:
+        return None
+    if problem.code == "schema_violation" and problem.extra["errors"][0]["index"] is None:
+        return None  # the body's own shape, found by every part: never here alone
+    return problem
+
+
 def join_parts(parts: Sequence[Prepared], run_id: str) -> Prepared | None:
     """One batch from its consecutive parts, each prepared alone (`prepare_batch_body` with
     `part`), as if prepared whole; None when two parts hold records of one identity and

@@ -7,7 +7,7 @@ as one that does not exist), and only the contracts its token allows.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
@@ -23,9 +23,9 @@ from ingest.preparing import (
     MAX_BATCH,
     Prepared,
     batch_records,
-    join_parts,
     prepare_batch_body,
     prepare_request,
+    settle_parts,
 )
 from ingest.problems import Problem, problem_responses
 from ingest.publisher import Publication
@@ -290,18 +290,20 @@ async def _prepare_in_processes(
     so that a desk sending one batch at a time has it prepared on every core rather than one;
     busy ones (other requests' batches) are not waited for. With other desks about, in one:
     one desk's batch keeping every core busy, even niced, delays the others' requests. Any
-    part that fails — a bad record, a lost process — and the whole batch is prepared again in
-    one piece, which gives the one answer the request would have had."""
+    part refusing the batch for one of its own records refuses it in the whole batch's words
+    (`settle_parts`); anything else that fails — records in two parts, a lost process — and
+    the whole batch is prepared again in one piece, for the one answer it would have had."""
     work = (prepare_batch_body, raw, who, run_id, lanes, publication, cipher)
     parts = min(spare_processes(), len(raw) // SPLIT_BODY_BYTES) if alone else 1
     if parts > 1:
         done = await asyncio.gather(
             *(in_process(*work, (i, parts)) for i in range(parts)), return_exceptions=True
         )
-        if not any(isinstance(part, BaseException) for part in done):
-            joined = join_parts(cast(list[Prepared], done), run_id)
-            if joined is not None:
-                return joined
+        settled = settle_parts(done, run_id)
+        if isinstance(settled, Problem):
+            raise settled
+        if settled is not None:
+            return settled
     return await in_process(*work)
 
 

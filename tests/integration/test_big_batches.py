@@ -3,7 +3,8 @@ intake's event loop and its GIL. Played here on the real stack: the records of a
 prepared in a worker process are delivered once each; a bad record deep in it comes back as
 the same 422 (record index and field) as on the loop; a worker process killed under the intake
 does not cost a request (the work is done in a thread instead); a batch prepared in parts by
-idle worker processes is the batch, delivered once each and in order per contract; and a
+idle worker processes is the batch, delivered once each and in order per contract, and is
+refused in the whole batch's words; and a
 worker process does not outlive an intake killed outright."""
 
 from __future__ import annotations
@@ -126,11 +127,17 @@ async def test_a_big_batch_is_prepared_in_parts_by_the_idle_worker_processes(
     run = samples.run_id()
     records = samples.mixed_batch(run, 1000, contracts=40, prefix="HALF")
 
-    # A bad record in the second half: that part fails, the batch is prepared again whole, and
-    # the answer is the whole batch's (one error, named by its index in the batch).
+    # A bad record in the second half: that part alone refuses the batch, in the whole batch's
+    # words (one error, named by its index in the batch), without preparing it again.
     refused = await submit_batch(client, run, _with_bad_run_id(records, 901))
     assert refused.status_code == 422, refused.text
     assert [e["pointer"] for e in refused.json()["errors"]] == ["/records/901/settlement_run_id"]
+    assert parts == [(0, 2), (1, 2)]
+    # Bad records in both halves: the whole batch, prepared in one piece, lists them all.
+    parts.clear()
+    refused = await submit_batch(client, run, _with_bad_run_id(_with_bad_run_id(records, 901), 17))
+    assert refused.status_code == 422, refused.text
+    assert [e["index"] for e in refused.json()["errors"]] == [17, 901]
     assert parts == [(0, 2), (1, 2), (0, 1)]
     assert len(await _processes_up(2)) == 2
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ingest.auth import Principal
-from ingest.preparing import Prepared, join_parts, prepare_batch_body
+from ingest.preparing import Prepared, join_parts, prepare_batch_body, settle_parts
 from ingest.problems import Problem
 from ingest.publisher import Publication
 from ledger.crypto import LaneSealer, PayloadCipher, open_lane_value
@@ -85,9 +85,10 @@ def _publication(on_lanes: PayloadCipher | None) -> Publication:
 
 
 def _prepared(raw: bytes, run: str, part: tuple[int, int]) -> Prepared | Problem:
+    """What a worker process sends back: the prepared records, or the problem it raised."""
     try:
         # lanes signed, not sealed: a record's bytes on its lane are then the same wherever built
-        return prepare_batch_body(raw, WHO, run, LANES, _publication(None), AT_REST, part)
+        return prepare_batch_body(raw, PART_WHO, run, LANES, _publication(None), AT_REST, part)
     except Problem as problem:
         return problem
 
@@ -115,12 +116,19 @@ def _ledger_view(prepared: Prepared) -> dict[str, Any]:
     return {"unique": prepared.columns.unique, **params}
 
 
+# A token for the PART-* contracts only.
+PART_WHO = Principal(
+    "trader-1", "power-east", frozenset({"settlements:write"}), ("PART-*",), None, None
+)
+
 # What is done to a plain batch before it is split: the same record twice, a record of the
 # same identity and revision with other content, a record that fails validation, a record of
-# another settlement run.
+# another settlement run, a record of a contract the token may not touch.
 EDITS = st.lists(
     st.tuples(
-        st.sampled_from(["repeat", "repeat", "conflict", "conflict", "invalid", "other_run"]),
+        st.sampled_from(
+            ["repeat", "repeat", "conflict", "conflict", "invalid", "other_run", "forbidden"]
+        ),
         st.integers(0, 10_000),
         st.integers(0, 10_000),
     ),
@@ -144,27 +152,34 @@ def test_a_batch_prepared_in_parts_is_the_batch_prepared_whole(
             record["settlement_run_id"] = "not-a-run"
         elif edit == "other_run":
             record["settlement_run_id"] = "RUN2026120300002"
+        elif edit == "forbidden":
+            record["contract_id"] = "ELSEWHERE-00001"
         records.insert(at % (len(records) + 1), record)
     raw = orjson.dumps({"records": records})
 
     whole = _prepared(raw, run, (0, 1))
     pieces = [_prepared(raw, run, (i, parts)) for i in range(parts)]
-    failed = [p for p in pieces if isinstance(p, Problem)]
-    if failed:
-        # the route then prepares the batch whole, so only the whole batch's answer is given;
-        # a part fails only where the whole batch fails
-        assert isinstance(whole, Problem)
-        event("a part refused: prepared whole")
+    if any(isinstance(p, Problem) for p in pieces):
+        assert isinstance(whole, Problem)  # a part refuses only a batch the whole refuses
+    settled = settle_parts(pieces, run)
+    if settled is None:
+        event("prepared whole")  # records of one identity in two parts, or parts refused
         return
-    joined = join_parts([p for p in pieces if isinstance(p, Prepared)], run)
-    if joined is None:
-        event("parts share an identity and revision: prepared whole")
+    if isinstance(settled, Problem):
+        event("one part refused it")
+        assert isinstance(whole, Problem)
+        assert (settled.status, settled.code, settled.detail, settled.extra) == (
+            whole.status,
+            whole.code,
+            whole.detail,
+            whole.extra,
+        )
         return
     event("joined")
     assert isinstance(whole, Prepared), whole.detail
-    assert joined._replace(kafka=None, columns=None) == whole._replace(kafka=None, columns=None)
-    assert _on_lanes(joined) == _on_lanes(whole)
-    assert _ledger_view(joined) == _ledger_view(whole)
+    assert settled._replace(kafka=None, columns=None) == whole._replace(kafka=None, columns=None)
+    assert _on_lanes(settled) == _on_lanes(whole)
+    assert _ledger_view(settled) == _ledger_view(whole)
 
 
 def test_parts_that_share_a_record_are_not_joined() -> None:
