@@ -247,6 +247,7 @@ def prepare_batch_body(
 # words when no other part has any (422: every record validated, the errors listed in order;
 # 400/403: the first record, in order, with another run's id or a contract the token may not
 # touch). A revision conflict is not one of them: a record in another part may collide first.
+# A problem of the body itself (its shape, its JSON) every part finds, so it is never alone.
 _PART_PROBLEMS = frozenset({"schema_violation", "run_id_mismatch", "contract_not_allowed"})
 
 
@@ -262,8 +263,6 @@ def settle_parts(
     [problem, *others] = failed
     if others or not isinstance(problem, Problem) or problem.code not in _PART_PROBLEMS:
         return None
-    if problem.code == "schema_violation" and problem.extra["errors"][0]["index"] is None:
-        return None  # the body's own shape, found by every part: never here alone
     return problem
 
 

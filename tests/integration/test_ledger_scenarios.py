@@ -11,17 +11,19 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.deps import IntakeLedger
 from ingest.publisher import SettlementPublisher
+from ledger import audit
 from ledger.acceptance import Busy, IntakeStore, KeyHeld, Pending, RevisionConflict
 from ledger.crypto import LaneSealer, PayloadCipher
-from ledger.db import make_engine
+from ledger.db import fetch_direct, make_engine
 from ledger.delivery import DeliveryStore
-from ledger.rows import Actor, ClaimRequest, DeadLetterRow, LateTaken, Outcome
+from ledger.rows import Actor, AuditEvent, ClaimRequest, DeadLetterRow, LateTaken, Outcome
 from schemas import samples
 from schemas.envelope import header_map, publication_of
 from schemas.states import BatchState, DeadLetterReason, MessageState
@@ -576,12 +578,6 @@ async def test_a_sequencer_turn_that_stalls_or_is_cancelled_sequences_nothing(
     session holds the turn, a sequencer that must not wait skips (0), and one that waits and
     is cancelled there (its process stopping) leaves every row unsequenced. The next turns
     then give each row its place exactly once, and the chain verifies."""
-    import asyncpg
-
-    from ledger import audit
-    from ledger.db import fetch_direct
-    from ledger.rows import AuditEvent
-
     url = await fresh_database(infra)
     engine = make_engine(url, 1)
     holder = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
