@@ -18,34 +18,24 @@ from tests.conftest import Infra, fresh_database
 BATCHES, RECORDS = 120, 900  # equal sizes: no batch id stands out in the statistics
 
 
+# A batch: its row, its records and its list, as the acceptance leaves them.
+_BATCH = (
+    "INSERT INTO batches (batch_id, desk, trader, settlement_run_id, idempotency_key,"
+    " record_count, trace_id, state) VALUES (:b, :desk, 't', 'run', :b, :n, 'trace', 'accepted')",
+    "INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id, contract_id,"
+    " market, identity_hash, revision, topic, state, publication, accept_seq,"
+    " submitted_position_mwh, payload, payload_kid, trace_id)"
+    " SELECT :b || '-' || g, :desk, 't', :b, 'run', 'C-' || (g % 50), 'ISO', md5(:b || g), 1,"
+    " 'lane', 'queued', :b, g, 1.0, '\\x00'::bytea, 'k', 'trace' FROM generate_series(1, :n) g",
+    "INSERT INTO batch_messages (batch_id, idx, message_id)"
+    " SELECT :b, g - 1, :b || '-' || g FROM generate_series(1, :n) g",
+)
+
+
 async def _add_batch(conn: Any, desk: str, size: int) -> str:
     batch = f"batch_{uuid.uuid4().hex}"
-    await conn.execute(
-        text(
-            "INSERT INTO batches (batch_id, desk, trader, settlement_run_id, idempotency_key,"
-            " record_count, trace_id, state)"
-            " VALUES (:b, :desk, 't', 'run', :b, :n, 'trace', 'accepted')"
-        ),
-        {"b": batch, "desk": desk, "n": size},
-    )
-    await conn.execute(
-        text(
-            "INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id,"
-            " contract_id, market, identity_hash, revision, topic, state, publication,"
-            " accept_seq, submitted_position_mwh, payload, payload_kid, trace_id)"
-            " SELECT :b || '-' || g, :desk, 't', :b, 'run', 'C-' || (g % 50), 'ISO',"
-            " md5(:b || g), 1, 'lane', 'queued', :b, g, 1.0, '\\x00'::bytea, 'k', 'trace'"
-            " FROM generate_series(1, :n) g"
-        ),
-        {"b": batch, "desk": desk, "n": size},
-    )
-    await conn.execute(
-        text(
-            "INSERT INTO batch_messages (batch_id, idx, message_id)"
-            " SELECT :b, g - 1, :b || '-' || g FROM generate_series(1, :n) g"
-        ),
-        {"b": batch, "n": size},
-    )
+    for statement in _BATCH:
+        await conn.execute(text(statement), {"b": batch, "desk": desk, "n": size})
     return batch
 
 
