@@ -147,9 +147,10 @@ class Columns:
 
 def columns_for(records: Sequence[RecordToAccept], cipher: PayloadCipher) -> Columns:
     unique = unique_records(records)
+    sealed = [cipher.seal(r.value, r.message_id) for r in unique]
     return Columns(
         unique,
-        {  # each column as one array text (ledger.db.array_literal)
+        {  # each column as one array text (ledger.db.array_literal), the payloads excepted
             "idx": array_literal(r.index for r in records),
             "all_ids": array_literal(r.message_id for r in records),
             "ids": array_literal(r.message_id for r in unique),
@@ -159,7 +160,12 @@ def columns_for(records: Sequence[RecordToAccept], cipher: PayloadCipher) -> Col
             "revisions": array_literal(r.revision for r in unique),
             "topics": array_literal(r.topic for r in unique),
             "positions": array_literal(r.position_mwh for r in unique),  # decimal text
-            "payloads": array_literal(cipher.seal(r.value, r.message_id) for r in unique),
+            # The sealed payloads one after the other, as one bytea parameter (sent as is), and
+            # their lengths: as a bytea[] array text each byte went twice over the wire, in hex,
+            # and Postgres decoded it (~1.8 ms of the ~20 ms that recording 1,000 records
+            # takes, measured against this; and hex encoding in the preparing process).
+            "payloads": b"".join(sealed),
+            "payload_lengths": array_literal(len(p) for p in sealed),
             "kid": cipher.active_kid,
         },
     )
@@ -174,8 +180,9 @@ def join_columns(parts: Sequence[Columns]) -> Columns:
     params: dict[str, Any] = {
         name: join_array_literals([part.params[name] for part in parts])
         for name in parts[0].params
-        if name != "kid"
+        if name not in ("kid", "payloads")
     }
+    params["payloads"] = b"".join(part.params["payloads"] for part in parts)
     params["kid"] = kids.pop()
     return Columns([r for part in parts for r in part.unique], params)
 
@@ -343,9 +350,14 @@ def _pending_ctes(when: str) -> str:
             SELECT t.message_id, :desk, :trader, :batch, :run, t.contract_id, t.market,
                    t.identity_hash, t.revision, t.topic, 'pending', :batch, 'intake',
                    nextval('message_accept_seq'),
-                   now() + make_interval(secs => :lease), t.position, t.payload, :kid,
+                   now() + make_interval(secs => :lease), t.position,
+                   substring(CAST(:payloads AS bytea) FROM t.payload_start
+                             FOR t.payload_length), :kid,
                    :trace
-              FROM (SELECT * FROM unnest(
+              FROM (SELECT *,  -- where each record's payload starts in :payloads
+                           CAST(sum(payload_length) OVER (ORDER BY ord) - payload_length + 1
+                                AS int) AS payload_start
+                      FROM unnest(
                         CAST(CAST(:ids AS text) AS text[]),
                         CAST(CAST(:contracts AS text) AS text[]),
                         CAST(CAST(:markets AS text) AS text[]),
@@ -353,10 +365,10 @@ def _pending_ctes(when: str) -> str:
                         CAST(CAST(:revisions AS text) AS int[]),
                         CAST(CAST(:topics AS text) AS text[]),
                         CAST(CAST(:positions AS text) AS numeric[]),
-                        CAST(CAST(:payloads AS text) AS bytea[]))
+                        CAST(CAST(:payload_lengths AS text) AS int[]))
                         WITH ORDINALITY
                         AS u(message_id, contract_id, market, identity_hash, revision,
-                             topic, position, payload, ord)
+                             topic, position, payload_length, ord)
                      ORDER BY ord) t
              WHERE {when}
             ON CONFLICT (message_id) DO UPDATE

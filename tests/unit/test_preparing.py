@@ -37,6 +37,16 @@ def _array(text: str) -> list[str]:
     return [v.strip('"').replace("\\\\", "\\") for v in text[1:-1].split(",")]
 
 
+def _payloads(params: dict[str, Any]) -> list[bytes]:
+    """The sealed payloads of the ledger's columns: one bytes, cut at their lengths."""
+    payloads, cuts, start = params["payloads"], [], 0
+    for length in map(int, _array(params["payload_lengths"])):
+        cuts.append(payloads[start : start + length])
+        start += length
+    assert start == len(payloads)
+    return cuts
+
+
 def test_a_big_batch_comes_back_from_the_worker_process_laid_out_for_ledger_and_lanes() -> None:
     run = samples.run_id()
     raw = orjson.dumps({"records": samples.mixed_batch(run, 300, contracts=20, prefix="PREP")})
@@ -50,9 +60,8 @@ def test_a_big_batch_comes_back_from_the_worker_process_laid_out_for_ledger_and_
     assert back.columns is not None
     ids = _array(back.columns.params["ids"])
     assert ids == [e.message_id for e in envelopes]
-    for envelope, sealed in zip(envelopes, _array(back.columns.params["payloads"]), strict=True):
-        payload = bytes.fromhex(sealed.removeprefix("\\x"))
-        assert AT_REST.open("e1", payload, envelope.message_id) == envelope.value
+    for envelope, sealed in zip(envelopes, _payloads(back.columns.params), strict=True):
+        assert AT_REST.open("e1", sealed, envelope.message_id) == envelope.value
 
     assert back.kafka is not None
     by_id = {e.message_id: e for e in envelopes}
@@ -110,8 +119,8 @@ def _ledger_view(prepared: Prepared) -> dict[str, Any]:
     params = dict(prepared.columns.params)
     ids = _array(params["ids"])
     params["payloads"] = [
-        AT_REST.open("e1", bytes.fromhex(sealed.removeprefix("\\x")), message_id)
-        for message_id, sealed in zip(ids, _array(params.pop("payloads")), strict=True)
+        AT_REST.open("e1", sealed, message_id)
+        for message_id, sealed in zip(ids, _payloads(params), strict=True)
     ]
     return {"unique": prepared.columns.unique, **params}
 
