@@ -161,9 +161,9 @@ def columns_for(records: Sequence[RecordToAccept], cipher: PayloadCipher) -> Col
             "topics": array_literal(r.topic for r in unique),
             "positions": array_literal(r.position_mwh for r in unique),  # decimal text
             # The sealed payloads one after the other, as one bytea parameter (sent as is), and
-            # their lengths: as a bytea[] array text each byte went twice over the wire, in hex,
-            # and Postgres decoded it (~1.8 ms of the ~20 ms that recording 1,000 records
-            # takes, measured against this; and hex encoding in the preparing process).
+            # their lengths. As a bytea[] array text each byte went twice over the wire, in hex
+            # (encoded by the preparing process, decoded by Postgres): recording 1,000 records
+            # took 19.8 ms that way against 18.0 ms this way (60 each, alternating).
             "payloads": b"".join(sealed),
             "payload_lengths": array_literal(len(p) for p in sealed),
             "kid": cipher.active_kid,
