@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ log = structlog.get_logger("etrm.intake")
 class Accepted:
     batch_id: str
     status_url: str
-    envelopes: list[Envelope]
+    envelopes: Sequence[Envelope]
 
 
 def new_batch_id() -> str:

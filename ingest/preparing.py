@@ -8,6 +8,7 @@ functions of picklable values.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -20,6 +21,7 @@ from ingest.problems import Problem
 from ingest.publisher import Publication
 from ledger.acceptance import Columns, RecordToAccept, columns_for, join_columns
 from ledger.crypto import PayloadCipher
+from runtime.cpu import Packed
 from runtime.kafka import BuiltBatch
 from schemas.envelope import Envelope, FieldError, envelope_for, lane_for, validate_record
 from schemas.records import CanonicalRecord
@@ -34,9 +36,9 @@ class Prepared(NamedTuple):
     messages included, already encoded: building and encoding a 5,000-entry answer on the
     event loop held it for 8 to 13 ms per batch while other desks' requests waited."""
 
-    envelopes: list[Envelope]
+    envelopes: Sequence[Envelope]  # a big batch's: Packed (runtime.cpu)
     request_hash: str
-    records: list[RecordToAccept]
+    records: Sequence[RecordToAccept]
     lanes: dict[str, int]  # records per lane, for the acceptance metrics
     messages_json: bytes  # a batch's answer `messages`: [{"index": i, "message_id": …}, …]
     # every record signed, sealed and laid into Kafka record batches, when the request was
@@ -237,9 +239,19 @@ def prepare_batch_body(
     prepared = prepare_request(
         who, records[lo:hi], route="batch", run_id=run_id, lanes=lanes, first=lo
     )
+    # Per-record objects go back to the serving process packed (runtime.cpu.Packed): a batch
+    # whose records are all new is recorded and published from its columns and record batches,
+    # and only counts them.
+    accepted = Packed(prepared.records)
+    columns = columns_for(prepared.records, cipher) if cipher is not None else None
+    if columns is not None:  # each message once: the records themselves, unless one is twice
+        unique = accepted if len(columns.unique) == len(accepted) else Packed(columns.unique)
+        columns = dataclasses.replace(columns, unique=unique)
     return prepared._replace(
+        envelopes=Packed(prepared.envelopes),
+        records=accepted,
         kafka=publication.lay_out(prepared.envelopes) if publication is not None else None,
-        columns=columns_for(prepared.records, cipher) if cipher is not None else None,
+        columns=columns,
     )
 
 

@@ -123,7 +123,7 @@ class Busy:
 class Pending:
     """The request is recorded as pending; publish `to_publish`, then `complete`."""
 
-    to_publish: list[RecordToAccept]
+    to_publish: Sequence[RecordToAccept]
 
 
 Begun = Pending | KeyHeld | RevisionConflict | Busy
@@ -141,7 +141,7 @@ class Columns:
     in a thread (sealing and 5,000-long lists are CPU the event loop would otherwise spend
     while other desks wait; in a thread it still held the intake's GIL ~35 ms a batch)."""
 
-    unique: list[RecordToAccept]
+    unique: Sequence[RecordToAccept]
     params: dict[str, Any]
 
 
