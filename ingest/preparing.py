@@ -241,14 +241,15 @@ def prepare_batch_body(
     )
     # Per-record objects go back to the serving process packed (runtime.cpu.Packed): a batch
     # whose records are all new is recorded and published from its columns and record batches,
-    # and only counts them.
-    accepted = Packed(prepared.records)
+    # and only counts them. The records are the envelopes again, each with its index and topic.
+    envelopes = Packed(prepared.envelopes)
+    accepted = Packed.derived(prepared.records, records_to_accept, envelopes, dict(lanes), lo)
     columns = columns_for(prepared.records, cipher) if cipher is not None else None
     if columns is not None:  # each message once: the records themselves, unless one is twice
         unique = accepted if len(columns.unique) == len(accepted) else Packed(columns.unique)
         columns = dataclasses.replace(columns, unique=unique)
     return prepared._replace(
-        envelopes=Packed(prepared.envelopes),
+        envelopes=envelopes,
         records=accepted,
         kafka=publication.lay_out(prepared.envelopes) if publication is not None else None,
         columns=columns,

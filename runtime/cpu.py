@@ -162,24 +162,39 @@ class Packed(Sequence[T]):
     GIL: a 5,000-record batch's records and envelopes, ~10 ms of it, while every other desk's
     request waited for the event loop's turn (and the loop later freed them, 5,000 objects
     at a time). Where only their number is read — a batch whose records are all new — they are
-    never opened."""
+    never opened. A list made from another (`derived`) crosses as the recipe, not again."""
 
-    __slots__ = ("_blob", "_items", "_length")
+    __slots__ = ("_blob", "_items", "_length", "_recipe")
 
     def __init__(self, items: Sequence[T]) -> None:
         self._items: list[T] | None = list(items)
         self._blob = b""
         self._length = len(items)
+        self._recipe: tuple[Callable[..., list[T]], tuple[Any, ...]] | None = None
 
-    def __reduce__(self) -> tuple[Any, tuple[bytes, int]]:
+    @classmethod
+    def derived(cls, items: Sequence[T], make: Callable[..., list[T]], *args: Any) -> Packed[T]:
+        """`items`, which are `make(*args)`: in another process they are made again from
+        `args` (a Packed among them crossing once), and only when read."""
+        packed = cls(items)
+        packed._recipe = (make, args)
+        return packed
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        if self._recipe is not None:
+            return (_derived, (*self._recipe, self._length))
         blob = self._blob or pickle.dumps(self._items, pickle.HIGHEST_PROTOCOL)
         return (_packed, (blob, self._length))
 
     def _opened(self) -> list[T]:
         if self._items is None:
-            # pickled by our own worker process, read from the pool's pipe as its result was
-            self._items = pickle.loads(self._blob)  # noqa: S301
-            self._blob = b""
+            if self._recipe is not None:
+                make, args = self._recipe
+                self._items = make(*args)
+            else:
+                # pickled by our own worker process, read from the pool's pipe as its result was
+                self._items = pickle.loads(self._blob)  # noqa: S301
+                self._blob = b""
         return self._items
 
     def __len__(self) -> int:
@@ -208,7 +223,13 @@ class Packed(Sequence[T]):
 
 def _packed(blob: bytes, length: int) -> Packed[Any]:
     packed: Packed[Any] = Packed.__new__(Packed)
-    packed._items, packed._blob, packed._length = None, blob, length
+    packed._items, packed._blob, packed._length, packed._recipe = None, blob, length, None
+    return packed
+
+
+def _derived(make: Callable[..., list[Any]], args: tuple[Any, ...], length: int) -> Packed[Any]:
+    packed: Packed[Any] = Packed.__new__(Packed)
+    packed._items, packed._blob, packed._length, packed._recipe = None, b"", length, (make, args)
     return packed
 
 
