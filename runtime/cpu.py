@@ -48,9 +48,15 @@ async def off_loop(heavy: bool, work: Callable[[], T]) -> T:
     """`work()` in the pool when `heavy`, else right here."""
     if not heavy:
         return work()
+    _share_gil_often()
+    return await asyncio.get_running_loop().run_in_executor(_POOL, work)
+
+
+def _share_gil_often() -> None:
+    """A thread of ours is about to hold the GIL for a while: the loop gets it back every
+    SWITCH_INTERVAL_S rather than every 5 ms."""
     if sys.getswitchinterval() > SWITCH_INTERVAL_S:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-    return await asyncio.get_running_loop().run_in_executor(_POOL, work)
 
 
 def freeze_heap() -> None:
@@ -142,9 +148,7 @@ async def in_process(work: Callable[..., T], *args: Any) -> T:
     answered either way."""
     pool = _PROCESSES.get()
     if pool is not None:
-        # The pool's own thread reads each result back (holding the GIL): as for `off_loop`.
-        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
+        _share_gil_often()  # the pool's own thread reads each result back, holding the GIL
         _PROCESSES.busy += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
@@ -182,9 +186,9 @@ class Packed(Sequence[T]):
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         if self._recipe is not None:
-            return (_derived, (*self._recipe, self._length))
+            return (_unopened, (b"", self._recipe, self._length))
         blob = self._blob or pickle.dumps(self._items, pickle.HIGHEST_PROTOCOL)
-        return (_packed, (blob, self._length))
+        return (_unopened, (blob, None, self._length))
 
     def _opened(self) -> list[T]:
         if self._items is None:
@@ -221,15 +225,12 @@ class Packed(Sequence[T]):
         return f"Packed({self._length} items)"
 
 
-def _packed(blob: bytes, length: int) -> Packed[Any]:
+def _unopened(
+    blob: bytes, recipe: tuple[Callable[..., list[Any]], tuple[Any, ...]] | None, length: int
+) -> Packed[Any]:
+    """A Packed as it arrives: its blob, or the recipe it is made from."""
     packed: Packed[Any] = Packed.__new__(Packed)
-    packed._items, packed._blob, packed._length, packed._recipe = None, blob, length, None
-    return packed
-
-
-def _derived(make: Callable[..., list[Any]], args: tuple[Any, ...], length: int) -> Packed[Any]:
-    packed: Packed[Any] = Packed.__new__(Packed)
-    packed._items, packed._blob, packed._length, packed._recipe = None, b"", length, (make, args)
+    packed._items, packed._blob, packed._length, packed._recipe = None, blob, length, recipe
     return packed
 
 
