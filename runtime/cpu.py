@@ -79,7 +79,9 @@ def settle_heap() -> None:
 
 # -- worker processes ---------------------------------------------------------------------------
 
-# How much lower the worker processes run than the process that serves requests.
+# How much lower the worker processes run than the process that serves requests. SCHED_IDLE
+# was measured instead (README, performance): another desk's p99 no better, and it lets a busy
+# machine starve a desk's acceptance outright.
 NICENESS = 10
 
 
