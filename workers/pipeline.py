@@ -199,6 +199,9 @@ class Pipeline:
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
         self.offsets = OffsetTracker()
         self.chains: dict[tuple[str, int, str], Chain] = {}
+        # The same chains by contract: one contract has a chain per lane (and partition) it
+        # has records on, and one of them may wait for a record the other is settling.
+        self.by_contract: dict[str, dict[tuple[str, int, str], Chain]] = {}
         self.claims: GroupCommitter[ClaimRequest, ClaimRow] = GroupCommitter("claims", ledger.claim)
         self.writes: GroupCommitter[Outcome, bool] = GroupCommitter("outcomes", ledger.write)
         self.untrusted: GroupCommitter[DeadLetterRow, None] = GroupCommitter(
@@ -219,7 +222,7 @@ class Pipeline:
         for key, chain in list(self.chains.items()):
             if (key[0], key[1]) in gone:
                 chain.stopped.set()
-                del self.chains[key]
+                self._forget(chain)
 
     def accept(self, records: Sequence[ConsumedRecord]) -> dict[PartitionKey, int]:
         """Track and route one poll; returns partitions to seek back (a gap was seen).
@@ -254,6 +257,7 @@ class Pipeline:
         chain = self.chains.get(key)
         if chain is None:
             chain = self.chains[key] = Chain(key)
+            self.by_contract.setdefault(copy.contract_id, {})[key] = chain
         chain.items.append(copy)
         chain.arrived.set()
         if chain.task is None or chain.task.done():
@@ -404,12 +408,33 @@ class Pipeline:
                 for waiting in chain.items:
                     waiting.not_before = 0.0
                 chain.front, chain.behind = None, None
+                self._wake_behind(copy)
             else:
                 copy.waits += 1
                 copy.not_before = time.monotonic() + _wait_delay(copy.waits, self.rng)
                 self._wait_behind(chain, copy)
         if self.chains.get(chain.key) is chain and not chain.items:
-            del self.chains[chain.key]
+            self._forget(chain)
+
+    def _forget(self, chain: Chain) -> None:
+        del self.chains[chain.key]
+        contract = chain.key[2]
+        same = self.by_contract.get(contract, {})
+        if same.get(chain.key) is chain:
+            del same[chain.key]
+            if not same:
+                del self.by_contract[contract]
+
+    def _wake_behind(self, settled: Copy) -> None:
+        """A chain of the same contract on another lane (or partition) that waits for
+        `settled` looks again now, not at the end of its back-off: a contract with records on
+        both lanes would otherwise take a back-off at each step from one lane to the other."""
+        for other in self.by_contract.get(settled.contract_id, {}).values():
+            if other.behind == settled.message_id:
+                other.behind = None
+                for waiting in other.items:
+                    waiting.not_before = 0.0
+                other.arrived.set()
 
     @staticmethod
     def _wait_behind(chain: Chain, copy: Copy) -> None:

@@ -227,6 +227,38 @@ async def test_a_copy_waiting_for_one_not_consumed_yet_holds_its_chain_still(h: 
     assert h.upstream.posts == [first, second, third]
 
 
+async def test_a_contract_on_both_lanes_steps_from_lane_to_lane_without_a_back_off(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One contract, real-time prices (priority lane) and other records (standard lane) in
+    # turn: each record waits for the one before it on the other lane. The back-off of a wait
+    # is made far longer than the test's bound: the chain waiting must be woken by the other
+    # chain settling the record it waits for, not find it by polling.
+    monkeypatch.setattr("workers.pipeline.WAIT_BASE_S", 30.0)
+    monkeypatch.setattr("workers.pipeline.WAIT_CAP_S", 60.0)
+    run, contract = samples.run_id(), "MIX-LANES-0001"
+    records = []
+    for hour in range(6):
+        if hour % 2 == 0:
+            records.append(samples.canonical(run, contract, hour=hour))
+        else:
+            bilateral = samples.otc_confirmation(run, contract)
+            bilateral["delivery_start"] = f"2026-11-27T{hour:02d}:00:00Z"
+            bilateral["delivery_end"] = f"2026-11-27T{hour:02d}:30:00Z"
+            records.append(bilateral)
+    accepted = await h.desk.accept(records)
+    topics = [topic for topic, _, _, _ in h.broker.records]
+    assert topics == [LANES["priority"], LANES["standard"]] * 3
+    # The standard lane's copies first: the second record waits behind the first.
+    h.feed(skip=lambda i: topics[i] == LANES["priority"])
+    await h.until(lambda: accepted[1] in h.ledger.claimed)
+    h.broker.records += [r for r in h.broker.records if r[0] == LANES["priority"]]
+    h.feed()
+    await h.until(lambda: all(h.ledger.settled(m) for m in accepted), timeout=10.0)
+    assert h.upstream.posts == accepted  # in acceptance order, across the lanes
+    assert len(h.ledger.claimed) <= 2 * len(accepted)
+
+
 async def test_a_revision_below_one_taken_is_superseded_without_a_post(h: Harness) -> None:
     run = samples.run_id()
     [newer] = await h.desk.accept([otc(run, "OTC-SUP", 2, "20")])
