@@ -42,7 +42,7 @@ from runtime.aio import until_up
 from runtime.kafka import faststream_security
 from runtime.servers import EmbeddedServer
 from runtime.settings import WorkerSettings
-from workers import metrics
+from workers import assignment, metrics
 from workers.breaker import Breaker
 from workers.pipeline import Pipeline
 
@@ -232,6 +232,7 @@ def wire_lane(
     lane: Lane,
     handle: Callable[[Lane, Any], Awaitable[None]],
     listener: ConsumerRebalanceListener | None,
+    worker: str,
 ) -> None:
     subscriber = broker.subscriber(
         lane.topic,
@@ -245,6 +246,8 @@ def wire_lane(
         heartbeat_interval_ms=settings.heartbeat_ms,
         max_poll_interval_ms=max_poll_interval_ms(settings),
         listener=listener,
+        # partition p of every lane to one worker (workers.assignment)
+        partition_assignment_strategy=assignment.for_worker(worker),
         title=f"on_{lane.name}_lane",
         description=f"Settlement records of the {lane.name} lane",
     )
@@ -460,7 +463,8 @@ async def serve(
     broker = build_broker(settings)
     handle = make_handler(pipeline)
     for lane in lanes.values():
-        wire_lane(broker, settings, lane, handle, Rebalance(lane, pipeline, committer))
+        listener = Rebalance(lane, pipeline, committer)
+        wire_lane(broker, settings, lane, handle, listener, pipeline.actor.name)
     server = EmbeddedServer(
         uvicorn.Config(
             health_app(parts.token_valid, settings.metrics_allowed),

@@ -68,7 +68,7 @@ async def test_a_published_record_is_delivered_once_through_the_lane_subscriber(
     broker = build_broker(config)
     lanes = {name: Lane(name, topic, 100) for name, topic in config.lanes.items()}
     for lane in lanes.values():
-        wire_lane(broker, config, lane, make_handler(pipeline), None)
+        wire_lane(broker, config, lane, make_handler(pipeline), None, "unit-worker")
     outbox = FakeBroker()
     desk = Desk(ledger, SettlementPublisher(outbox, config.lanes, LaneSealer(KEY)))
     run = samples.run_id()
