@@ -156,6 +156,13 @@ class Chain:
     def find(self, message_id: str) -> Copy | None:
         return next((c for c in self.items if c.message_id == message_id), None)
 
+    def look_again(self) -> None:
+        """What waited here most likely waited for a record just settled: every copy is
+        tried again now rather than at the end of its back-off."""
+        for waiting in self.items:
+            waiting.not_before = 0.0
+        self.front, self.behind = None, None
+
     async def pause(self, seconds: float) -> None:
         """Sleep, but wake at once when the chain is stopped."""
         with contextlib.suppress(TimeoutError):
@@ -402,12 +409,8 @@ class Pipeline:
             if finished:
                 chain.items.remove(copy)
                 self._finish(copy.ticket)
-                # What waited in this chain most likely waited for this very record (copies of
-                # one contract can reach the partition out of their acceptance order): look
-                # again now rather than at the end of each one's back-off.
-                for waiting in chain.items:
-                    waiting.not_before = 0.0
-                chain.front, chain.behind = None, None
+                # Copies of one contract can reach the partition out of their acceptance order.
+                chain.look_again()
                 self._wake_behind(copy)
             else:
                 copy.waits += 1
@@ -431,9 +434,7 @@ class Pipeline:
         both lanes would otherwise take a back-off at each step from one lane to the other."""
         for other in self.by_contract.get(settled.contract_id, {}).values():
             if other.behind == settled.message_id:
-                other.behind = None
-                for waiting in other.items:
-                    waiting.not_before = 0.0
+                other.look_again()
                 other.arrived.set()
 
     @staticmethod
