@@ -571,6 +571,50 @@ async def test_a_direct_statement_keeps_its_connection_only_after_a_server_refus
         await engine.dispose()
 
 
+async def test_direct_statements_have_a_pool_of_their_own_that_survives_a_dropped_server(
+    infra: Infra,
+) -> None:
+    """ledger.db._Direct: fetch_direct's statements never check a connection out of the
+    engine's pool (that checkout and checkin cost as much CPU as the statement); a connection
+    the server dropped while it sat in the direct pool is replaced, not handed out (the
+    statement after it succeeds); `dispose()` closes the direct pool's connections too, and
+    the engine goes on working after it, as SQLAlchemy's own pool does."""
+    url = await fresh_database(infra)
+    engine, other = make_engine(url, 2), make_engine(url, 1)
+
+    async def alive(pid: int) -> bool:
+        async with other.connect() as conn:
+            found = await conn.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}
+            )
+        return bool(found)
+
+    try:
+        [row] = await fetch_direct(engine, "SELECT pg_backend_pid() AS pid", {})
+        first = row["pid"]
+        assert engine.sync_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+        async with other.connect() as conn:
+            assert await conn.scalar(text("SELECT pg_terminate_backend(:p)"), {"p": first})
+        deadline = asyncio.get_running_loop().time() + 10
+        while await alive(first):
+            assert asyncio.get_running_loop().time() < deadline, "the backend did not go"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # the closed socket is noticed by the idle connection
+        [row] = await fetch_direct(engine, "SELECT pg_backend_pid() AS pid", {})
+        second = row["pid"]
+        assert second != first
+        await engine.dispose()
+        deadline = asyncio.get_running_loop().time() + 10
+        while await alive(second):
+            assert asyncio.get_running_loop().time() < deadline, "dispose left it open"
+            await asyncio.sleep(0.05)
+        [row] = await fetch_direct(engine, "SELECT pg_backend_pid() AS pid", {})
+        assert row["pid"] not in (first, second)
+    finally:
+        await engine.dispose()
+        await other.dispose()
+
+
 async def test_a_sequencer_turn_that_stalls_or_is_cancelled_sequences_nothing(
     infra: Infra,
 ) -> None:
