@@ -155,9 +155,34 @@ class _Direct:
         return pool
 
     def close(self) -> None:
-        pool, self.pool, self._starting, self._loop = self.pool, None, None, None
-        if pool is not None:
+        """As the engine's `dispose()`: idle connections close now, one still running a
+        statement when it is handed back (within DIRECT_CLOSE_S); off its loop, all now."""
+        pool, loop = self.pool, self._loop
+        self.pool, self._starting, self._loop = None, None, None
+        if pool is None:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is None or running is not loop:
             pool.terminate()
+            return
+        closing = running.create_task(_close_gently(pool))
+        _CLOSING.add(closing)
+        closing.add_done_callback(_CLOSING.discard)
+
+
+DIRECT_CLOSE_S = 5.0
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
+async def _close_gently(pool: asyncpg.Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), DIRECT_CLOSE_S)
+    except BaseException:
+        pool.terminate()
+        raise
 
 
 async def _no_reset(connection: asyncpg.Connection) -> None:
