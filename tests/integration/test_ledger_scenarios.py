@@ -582,12 +582,15 @@ async def test_direct_statements_have_a_pool_of_their_own_that_survives_a_droppe
     url = await fresh_database(infra)
     engine, other = make_engine(url, 2), make_engine(url, 1)
 
-    async def alive(pid: int) -> bool:
-        async with other.connect() as conn:
-            found = await conn.scalar(
-                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}
+    async def gone(pid: int, what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + 10
+        while (
+            await fetch_direct(
+                other, "SELECT count(*) AS n FROM pg_stat_activity WHERE pid = :p", {"p": pid}
             )
-        return bool(found)
+        )[0]["n"]:
+            assert asyncio.get_running_loop().time() < deadline, what
+            await asyncio.sleep(0.05)
 
     try:
         [row] = await fetch_direct(engine, "SELECT pg_backend_pid() AS pid", {})
@@ -595,19 +598,13 @@ async def test_direct_statements_have_a_pool_of_their_own_that_survives_a_droppe
         assert engine.sync_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
         async with other.connect() as conn:
             assert await conn.scalar(text("SELECT pg_terminate_backend(:p)"), {"p": first})
-        deadline = asyncio.get_running_loop().time() + 10
-        while await alive(first):
-            assert asyncio.get_running_loop().time() < deadline, "the backend did not go"
-            await asyncio.sleep(0.05)
+        await gone(first, "the backend did not go")
         await asyncio.sleep(0.3)  # the closed socket is noticed by the idle connection
         [row] = await fetch_direct(engine, "SELECT pg_backend_pid() AS pid", {})
         second = row["pid"]
         assert second != first
         await engine.dispose()
-        deadline = asyncio.get_running_loop().time() + 10
-        while await alive(second):
-            assert asyncio.get_running_loop().time() < deadline, "dispose left it open"
-            await asyncio.sleep(0.05)
+        await gone(second, "dispose left it open")
         [row] = await fetch_direct(engine, "SELECT pg_backend_pid() AS pid", {})
         assert row["pid"] not in (first, second)
     finally:
