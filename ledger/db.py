@@ -39,6 +39,7 @@ class SchemaAhead(RuntimeError):
 PING_IDLE_S = 1.0
 # As SQLAlchemy's pool_timeout: every connection busy this long is "database unavailable".
 DIRECT_ACQUIRE_TIMEOUT_S = 30.0
+_ADAPTER_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func")
 
 
 def make_engine(url: str, pool_size: int = 10, *, custom_plans: bool = False) -> AsyncEngine:
@@ -67,6 +68,8 @@ def make_engine(url: str, pool_size: int = 10, *, custom_plans: bool = False) ->
     )
     _ping_when_idle(engine)
     _args, options = engine.dialect.create_connect_args(engine.url)
+    for adapter_only in _ADAPTER_ONLY:  # SQLAlchemy's own, asyncpg.connect does not take them
+        options.pop(adapter_only, None)
     _DIRECT[engine.sync_engine] = _Direct({**options, **connect_args}, pool_size)
     event.listen(engine.sync_engine, "engine_disposed", _dispose_direct)
     return engine
