@@ -612,6 +612,18 @@ async def test_direct_statements_have_a_pool_of_their_own_that_survives_a_droppe
         await other.dispose()
 
 
+async def test_a_url_tuning_the_adapter_still_reaches_the_direct_pool(infra: Infra) -> None:
+    """A database URL may carry SQLAlchemy's own asyncpg-adapter options; the direct pool
+    connects with the rest (asyncpg.connect refuses those: every statement would fail)."""
+    url = await fresh_database(infra)
+    engine = make_engine(f"{url}?prepared_statement_cache_size=50")
+    try:
+        [row] = await fetch_direct(engine, "SELECT 1 AS one", {})
+        assert row["one"] == 1
+    finally:
+        await engine.dispose()
+
+
 async def test_a_sequencer_turn_that_stalls_or_is_cancelled_sequences_nothing(
     infra: Infra,
 ) -> None:
