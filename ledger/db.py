@@ -207,7 +207,7 @@ async def fetch_direct(engine: AsyncEngine, statement: str, params: Mapping[str,
     """One statement, on its own (autocommit), run on asyncpg directly: for the intake's two
     statements per request, SQLAlchemy's execution layer (greenlet hop, execution context,
     cursor, result) cost about as much CPU as asyncpg itself, and its pool's checkout and
-    checkin as much again (`_Direct`, for an engine from `make_engine`). The statement is
+    checkin as much again (`_Direct`, made with the engine by `make_engine`). The statement is
     written with `:name` parameters as everywhere else, compiled once to asyncpg's positional
     form. Errors are asyncpg's own; a connection that broke under the statement (anything but
     a statement the server refused: lost, cancelled mid-statement, a client-side protocol
@@ -216,24 +216,15 @@ async def fetch_direct(engine: AsyncEngine, statement: str, params: Mapping[str,
     query, names = _positional(statement)
     args = [params[name] for name in names]
     direct = _DIRECT.get(engine.sync_engine)
-    if direct is not None:
-        pool = await direct.ready()
-        async with pool.acquire(timeout=DIRECT_ACQUIRE_TIMEOUT_S) as connection:
-            try:
-                return list(await connection.fetch(query, *args))
-            except BaseException as exc:
-                if not isinstance(exc, PostgresError):
-                    connection.terminate()
-                raise
-    async with engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        driver = raw.driver_connection
-        assert driver is not None  # a checked-out connection has its driver connection
+    if direct is None:
+        raise ValueError("fetch_direct takes an engine from ledger.db.make_engine")
+    pool = await direct.ready()
+    async with pool.acquire(timeout=DIRECT_ACQUIRE_TIMEOUT_S) as connection:
         try:
-            return list(await driver.fetch(query, *args))
+            return list(await connection.fetch(query, *args))
         except BaseException as exc:
-            if driver.is_closed() or not isinstance(exc, PostgresError):
-                await conn.invalidate()
+            if not isinstance(exc, PostgresError):
+                connection.terminate()
             raise
 
 
