@@ -150,6 +150,25 @@ async def test_schema_errors_name_record_index_and_field(intake_only: Pipeline) 
     assert fixed.status_code == 202
 
 
+async def test_a_market_day_past_9999_is_a_422_naming_it_in_a_single_record_and_a_batch(
+    intake_only: Pipeline,
+) -> None:
+    """Its delivery period has no UTC instant: the date arithmetic overflowed into a 500."""
+    client = intake_only.client()
+    run = samples.run_id()
+    award = samples.iso_award(run, "PJM-LATE-0001") | {"operating_day": "9999-12-31"}
+    single = await client.post(
+        "/v1/settlements/sync", json=award, headers={"X-Settlement-Run-ID": run}
+    )
+    assert single.status_code == 422, single.text
+    assert [e["field"] for e in single.json()["errors"]] == ["operating_day"]
+    nomination = samples.gas_nomination(run, "GAS-LATE-0001") | {"flow_date": "9999-12-31"}
+    good = samples.otc_confirmation(run, "OTC-LATE-0001")
+    batch = await submit_batch(client, run, [good, nomination], key="late-days")
+    assert batch.status_code == 422, batch.text
+    assert [(e["index"], e["field"]) for e in batch.json()["errors"]] == [(1, "flow_date")]
+
+
 @pytest.mark.parametrize(
     ("mutate", "status"),
     [
