@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Iterator
 from datetime import date, datetime
 from decimal import Decimal
@@ -14,7 +16,15 @@ from hypothesis import strategies as st
 from ledger.crypto import LaneSealer, PayloadCipher, open_lane_value
 from schemas import normalize as normalize_module
 from schemas import samples
-from schemas.envelope import envelope_for, lane_for, validate_record, verify_message
+from schemas.envelope import (
+    OPTIONAL_SIGNED_HEADERS,
+    SIGNED_HEADERS,
+    envelope_for,
+    lane_for,
+    sign_message,
+    validate_record,
+    verify_message,
+)
 from schemas.records import CanonicalRecord, decimal_places
 
 RUN = "RUN0000000000001"
@@ -538,3 +548,34 @@ def test_early_years_keep_four_digits_in_the_delivery_period() -> None:
 )
 def test_decimal_places_counts_the_places_that_carry_a_digit(value: Decimal) -> None:
     assert decimal_places(value) == len(format(value, "f").partition(".")[2].rstrip("0"))
+
+
+_header_text = st.text(st.characters(codec="utf-8"), max_size=40)
+
+
+@given(
+    value=st.binary(max_size=600),
+    headers=st.fixed_dictionaries(
+        dict.fromkeys(SIGNED_HEADERS, _header_text),
+        optional=dict.fromkeys(OPTIONAL_SIGNED_HEADERS, _header_text),
+    ),
+    secret=st.binary(min_size=1, max_size=64),
+)
+def test_a_signature_is_the_hmac_of_the_value_and_header_digests(
+    value: bytes, headers: dict[str, str], secret: bytes
+) -> None:
+    """The wire format (CONTRACT: HMAC-SHA256 over the SHA-256 of the value and of each signed
+    header present, in their fixed order, newline-joined), whatever the signer caches."""
+    parts = [value] + [
+        f"{name}={headers[name]}".encode()
+        for name in (*SIGNED_HEADERS, *OPTIONAL_SIGNED_HEADERS)
+        if name in headers
+    ]
+    signing_input = b"\n".join(hashlib.sha256(p).digest() for p in parts)
+    expected = hmac.new(secret, signing_input, hashlib.sha256).hexdigest()
+    for _ in range(2):  # the second time from the digests kept for shared headers
+        signature = sign_message(value, headers, "k1", secret)
+        assert signature == f"kid=k1,v1={expected}"
+        assert verify_message(value, headers | {"signature": signature}, {"k1": secret}) is None
+    tampered = headers | {"desk": headers["desk"] + "x", "signature": signature}
+    assert verify_message(value, tampered, {"k1": secret}) == "signature does not verify"
