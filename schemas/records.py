@@ -24,9 +24,11 @@ from pydantic import (
 )
 
 UTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-_UTC_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_DECIMAL_TEXT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+# ASCII digits only (a str pattern's \d is any Unicode digit, and int() and Decimal() read
+# "٢٠٢٦" as 2026), and nothing after the end (`$` also matches before a final newline).
+_UTC_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z", re.ASCII)
+_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}\Z", re.ASCII)
+_DECIMAL_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z", re.ASCII)
 
 POSITION_LIMIT = Decimal(100000)
 ISO_PRICE_FLOOR = Decimal(-10000)

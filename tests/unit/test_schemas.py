@@ -579,3 +579,32 @@ def test_a_signature_is_the_hmac_of_the_value_and_header_digests(
         assert verify_message(value, headers | {"signature": signature}, {"k1": secret}) is None
     tampered = headers | {"desk": headers["desk"] + "x", "signature": signature}
     assert verify_message(value, tampered, {"k1": secret}) == "signature does not verify"
+
+
+_ARABIC_2026 = "\u0662\u0660\u0662\u0666"  # Arabic-Indic digits
+_FULL_WIDTH_2026 = "\uff12\uff10\uff12\uff16"
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "message"),
+    [
+        # digits int() and Decimal() read, which the format's are not
+        (CANONICAL | {"timestamp_utc": f"{_ARABIC_2026}-11-27T15:00:00Z"}, "timestamp_utc", "UTC"),
+        (
+            CANONICAL | {"delivery_start": f"{_FULL_WIDTH_2026}-11-27T14:00:00Z"},
+            "delivery_start",
+            "UTC",
+        ),
+        (CANONICAL | {"position_mwh": "\u0662\u0665.\u0665"}, "position_mwh", "finite decimal"),
+        (
+            samples.iso_award(RUN, "PJM-DA-DIGIT") | {"operating_day": f"{_ARABIC_2026}-11-27"},
+            "operating_day",
+            "YYYY-MM-DD",
+        ),
+    ],
+)
+def test_digits_are_ascii_digits(raw: dict[str, Any], field: str, message: str) -> None:
+    # the first two were accepted as they came, and went on to the upstream in that form
+    [(pointer, text)] = errors(raw)
+    assert pointer == field
+    assert message in text
