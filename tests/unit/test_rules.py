@@ -130,6 +130,14 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds(None, now=0) is None
 
 
+@given(value=st.text(max_size=40))
+def test_any_retry_after_an_upstream_sends_reads_as_seconds_or_none(value: str) -> None:
+    # "\u00b2" (superscript two, a latin-1 header byte) passed isdigit() and broke float()
+    seconds = retry_after_seconds(value, now=0)
+    assert seconds is None or seconds >= 0
+    assert retry_after_seconds("\u00b2", now=0) is None
+
+
 def test_revision_rule() -> None:
     assert is_superseded(1, 2)
     assert not is_superseded(2, 2)
