@@ -33,6 +33,7 @@ from ingest.problems import Problem, problem_response
 from ingest.routes import health, operations, settlements, upstream
 from ledger.db import database_unavailable
 from ledger.rows import Actor
+from runtime.aio import stop_tasks
 from runtime.cpu import settle_heap
 from schemas.api import ProblemDetails
 
@@ -169,9 +170,7 @@ def create_app(build: ServicesFactory, *, body_limit: int, body_timeout_s: float
         try:
             yield
         finally:
-            for task in list(app.state.background):
-                task.cancel()
-            await asyncio.gather(*app.state.background, return_exceptions=True)
+            await stop_tasks(app.state.background)
             if svc.housekeeping is not None:
                 await svc.housekeeping.stop()
             if svc.close is not None:

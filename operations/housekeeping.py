@@ -30,7 +30,7 @@ from ledger.crypto import PayloadCipher
 from ledger.rows import Actor
 from operations.outbox import publish_dead_letters
 from operations.publishing import Republisher
-from runtime.aio import first_of
+from runtime.aio import first_of, stop_tasks
 from runtime.kafka import KafkaPublisher
 
 log = structlog.get_logger("etrm.housekeeping")
@@ -94,9 +94,7 @@ class Housekeeping:
 
     async def stop(self) -> None:
         self.stop_event.set()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await stop_tasks(self.tasks)
 
     async def _loop(
         self,

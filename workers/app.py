@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runtime.aio import until_up
+from runtime.aio import stop_tasks, until_up
 from runtime.kafka import faststream_security
 from runtime.servers import EmbeddedServer
 from runtime.settings import WorkerSettings
@@ -396,8 +396,11 @@ async def record_lag(consumer: Any) -> None:
             continue
         with contextlib.suppress(Exception):
             # position() waits (request after request) for a position the broker has not
-            # answered yet; the committer that calls this must not wait with it.
-            position = await asyncio.wait_for(consumer.position(tp), 1.0)
+            # answered yet; the committer that calls this must not wait with it. A timeout
+            # block, not wait_for: wait_for (Python 3.11) could drop the committer's own
+            # cancellation when the position came back in the same instant.
+            async with asyncio.timeout(1.0):
+                position = await consumer.position(tp)
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(highwater - position)
 
 
@@ -513,9 +516,7 @@ async def serve(
         await pipeline.stop(timeout=min(30.0, settings.upstream_timeout_s + 5))
         with contextlib.suppress(Exception):
             await committer.commit(pipeline.offsets.commit_points())
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await stop_tasks(background)
         # One lane at a time (FastStream would stop them concurrently); where LeaveGroup is
         # sent at all (ETRM_KAFKA_LEAVE_GROUP_ON_STOP), one member leaves at a time.
         # Bounded: a consumer still joining can take long to stop, and nothing is lost by not

@@ -12,7 +12,6 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -20,6 +19,8 @@ import structlog
 from asyncpg.exceptions import DataError as DriverDataError
 from asyncpg.exceptions import IntegrityConstraintViolationError, SyntaxOrAccessError
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
+
+from runtime.aio import stop_tasks
 
 log = structlog.get_logger("etrm.worker")
 
@@ -136,9 +137,7 @@ class GroupCommitter(Generic[T, R]):
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
         for _, future in self._queue:
             future.cancel()
         self._queue.clear()

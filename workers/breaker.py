@@ -40,6 +40,7 @@ from operations.circuit import (
     step,
     verdict,
 )
+from runtime.aio import stop_tasks
 from schemas.states import CircuitState
 from workers import metrics
 from workers.batching import GroupCommitter
@@ -166,9 +167,7 @@ class Breaker:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
             self._task = None
         await self._events.stop()
 

@@ -49,7 +49,7 @@ from ledger.rows import (
     Outcome,
 )
 from runtime import tracing
-from runtime.aio import first_of
+from runtime.aio import first_of, stop_tasks
 from schemas.envelope import header_map, message_id_for, publication_of, verify_message
 from schemas.records import CanonicalRecord
 from schemas.states import DeadLetterReason, MessageState
@@ -855,9 +855,7 @@ class Pipeline:
             chain.stopped.set()
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=timeout)
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await stop_tasks(list(self.tasks), timeout)
         # Writes already queued (outcomes of answers received) still go in.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(

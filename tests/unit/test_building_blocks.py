@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from sqlalchemy.exc import DataError
 
 from ingest.limits import DeskRateLimiter, FailureAlarm
+from runtime.aio import RECANCEL_S, stop_tasks
 from tests.fakes import DatabaseAway
 from workers.batching import BadItem, GroupCommitter
 from workers.slots import LaneSlots
@@ -179,3 +180,47 @@ def test_the_alarm_rings_once_per_window_per_source() -> None:
     rings = [alarm.failed("10.0.0.1", "bad signature") for _ in range(6)]
     assert rings == [False, False, True, False, False, False]
     assert alarm.failed("10.0.0.2", "expired") is False
+
+
+# -- stopping background tasks ------------------------------------------------------------------
+
+
+async def _swallows_cancellations(times: int, released: asyncio.Event | None = None) -> None:
+    """A loop that, like a task whose asyncio.wait_for dropped a cancellation, carries on
+    (`times` times, or until `released`)."""
+    swallowed = 0
+    while True:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            if swallowed >= times or (released is not None and released.is_set()):
+                raise
+            swallowed += 1
+
+
+async def test_a_task_that_swallows_a_cancellation_is_still_stopped() -> None:
+    task = asyncio.create_task(_swallows_cancellations(2), name="committer")
+    await asyncio.sleep(0)
+    # cancelled once and awaited, as the worker's stop did: it never ends (and stop_tasks's
+    # own first cancel is swallowed too: only cancelling again ends it)
+    task.cancel()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), 1.0)
+    started = time.monotonic()
+    assert await stop_tasks([task], timeout_s=5.0) == []
+    assert task.cancelled()
+    assert time.monotonic() - started < 2 * RECANCEL_S + 1.0
+
+
+async def test_a_task_that_will_not_stop_is_named_within_the_bound() -> None:
+    released = asyncio.Event()
+    stubborn = asyncio.create_task(_swallows_cancellations(10**9, released), name="stubborn")
+    quick = asyncio.create_task(asyncio.sleep(60), name="quick")
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    assert await stop_tasks([stubborn, quick], timeout_s=1.0) == ["stubborn"]
+    assert time.monotonic() - started < 3.0
+    assert quick.cancelled()
+    assert not stubborn.done()
+    released.set()  # the test's own clean-up
+    assert await stop_tasks([stubborn], timeout_s=5.0) == []
