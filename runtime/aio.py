@@ -4,7 +4,6 @@ trying a start-up step while its dependency is away, and stop background tasks f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -20,11 +19,7 @@ async def first_of(*waits: Awaitable[object]) -> None:
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await stop_tasks(tasks)
 
 
 async def until_up(
@@ -63,7 +58,8 @@ async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], timeout_s: float = STOP
     Python 3.12, `asyncio.wait_for` returns its inner result, dropping the cancellation, when
     both arrive together (seen: a worker's committer, cancelled as it read its lag, went on
     committing every second and held the worker's stop until the test gave up). Returns the
-    names of the tasks still running at the end (logged); their failures are not raised."""
+    names of the tasks still running at the end (logged); their failures are not raised. A
+    cancellation of the caller itself, while it waits, is not swallowed: it propagates."""
     tasks = list(tasks)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s

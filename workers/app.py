@@ -323,11 +323,8 @@ def start_lane(lane: Lane) -> None:
 async def stop_lane(lane: Lane, timeout_s: float) -> None:
     """Stop the lane's consumer, whatever state its start is in (still joining included)."""
     starting, lane.starting = lane.starting, None
-    if starting is not None:
-        if not starting.done():
-            starting.cancel()
-        with contextlib.suppress(BaseException):  # its failure is why we are here, or moot
-            await asyncio.wait_for(starting, timeout_s)
+    if starting is not None:  # its failure, if it failed, is why we are here, or moot
+        await stop_tasks([starting], timeout_s)
     try:
         await asyncio.wait_for(lane.subscriber.stop(), timeout_s)
     except Exception as exc:

@@ -224,3 +224,17 @@ async def test_a_task_that_will_not_stop_is_named_within_the_bound() -> None:
     assert not stubborn.done()
     released.set()  # the test's own clean-up
     assert await stop_tasks([stubborn], timeout_s=5.0) == []
+
+
+async def test_a_caller_cancelled_while_stopping_tasks_is_cancelled() -> None:
+    """The cancellation of whoever waits in stop_tasks propagates (first_of and a lane's stop
+    used to await their cancelled children under suppress(BaseException), which swallowed it)."""
+    released = asyncio.Event()
+    stubborn = asyncio.create_task(_swallows_cancellations(10**9, released), name="stubborn")
+    caller = asyncio.create_task(stop_tasks([stubborn], timeout_s=30.0))
+    await asyncio.sleep(0.1)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    released.set()
+    assert await stop_tasks([stubborn], timeout_s=5.0) == []
