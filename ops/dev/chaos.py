@@ -145,6 +145,9 @@ class Cluster:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.frozen: set[str] = set()
         self.broker_paused = False
+        # A database restart under way (stopped, down a while, started): it runs to its end
+        # even when the faults stop in the middle of it, and `heal` waits for it.
+        self.database_restart: asyncio.Task[None] | None = None
         self.sim: SimState | None = None
         self.sim_server: EmbeddedServer | None = None
         self.sim_task: asyncio.Task[None] | None = None
@@ -233,7 +236,15 @@ class Cluster:
             self.crashed.append(f"intake exited with {self.intake.returncode}")
             self.intake = None
 
+    async def restart_database(self, down_s: float) -> None:
+        assert self.database is not None
+        await asyncio.to_thread(self.database.stop)
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(self.database.start)
+
     async def heal(self) -> None:
+        if self.database_restart is not None:
+            await self.database_restart
         for name in list(self.frozen):
             self.thaw(name)
         if self.broker_paused:
@@ -458,9 +469,10 @@ class Run:
             cluster.broker.resume()
             cluster.broker_paused = False
         elif fault == "restart_database" and cluster.database is not None:
-            await asyncio.to_thread(cluster.database.stop)
-            await asyncio.sleep(rng.uniform(0.5, 4))
-            await asyncio.to_thread(cluster.database.start)
+            # shielded: the faults' end cancelling this must not leave the database down
+            restart = cluster.restart_database(rng.uniform(0.5, 4))
+            cluster.database_restart = asyncio.ensure_future(restart)
+            await asyncio.shield(cluster.database_restart)
         elif fault == "flap_upstream" and cluster.sim is not None:
             cluster.sim.config.error_rate = rng.choice([0.3, 0.6, 1.0])
             await asyncio.sleep(rng.uniform(2, 8))
@@ -486,9 +498,8 @@ class Run:
                 value = rng.choice([b"", b"\x00\xff", b'{"contract_id": "X"}', None])
                 if key is None and value is None:
                     value = b""
-                await asyncio.wait_for(
-                    producer.send_and_wait(topic, value=value, key=key, headers=headers), 5
-                )
+                async with asyncio.timeout(5):
+                    await producer.send_and_wait(topic, value=value, key=key, headers=headers)
         finally:
             await producer.stop()
 
