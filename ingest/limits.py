@@ -172,7 +172,8 @@ class BodyLimit:
             if complete:  # the body is in: what follows is a disconnect, wait as long as it takes
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    message = await receive()
             except TimeoutError:
                 raise Problem(
                     408, "request_timeout", f"the body did not arrive within {self.timeout_s:g} s"
@@ -194,7 +195,8 @@ class BodyLimit:
         deadline = time.monotonic() + self.DRAIN_SECONDS
         while time.monotonic() < deadline:
             try:
-                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    message = await receive()
             except TimeoutError:
                 return
             if message["type"] != "http.request" or not message.get("more_body", False):

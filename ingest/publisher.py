@@ -108,9 +108,8 @@ class SettlementPublisher:
         if tracing.active():
             return None
         try:
-            partitions = await asyncio.wait_for(
-                self.kafka.partitions(set(self.lanes.values())), PARTITIONS_WAIT_S
-            )
+            async with asyncio.timeout(PARTITIONS_WAIT_S):
+                partitions = await self.kafka.partitions(set(self.lanes.values()))
         except Exception:
             return None
         return self.publication_for(

@@ -182,7 +182,8 @@ _CLOSING: set[asyncio.Task[None]] = set()
 
 async def _close_gently(pool: asyncpg.Pool) -> None:
     try:
-        await asyncio.wait_for(pool.close(), DIRECT_CLOSE_S)
+        async with asyncio.timeout(DIRECT_CLOSE_S):
+            await pool.close()
     except BaseException:
         pool.terminate()
         raise

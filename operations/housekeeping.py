@@ -115,7 +115,8 @@ class Housekeeping:
             wait = every if failures == 0 else min(every * (1 + failures), 10.0)
             waits = [self.stop_event.wait()] + ([nudge.wait()] if nudge else [])
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(first_of(*waits), wait)
+                async with asyncio.timeout(wait):
+                    await first_of(*waits)
             if nudge is not None:
                 nudge.clear()
 

@@ -157,7 +157,8 @@ class KafkaPublisher:
 
     async def start(self) -> None:
         with contextlib.suppress(Exception):  # the broker may come later; /readyz tells
-            await asyncio.wait_for(self._ready(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await self._ready()
 
     async def stop(self) -> None:
         if self._producer is not None:
@@ -166,8 +167,10 @@ class KafkaPublisher:
             self._producer = None
 
     async def ping(self) -> None:
-        producer = await asyncio.wait_for(self._ready(), 2.0)
-        await asyncio.wait_for(producer.client.fetch_all_metadata(), 2.0)
+        async with asyncio.timeout(2.0):
+            producer = await self._ready()
+        async with asyncio.timeout(2.0):
+            await producer.client.fetch_all_metadata()
 
     async def partitions(self, topics: Iterable[str]) -> dict[str, list[int]]:
         """Each topic's partitions, as the producer's own partitioner sees them."""
@@ -210,11 +213,13 @@ class KafkaPublisher:
         records: int,
         what: str,
     ) -> None:
-        async def sent() -> None:
-            await asyncio.gather(*await send(await self._ready()))
-
         try:
-            await asyncio.wait_for(sent(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                acks = await send(await self._ready())
+                if len(acks) == 1:  # a single record: no gathering future for one ack
+                    await acks[0]
+                else:
+                    await asyncio.gather(*acks)
         except Exception as exc:
             log.warning("publish_failed", error=type(exc).__name__, records=records, what=what)
             raise PublishFailed(type(exc).__name__) from None

@@ -326,7 +326,8 @@ async def stop_lane(lane: Lane, timeout_s: float) -> None:
     if starting is not None:  # its failure, if it failed, is why we are here, or moot
         await stop_tasks([starting], timeout_s)
     try:
-        await asyncio.wait_for(lane.subscriber.stop(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await lane.subscriber.stop()
     except Exception as exc:
         log.warning("lane_consumer_stop_failed", lane=lane.name, error=type(exc).__name__)
 

@@ -244,7 +244,8 @@ class Breaker:
 
     async def _report(self, event: Event) -> Circuit:
         future = self._events.submit(event)
-        return await asyncio.wait_for(asyncio.shield(future), REPORT_WAIT_S)
+        async with asyncio.timeout(REPORT_WAIT_S):
+            return await asyncio.shield(future)
 
     async def _apply(self, events: Sequence[Event]) -> list[Circuit]:
         after = await self.store.apply(events, self._step)

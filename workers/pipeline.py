@@ -166,7 +166,8 @@ class Chain:
     async def pause(self, seconds: float) -> None:
         """Sleep, but wake at once when the chain is stopped."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopped.wait(), max(0.0, seconds))
+            async with asyncio.timeout(max(0.0, seconds)):
+                await self.stopped.wait()
 
 
 class _Lost(Exception):
@@ -384,10 +385,8 @@ class Pipeline:
                 chain.arrived.clear()
                 if wake_at > time.monotonic():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(
-                            first_of(chain.arrived.wait(), chain.stopped.wait()),
-                            wake_at - time.monotonic(),
-                        )
+                        async with asyncio.timeout(wake_at - time.monotonic()):
+                            await first_of(chain.arrived.wait(), chain.stopped.wait())
                 continue
             if not self.offsets.current(copy.ticket):
                 chain.items.remove(copy)
@@ -858,9 +857,8 @@ class Pipeline:
         await stop_tasks(list(self.tasks), timeout)
         # Writes already queued (outcomes of answers received) still go in.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.gather(self.writes.drained(), self.untrusted.drained()), timeout
-            )
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(self.writes.drained(), self.untrusted.drained())
         for committer in (self.claims, self.writes, self.untrusted):
             await committer.stop()
 

@@ -16,6 +16,7 @@ from ingest.limits import DeskRateLimiter, FailureAlarm
 from runtime.aio import RECANCEL_S, stop_tasks
 from tests.fakes import DatabaseAway
 from workers.batching import BadItem, GroupCommitter
+from workers.pipeline import Chain
 from workers.slots import LaneSlots
 
 # -- group commit --------------------------------------------------------------------------
@@ -238,3 +239,16 @@ async def test_a_caller_cancelled_while_stopping_tasks_is_cancelled() -> None:
         await caller
     released.set()
     assert await stop_tasks([stubborn], timeout_s=5.0) == []
+
+
+async def test_a_chain_pausing_as_it_is_stopped_and_cancelled_stays_cancelled() -> None:
+    """A worker's stop sets every chain's `stopped` and cancels its task in the same instant:
+    the pause must end in the cancellation, not return as if only the stop had come (with
+    asyncio.wait_for, in Python 3.11, it returned, and the chain's loop went on)."""
+    chain = Chain(("lane", 0, "CONTRACT-1"))
+    task = asyncio.create_task(chain.pause(30))
+    await asyncio.sleep(0)
+    chain.stopped.set()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
