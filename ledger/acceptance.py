@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import audit, reads, upstream
 from ledger.crypto import PayloadCipher
-from ledger.db import array_literal, fetch_direct, join_array_literals, sql
+from ledger.db import array_literal, deadlocked, fetch_direct, join_array_literals, sql
 from ledger.rows import Actor, AuditEvent, UpstreamView
 from schemas.states import BatchState, MessageState
 
@@ -216,6 +216,13 @@ async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Beg
     except IntegrityError as exc:
         if "messages_identity_revision" not in str(exc.orig):
             raise
+    except Exception as exc:
+        if not deadlocked(exc):
+            raise
+        # Two requests inserting the same new records in other orders, each waiting on one the
+        # other inserted first: Postgres rolled this one back (after its deadlock_timeout).
+        # Like any request whose records another is accepting, it is Busy and tries again.
+        return Busy(0.01)
     return await _conflict(engine, req)
 
 

@@ -358,3 +358,16 @@ def database_unavailable(exc: BaseException) -> bool:
         nested = current.orig if isinstance(current, DBAPIError) else None
         current = nested or current.__cause__ or current.__context__
     return False
+
+
+def deadlocked(exc: BaseException) -> bool:
+    """True when Postgres rolled the statement (or transaction) back to break a deadlock
+    (SQLSTATE 40P01), however the driver and SQLAlchemy wrapped it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if getattr(current, "sqlstate", None) == "40P01":
+            return True
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return False

@@ -658,3 +658,20 @@ async def test_a_sequencer_turn_that_stalls_or_is_cancelled_sequences_nothing(
     finally:
         await holder.close()
         await engine.dispose()
+
+
+async def test_requests_racing_for_the_same_new_records_in_opposite_orders_never_fail(
+    b: Backend,
+) -> None:
+    """Two requests for the same never-seen records, listed in opposite orders, at once: each
+    waits on a record the other inserted first. One takes them and the other is Busy (then
+    takes nothing once the winner is accepted), never an error from the database."""
+    run = samples.run_id()
+    for round_ in range(6):
+        raws = [otc(run, f"SCN-O{round_}{i}") for i in range(40)]
+        forward = b.desk.request(raws, key=f"order-{round_}-f")
+        backward = b.desk.request(raws[::-1], key=f"order-{round_}-b")
+        begun = await asyncio.gather(b.intake.begin(forward), b.intake.begin(backward))
+        won = [r for r, x in zip((forward, backward), begun, strict=True) if isinstance(x, Pending)]
+        assert len(won) == 1, begun
+        assert await b.intake.complete(won[0], WORKER, 40)
