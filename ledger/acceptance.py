@@ -228,11 +228,12 @@ async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Beg
 
 async def _begin_fresh(engine: AsyncEngine, req: Request, columns: Columns) -> Begun | None:
     """The common case — a new Idempotency-Key and records the ledger has never seen — in one
-    autocommit statement (one round trip instead of BEGIN, key, records, COMMIT). The statement
-    does nothing at all when the key or any of the records already exists, and the caller then
-    takes the general path (an expired key holder to abort, records to re-take or to wait for).
-    A record another request inserted in the same instant is not taken (ON CONFLICT); if that
-    request is still accepting it, this one is undone (`_undo_fresh`) and is Busy."""
+    autocommit statement (one round trip instead of BEGIN, key, records, COMMIT). The records
+    go in with a plain INSERT, neither looked up first nor inserted speculatively (ON
+    CONFLICT): a record the ledger already holds (accepted, aborted, or being accepted by
+    another request right now) fails the whole statement on the primary key, nothing of it is
+    kept, and the caller takes the general path (records to re-take, name or wait for) — as it
+    does when the key exists, which the statement then leaves alone, inserting nothing."""
     try:
         [row] = await fetch_direct(
             engine,
@@ -242,46 +243,16 @@ async def _begin_fresh(engine: AsyncEngine, req: Request, columns: Columns) -> B
                 **columns.params,
                 "hash": req.request_hash,
                 "key_lease": req.key_lease_s,
-                "unique": len(columns.unique),
             },
         )
     except Exception as exc:  # asyncpg's UniqueViolationError, straight from the driver
-        if getattr(exc, "constraint_name", None) != "messages_identity_revision":
+        constraint = getattr(exc, "constraint_name", None)
+        if constraint == "messages_pkey":
+            return None
+        if constraint != "messages_identity_revision":
             raise
         return await _conflict(engine, req)
-    if not row["fresh"]:
-        return None
-    unique = columns.unique
-    if row["taken"] is None:  # every record taken: no ids back, nothing per record to do here
-        return Pending(unique)
-    taken = set(row["taken"])
-    others = [r.message_id for r in unique if r.message_id not in taken]
-    if others:
-        try:
-            async with engine.connect() as conn:
-                await _refuse_if_pending_elsewhere(conn, others)
-        except _PendingElsewhere:
-            await _undo_fresh(engine, req)
-            raise
-    return Pending([r for r in unique if r.message_id in taken])
-
-
-async def _undo_fresh(engine: AsyncEngine, req: Request) -> None:
-    """Takes back what `_begin_fresh` committed, as a rolled-back transaction would have: the
-    rows are this request's own, still pending and never published. (Aborting instead would
-    leave the batch id taken, and the request retries under the same id.)"""
-    await fetch_direct(
-        engine,
-        """
-        WITH listed AS (DELETE FROM batch_messages WHERE batch_id = :batch),
-             records AS (DELETE FROM messages WHERE publication = :batch AND state = 'pending'),
-             keyed AS (DELETE FROM idempotency_keys
-                        WHERE desk = :desk AND key = :key AND batch_id = :batch
-                          AND state = 'in_flight')
-        DELETE FROM batches WHERE batch_id = :batch AND state = 'pending'
-        """,
-        {"batch": req.batch_id, "desk": req.desk, "key": req.idempotency_key},
-    )
+    return Pending(columns.unique) if row["fresh"] else None
 
 
 async def _take_key(conn: AsyncConnection, req: Request) -> KeyHeld | None:
@@ -333,9 +304,10 @@ async def _take_key(conn: AsyncConnection, req: Request) -> KeyHeld | None:
     return KeyHeld(*row)
 
 
-def _pending_ctes(when: str) -> str:
-    """The request's batch row, its message ids and its records (new ones, and those of an
-    aborted acceptance, become pending under this request), each insert only `when`."""
+def _pending_ctes(when: str, *, retake: bool = True) -> str:
+    """The request's batch row, its message ids and its records (new ones, and with `retake`
+    those of an aborted acceptance, become pending under this request; without it, any record
+    already there fails the statement), each insert only `when`."""
     return f"""
         batch AS (
             INSERT INTO batches (batch_id, desk, trader, settlement_run_id,
@@ -378,6 +350,12 @@ def _pending_ctes(when: str) -> str:
                              topic, position, payload_length, ord)
                      ORDER BY ord) t
              WHERE {when}
+            {_RETAKE if retake else ""}
+            RETURNING message_id)
+    """
+
+
+_RETAKE = """
             ON CONFLICT (message_id) DO UPDATE
                SET state = 'pending', publication = EXCLUDED.publication,
                    publication_kind = 'intake', accept_seq = EXCLUDED.accept_seq,
@@ -386,8 +364,7 @@ def _pending_ctes(when: str) -> str:
                    topic = EXCLUDED.topic, payload = EXCLUDED.payload,
                    payload_kid = EXCLUDED.payload_kid, updated_at = now()
              WHERE messages.state = 'aborted'
-            RETURNING message_id)
-    """
+"""
 
 
 # -- one array, not a row per record (5,000 rows to decode on the event loop)
@@ -395,31 +372,16 @@ _TAKEN = "coalesce((SELECT array_agg(message_id) FROM taken), '{}')"
 
 _PENDING_SQL = f"WITH {_pending_ctes('TRUE')} SELECT {_TAKEN}"
 
-# The key is inserted only when neither it nor any of the records exists yet; everything else
-# only when the key went in. Each record is looked up on its own (a LATERAL subquery with a
-# LIMIT is never flattened into a join), so the plan is a primary-key probe per record whatever
-# the table's size when the statement was prepared: `message_id = ANY(:ids)` was planned as a
-# sequential scan on a new database (an unanalyzed table of a few pages), and that generic plan
-# stayed cached on the connection while the table grew — until autovacuum's first ANALYZE, each
-# single-record acceptance read every row of `messages`. `taken` is NULL when every record was
-# taken (the common case): a 5,000-record request's ids are not sent back and decoded for nothing.
+# Everything is inserted only when the key went in (it did not exist).
 _FRESH_SQL = f"""
-    WITH seen AS (
-        SELECT 1 FROM idempotency_keys WHERE desk = :desk AND key = :key
-        UNION ALL
-        SELECT 1 FROM unnest(CAST(CAST(:ids AS text) AS text[])) AS i(message_id),
-               LATERAL (SELECT 1 FROM messages m
-                         WHERE m.message_id = i.message_id LIMIT 1) AS hit
-        LIMIT 1
-    ), keyed AS (
+    WITH keyed AS (
         INSERT INTO idempotency_keys (desk, key, request_hash, state, lease_until, batch_id)
-        SELECT :desk, :key, :hash, 'in_flight', now() + make_interval(secs => :key_lease), :batch
-         WHERE NOT EXISTS (SELECT 1 FROM seen)
+        VALUES (:desk, :key, :hash, 'in_flight', now() + make_interval(secs => :key_lease),
+                :batch)
         ON CONFLICT (desk, key) DO NOTHING
         RETURNING 1
-    ), {_pending_ctes("EXISTS (SELECT 1 FROM keyed)")}
-    SELECT EXISTS (SELECT 1 FROM keyed) AS fresh,
-           CASE WHEN (SELECT count(*) FROM taken) < :unique THEN {_TAKEN} END AS taken
+    ), {_pending_ctes("EXISTS (SELECT 1 FROM keyed)", retake=False)}
+    SELECT EXISTS (SELECT 1 FROM keyed) AS fresh
 """
 
 
