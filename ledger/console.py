@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import reconciliation as recon
 from ledger.db import sql
+from ledger.reads import OLDEST_UNDELIVERED_S
 from schemas.states import MessageState, sql_values
 
 _HIDDEN = sql_values(frozenset({MessageState.PENDING, MessageState.ABORTED}))
@@ -98,8 +99,7 @@ class ConsoleReads:
                         "SELECT (SELECT count(*) FROM holds WHERE state = 'open'), "
                         "(SELECT count(*) FROM dead_letters WHERE status = 'open'), "
                         "(SELECT count(*) FROM replays WHERE state = 'pending_approval'), "
-                        "(SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0) "
-                        "FROM messages WHERE state IN ('queued', 'delivering'))"
+                        f"({OLDEST_UNDELIVERED_S})"
                     )
                 )
             ).one()

@@ -162,6 +162,12 @@ class OpenWork:
 
 
 _UNDELIVERED = sql_values(frozenset({MessageState.QUEUED, MessageState.DELIVERING}))
+# Seconds since the oldest record still queued or delivering was accepted (0 if none): read
+# through `messages_contract_open`, whose predicate (every open state) this one implies.
+OLDEST_UNDELIVERED_S = (
+    "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0) "
+    f"FROM messages WHERE state IN {_UNDELIVERED}"
+)
 
 
 async def open_work(engine: AsyncEngine) -> OpenWork:
@@ -171,8 +177,7 @@ async def open_work(engine: AsyncEngine) -> OpenWork:
                 sql(
                     "SELECT (SELECT count(*) FROM holds WHERE state = 'open'), "
                     "(SELECT count(*) FROM dead_letters WHERE status = 'open'), "
-                    "(SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0) "
-                    f"FROM messages WHERE state IN {_UNDELIVERED})"
+                    f"({OLDEST_UNDELIVERED_S})"
                 )
             )
         ).one()

@@ -149,11 +149,6 @@ Index(
     messages.c.accept_seq,
     postgresql_where=text("state = 'parked'"),
 )
-Index(
-    "messages_open",
-    messages.c.state,
-    postgresql_where=text("state IN ('queued', 'delivering')"),
-)
 
 batches = Table(
     "batches",

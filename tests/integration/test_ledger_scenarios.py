@@ -678,3 +678,27 @@ async def test_requests_racing_for_the_same_new_records_in_opposite_orders_never
         won = [r for r, x in zip((forward, backward), begun, strict=True) if isinstance(x, Pending)]
         assert len(won) == 1, begun
         assert await b.intake.complete(won[0], WORKER, 40)
+
+
+async def test_the_oldest_undelivered_record_is_found_without_reading_delivered_ones(
+    infra: Infra,
+) -> None:
+    """A new database, never analyzed, with 20,000 delivered records and one queued: the read
+    every scrape and readiness report makes (how long the oldest record has waited) goes
+    through the open records' index, which delivered records are not in (migration 0011
+    dropped the index by state it used to read)."""
+    from ledger.reads import OLDEST_UNDELIVERED_S
+
+    url = await fresh_database(infra)
+    engine = make_engine(url, 1)
+    try:
+        await _many_records_and_one(engine, "delivered", "waiting", "queued", "batch_q")
+        plan = "\n".join(
+            row[0] for row in await fetch_direct(engine, f"EXPLAIN {OLDEST_UNDELIVERED_S}", {})
+        )
+        assert "messages_contract_open" in plan, plan
+        assert "Seq Scan on messages" not in plan, plan
+        [(waited,)] = await fetch_direct(engine, OLDEST_UNDELIVERED_S, {})
+        assert 0 <= waited < 60
+    finally:
+        await engine.dispose()

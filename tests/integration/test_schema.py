@@ -67,12 +67,13 @@ async def test_a_rolling_upgrade_gate_accepts_one_declared_migration_ahead(infra
 # Every index of `messages`, with the statement that reads through it. A record is written at
 # least three times (accepted, leased, settled) and a change of state is not a HOT update, so
 # each write adds an entry to every index of the table: an index nobody reads is paid for on
-# every record. Migration 0009 dropped two such (by run and desk, by publication).
+# every record. Migration 0009 dropped two such (by run and desk, by publication), 0011 one
+# by state that only the oldest-undelivered read used.
 MESSAGE_INDEXES = {
     "messages_pkey": "every lookup by message id",
-    "messages_open": "oldest undelivered record (console, open work)",
     "messages_identity_revision": "identity and revision uniqueness (#6), highest revision taken",
-    "messages_contract_open": "earlier open records of a contract (claims, parked records)",
+    "messages_contract_open": "earlier open records of a contract (claims, parked records); "
+    "the oldest undelivered record (open work, console; migration 0011)",
     "messages_pending_publication": "completing or aborting an acceptance",
     "messages_parked": "parked records behind a dead letter (continuations, dead-letter list)",
 }
