@@ -6,7 +6,7 @@ import asyncio
 import functools
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -334,17 +334,27 @@ _AWAY = (
 )
 
 
-def database_unavailable(exc: BaseException) -> bool:
-    """True when an error means the database is away (restarting, shutting down, unreachable,
-    connections lost), as opposed to a statement it refused. Walks the chain of causes:
-    SQLAlchemy wraps asyncpg's errors in adapter errors of its own."""
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-    from sqlalchemy.exc import TimeoutError as PoolTimeout
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The error and everything behind it, each once: SQLAlchemy wraps asyncpg's errors in
+    adapter errors of its own (`orig`), which name the driver's as their cause."""
+    from sqlalchemy.exc import DBAPIError
 
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        yield current
+        nested = current.orig if isinstance(current, DBAPIError) else None
+        current = nested or current.__cause__ or current.__context__
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when an error means the database is away (restarting, shutting down, unreachable,
+    connections lost), as opposed to a statement it refused, anywhere in its chain of causes."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    for current in _causes(exc):
         if isinstance(
             current, OperationalError | InterfaceError | PoolTimeout | OSError | TimeoutError
         ):
@@ -355,19 +365,10 @@ def database_unavailable(exc: BaseException) -> bool:
             word in type(current).__name__ for word in _AWAY
         ):
             return True
-        nested = current.orig if isinstance(current, DBAPIError) else None
-        current = nested or current.__cause__ or current.__context__
     return False
 
 
 def deadlocked(exc: BaseException) -> bool:
     """True when Postgres rolled the statement (or transaction) back to break a deadlock
     (SQLSTATE 40P01), however the driver and SQLAlchemy wrapped it."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if getattr(current, "sqlstate", None) == "40P01":
-            return True
-        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
-    return False
+    return any(getattr(current, "sqlstate", None) == "40P01" for current in _causes(exc))
