@@ -333,10 +333,9 @@ async def renew_replay(engine: AsyncEngine, replay_id: str, lease_s: float) -> N
 
 
 @dataclass(frozen=True, slots=True)
-class Republish:
-    """One record to put back on its lane under a replay's (or continuation's) publication."""
+class OnLane:
+    """A record as the ledger holds it, ready to be put on its lane again."""
 
-    ord: int
     message_id: str
     dead_letter_id: str | None
     topic: str
@@ -347,6 +346,13 @@ class Republish:
     batch_id: str | None
     value: bytes
     replay_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Republish(OnLane):
+    """One record to put back on its lane under a replay's (or continuation's) publication."""
+
+    ord: int
 
 
 async def requeue_chunk(
@@ -491,6 +497,82 @@ async def mark_republished(
                     detail=f"publication {replay_id}",
                 )
                 for i in items
+            ],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Stranded(OnLane):
+    """A record the ledger holds as queued, to be put on its lane again under its live
+    publication (the copy the broker had is gone)."""
+
+    publication: str
+    kind: Publication
+
+
+async def ledger_now(engine: AsyncEngine) -> datetime:
+    async with engine.connect() as conn:
+        now: datetime = (await conn.execute(sql("SELECT now()"))).scalar_one()
+    return now
+
+
+async def queued_before(
+    engine: AsyncEngine, cutoff: datetime, limit: int, cipher: PayloadCipher
+) -> list[Stranded]:
+    """Records queued before `cutoff` and still queued, in acceptance order."""
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                sql(
+                    """
+                    SELECT m.message_id, m.topic, m.contract_id, m.desk, m.trader, m.trace_id,
+                           m.batch_id, m.publication, m.publication_kind, m.dead_letter_id,
+                           m.payload, m.payload_kid,
+                           (SELECT count(*) FROM replay_items i
+                             WHERE i.message_id = m.message_id AND i.state = 'published')
+                               AS replays
+                      FROM messages m
+                     WHERE m.state = 'queued' AND m.queued_at < :cutoff
+                     ORDER BY m.accept_seq LIMIT :limit
+                    """
+                ),
+                {"cutoff": cutoff, "limit": limit},
+            )
+        ).all()
+    return [
+        Stranded(
+            message_id=r.message_id,
+            topic=r.topic,
+            contract_id=r.contract_id,
+            desk=r.desk,
+            trader=r.trader,
+            trace_id=r.trace_id,
+            batch_id=r.batch_id,
+            publication=r.publication,
+            kind=Publication(r.publication_kind),
+            dead_letter_id=r.dead_letter_id,
+            replay_count=int(r.replays),
+            value=cipher.open(r.payload_kid, r.payload, r.message_id),
+        )
+        for r in rows
+    ]
+
+
+async def record_restored(
+    engine: AsyncEngine, restored: Sequence[Stranded], actor: Actor, why: str
+) -> None:
+    async with engine.begin() as conn:
+        await audit.append(
+            conn,
+            [
+                AuditEvent(
+                    actor,
+                    "message.republished",
+                    message_id=r.message_id,
+                    subject_id=r.publication,
+                    detail=why,
+                )
+                for r in restored
             ],
         )
 

@@ -6,7 +6,9 @@ particular process being alive:
 - the dead-letter outbox;
 - replays and continuations that are approved, or whose runner died;
 - parked records whose contract has nothing open any more;
-- idempotency keys past their retention (ETRM_IDEMPOTENCY_RETENTION_H).
+- idempotency keys past their retention (ETRM_IDEMPOTENCY_RETENTION_H);
+- in workers, queued records whose copy is no longer on the broker (a broker that lost its
+  log: Tansu's memory storage after a restart, or an unclean leader election), published again.
 
 Each loop survives any error (a database or broker outage is waited out, logged once a round).
 """
@@ -18,6 +20,7 @@ import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import structlog
@@ -31,7 +34,7 @@ from ledger.rows import Actor
 from operations.outbox import publish_dead_letters
 from operations.publishing import Republisher
 from runtime.aio import first_of, stop_tasks
-from runtime.kafka import KafkaPublisher
+from runtime.kafka import KafkaPublisher, LaneLog
 
 log = structlog.get_logger("etrm.housekeeping")
 
@@ -45,6 +48,13 @@ class Intervals:
     continuation_s: float = 2.0
     checkpoint_s: float = 300.0
     key_expiry_s: float = 60.0
+    restore_s: float = 5.0
+    # A record queued this long ago and still queued while the workers' group has settled
+    # everything the broker holds of the lanes is not on the broker any more.
+    restore_after_s: float = 10.0
+
+
+RESTORE_CHUNK = 500
 
 
 class Housekeeping:
@@ -61,6 +71,8 @@ class Housekeeping:
         intervals: Intervals | None = None,
         key_retention_s: float = 24 * 3600.0,
         checkpoint_dir: Path | None = None,
+        lanes: LaneLog | None = None,
+        published_again: Callable[[int], object] | None = None,
     ) -> None:
         self.engine = engine
         self.cipher = cipher
@@ -72,6 +84,8 @@ class Housekeeping:
         self.every = intervals or Intervals()
         self.key_retention_s = key_retention_s
         self.checkpoint_dir = checkpoint_dir
+        self.lanes = lanes
+        self.published_again = published_again
         self.stop_event = asyncio.Event()
         self.outbox_nudge = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -85,6 +99,8 @@ class Housekeeping:
             ("continuations", self.every.continuation_s, self.continuations, None),
             ("idempotency_key_expiry", self.every.key_expiry_s, self.forget_keys, None),
         ]
+        if self.lanes is not None:
+            loops.append(("restore_queued", self.every.restore_s, self.restore, None))
         if self.signer is not None:
             loops.append(("audit_checkpoints", self.every.checkpoint_s, self.checkpoint, None))
         self.tasks = [
@@ -95,6 +111,8 @@ class Housekeeping:
     async def stop(self) -> None:
         self.stop_event.set()
         await stop_tasks(self.tasks)
+        if self.lanes is not None:
+            await self.lanes.close()
 
     async def _loop(
         self,
@@ -148,3 +166,22 @@ class Housekeeping:
         job_id = f"replay_cont_{uuid.uuid4().hex}"
         if await recon.continue_parked(self.engine, job_id, self.actor):
             await self.republisher.run(job_id, self.actor, stop=self.stop_event)
+
+    async def restore(self) -> None:
+        """Queued records whose copy the broker no longer holds, published again. A record
+        queued before `cutoff` had its copy acknowledged before the lanes' ends are read; when
+        the group has committed past every record the lanes hold, that copy was settled if it
+        was there — so a record still queued is not there (the log was lost, or the group
+        committed past where a new log restarted). Publishing it again is safe: the same
+        publication, delivered once by the ledger."""
+        assert self.lanes is not None
+        cutoff = await recon.ledger_now(self.engine) - timedelta(seconds=self.every.restore_after_s)
+        async with asyncio.timeout(30.0):
+            if await self.lanes.unsettled():
+                return
+        stranded = await recon.queued_before(self.engine, cutoff, RESTORE_CHUNK, self.cipher)
+        if stranded:
+            await self.republisher.restore(stranded, self.actor)
+            log.warning("queued_records_published_again", records=len(stranded))
+            if self.published_again is not None:
+                self.published_again(len(stranded))

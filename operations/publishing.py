@@ -53,22 +53,35 @@ class Republisher:
         self.chunk = chunk
         self.lease_s = lease_s
 
-    def record_for(self, item: recon.Republish, job_id: str, kind: str) -> OutgoingRecord:
+    def record_for(self, item: recon.OnLane, job_id: str, kind: str) -> OutgoingRecord:
         headers = {
             "message_id": item.message_id,
             "desk": item.desk,
             "trader": item.trader,
             "trace_id": item.trace_id,
             "schema_version": SCHEMA_VERSION,
-            "replay_id": job_id,
         }
-        if item.batch_id:
-            headers["batch_id"] = item.batch_id
+        if kind == Publication.INTAKE:  # the desk's request is the publication
+            headers["batch_id"] = job_id
+        else:
+            headers["replay_id"] = job_id
+            if item.batch_id:
+                headers["batch_id"] = item.batch_id
         if kind == Publication.REPLAY and item.dead_letter_id:
             headers["replay_of"] = item.dead_letter_id
             headers["replay_count"] = str(item.replay_count)
         wire = self.sealer.seal(item.value, headers)
         return (item.topic, item.contract_id.encode(), wire, kafka_headers(headers))
+
+    async def restore(self, stranded: list[recon.Stranded], actor: Actor) -> None:
+        """Put queued records back on their lanes under the publication the ledger holds as
+        live — the same copy again, so whichever copy a worker takes first is delivered and
+        the other finds it settled — and audit each once the broker acknowledged it."""
+        records = [self.record_for(r, r.publication, r.kind) for r in stranded]
+        await self.publisher.send_all(records, what="restore queued records")
+        await recon.record_restored(
+            self.engine, stranded, actor, "queued, and not on its lane: published again"
+        )
 
     async def run(
         self,

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Callable
 
 import structlog
 from aiokafka.errors import KafkaError
@@ -36,7 +37,7 @@ from operations.publishing import Republisher
 from operations.service import Operations
 from runtime.aio import until_up
 from runtime.cpu import freeze_heap, use_processes, warm_processes
-from runtime.kafka import KafkaPublisher, ensure_topics
+from runtime.kafka import KafkaPublisher, LaneLog, ensure_topics
 from runtime.settings import (
     IntakeSettings,
     KafkaSettings,
@@ -44,6 +45,7 @@ from runtime.settings import (
     WorkerSettings,
     load,
 )
+from workers import metrics
 from workers.app import WorkerParts, serve
 from workers.breaker import Breaker
 from workers.core import Policy
@@ -84,6 +86,8 @@ def _housekeeping(
     kafka: KafkaPublisher,
     republisher: Republisher,
     actor: Actor,
+    lanes: LaneLog | None = None,
+    published_again: Callable[[int], object] | None = None,
 ) -> Housekeeping:
     return Housekeeping(
         engine=engine,  # type: ignore[arg-type]
@@ -96,6 +100,8 @@ def _housekeeping(
         intervals=Intervals(checkpoint_s=settings.audit_checkpoint_interval_s),
         key_retention_s=settings.idempotency_retention_h * 3600,
         checkpoint_dir=settings.checkpoint_dir(),
+        lanes=lanes,
+        published_again=published_again,
     )
 
 
@@ -277,7 +283,16 @@ async def worker_parts(settings: WorkerSettings) -> WorkerParts:
     return WorkerParts(
         pipeline=pipeline,
         breaker=breaker,
-        housekeeping=_housekeeping(settings, engine, cipher, kafka, republisher, actor),
+        housekeeping=_housekeeping(
+            settings,
+            engine,
+            cipher,
+            kafka,
+            republisher,
+            actor,
+            LaneLog(settings, settings.kafka_group_id, list(settings.lanes.values())),
+            metrics.PUBLISHED_AGAIN.inc,
+        ),
         token_valid=lambda: upstream.tokens.valid,
         close=close,
     )

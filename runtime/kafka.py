@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
@@ -99,13 +99,103 @@ async def ensure_topics(
     try:
         async with asyncio.timeout(timeout_s):
             await admin.start()
-            existing = set(await admin.list_topics())
-            wanted = [NewTopic(n, partitions, 1) for n in names if n not in existing]
-            if wanted:
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics(wanted)
+            await _create_missing(admin, names, partitions)
     finally:
         await admin.close()
+
+
+async def _create_missing(
+    admin: AIOKafkaAdminClient, names: Iterable[str], partitions: int
+) -> list[str]:
+    existing = set(await admin.list_topics())
+    missing = [n for n in names if n not in existing]
+    if missing:
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([NewTopic(n, partitions, 1) for n in missing])
+    return missing
+
+
+class LaneLog:
+    """What the broker holds of the lanes against what the workers' group has settled: records
+    on the lanes that the group has not committed past. Long-lived clients (they reconnect on
+    their own, to a broker that restarted too); topics that went missing are created again,
+    explicitly, as at start."""
+
+    def __init__(self, settings: KafkaSettings, group_id: str, lanes: Sequence[str]) -> None:
+        self._settings = settings
+        self._group = group_id
+        self._lanes = list(lanes)
+        self._admin: AIOKafkaAdminClient | None = None
+        self._offsets: AIOKafkaConsumer | None = None
+
+    async def _clients(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
+        if self._admin is None or self._offsets is None:
+            options = client_options(self._settings)
+            bootstrap = self._settings.kafka_bootstrap_servers
+            admin = AIOKafkaAdminClient(
+                bootstrap_servers=bootstrap, request_timeout_ms=10_000, **options
+            )
+            # No group: it only reads where each partition ends, and never joins the workers'.
+            offsets = AIOKafkaConsumer(
+                bootstrap_servers=bootstrap,
+                group_id=None,
+                enable_auto_commit=False,
+                request_timeout_ms=10_000,
+                **options,
+            )
+            try:
+                await admin.start()
+                await offsets.start()
+            except BaseException:
+                await _close(admin, offsets)
+                raise
+            self._admin, self._offsets = admin, offsets
+        return self._admin, self._offsets
+
+    async def unsettled(self) -> int:
+        """Records on the lanes past the group's committed offsets (0: everything the broker
+        holds has settled). A partition the group never committed counts from its start."""
+        try:
+            return await self._unsettled()
+        except BaseException:
+            await self.close()  # the next round starts from fresh connections
+            raise
+
+    async def _unsettled(self) -> int:
+        admin, offsets = await self._clients()
+        settings = self._settings
+        missing = await _create_missing(admin, settings.all_topics, settings.kafka_partitions)
+        if missing:
+            log.warning("topics_missing_created_again", topics=missing)
+        described = await admin.describe_topics(self._lanes)
+        partitions = [
+            TopicPartition(t["topic"], p["partition"])
+            for t in described
+            if not t["error_code"]
+            for p in t["partitions"]
+        ]
+        if len({tp.topic for tp in partitions}) < len(self._lanes):
+            raise LookupError("a lane has no partitions yet")
+        ends = await offsets.end_offsets(partitions)
+        committed = await admin.list_consumer_group_offsets(self._group, partitions=partitions)
+        return sum(
+            max(0, end - max(0, committed[tp].offset if tp in committed else 0))
+            for tp, end in ends.items()
+        )
+
+    async def close(self) -> None:
+        admin, offsets = self._admin, self._offsets
+        self._admin = self._offsets = None
+        await _close(admin, offsets)
+
+
+async def _close(admin: AIOKafkaAdminClient | None, consumer: AIOKafkaConsumer | None) -> None:
+    if consumer is not None:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+    if admin is not None:
+        with contextlib.suppress(Exception):
+            await admin.close()
 
 
 # Record batches of at most this size (a record larger than it goes in a batch of its own).

@@ -32,6 +32,10 @@ HOLDS_OPENED = Counter("etrm_worker_holds_opened_total", "Drift holds opened by 
 CONSUMER_LAG = Gauge(
     "etrm_worker_consumer_lag", "Records behind the high watermark", ["topic", "partition"]
 )
+PUBLISHED_AGAIN = Counter(
+    "etrm_worker_records_published_again_total",
+    "Queued records published again from the ledger: the broker no longer held their copy",
+)
 OFFSET_COMMITS = Counter("etrm_worker_offset_commits_total", "Offset commits of settled records")
 LANE_PAUSED = Gauge(
     "etrm_worker_lane_paused",
