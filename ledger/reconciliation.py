@@ -525,15 +525,23 @@ async def queued_before(
             await conn.execute(
                 sql(
                     """
-                    SELECT m.message_id, m.topic, m.contract_id, m.desk, m.trader, m.trace_id,
-                           m.batch_id, m.publication, m.publication_kind, m.dead_letter_id,
-                           m.payload, m.payload_kid,
-                           (SELECT count(*) FROM replay_items i
-                             WHERE i.message_id = m.message_id AND i.state = 'published')
-                               AS replays
-                      FROM messages m
-                     WHERE m.state = 'queued' AND m.queued_at < :cutoff
-                     ORDER BY m.accept_seq LIMIT :limit
+                    WITH stranded AS (
+                        SELECT message_id, topic, contract_id, desk, trader, trace_id,
+                               batch_id, publication, publication_kind, dead_letter_id,
+                               payload, payload_kid, accept_seq
+                          FROM messages
+                         WHERE state = 'queued' AND queued_at < :cutoff
+                         ORDER BY accept_seq LIMIT :limit
+                    ), replayed AS (  -- replay_count, for copies of operators' replays only
+                        SELECT message_id, count(*) AS n FROM replay_items
+                         WHERE state = 'published' AND message_id IN (
+                               SELECT message_id FROM stranded
+                                WHERE publication_kind = 'replay')
+                         GROUP BY message_id
+                    )
+                    SELECT s.*, coalesce(r.n, 0) AS replays
+                      FROM stranded s LEFT JOIN replayed r USING (message_id)
+                     ORDER BY s.accept_seq
                     """
                 ),
                 {"cutoff": cutoff, "limit": limit},
