@@ -20,7 +20,13 @@ from ops.dev.stack import Broker, free_port
 from runtime.kafka import ensure_topics
 from schemas import samples
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
-from tests.support import assert_contract_order, assert_effects_once
+from tests.support import (
+    assert_contract_order,
+    assert_effects_once,
+    headers_of,
+    read_topic,
+    wait_for,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -91,5 +97,67 @@ async def test_records_on_a_lost_log_are_published_again_and_delivered_once(
         assert_contract_order(pipe.sim, {m: i for i, m in enumerate(lost_ids + kept_ids)})
         again = await republished(pipe)
         assert set(again) == set(lost_ids), again
+    finally:
+        broker.stop()
+
+
+async def test_a_lost_replay_copy_is_published_again_as_that_replay(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    """A dead letter replayed by an operator, whose replay copy the broker then lost: it goes
+    out again as that replay (`replay_id`, `replay_of`, `replay_count`), and takes effect once."""
+    broker = Broker(free_port(), Path(tempfile.mkdtemp(prefix="etrm-lost-")) / "tansu.log")
+    broker.start()
+    try:
+        pipe: Pipeline = await pipeline_factory(
+            kafka_bootstrap_servers=broker.bootstrap, sim={"reject_contracts": ["UNBOOKED*"]}
+        )
+        client = pipe.client()
+        run = samples.run_id()
+        batch = await accepted(
+            client, run, samples.mixed_batch(run, 1, prefix="UNBOOKED"), "to-replay"
+        )
+        final = await pipe.wait_final(client, batch["batch_id"])
+        assert final["counts"] == {"dead_lettered": 1}, final["counts"]
+        message_id = batch["messages"][0]["message_id"]
+
+        await pipe.stop_worker()
+        pipe.sim.config.reject_contracts = []  # booked at the ETRM now
+        ops = pipe.operator()
+        [dead] = (await ops.get("/v1/reconciliation")).json()["items"]
+        replay = await ops.post(
+            "/v1/reconciliation/replay", json={"message_ids": [message_id], "reason": "booked"}
+        )
+        assert replay.status_code == 202, replay.text
+        replay_id = replay.json()["replay_id"]
+
+        async def published() -> bool:
+            status = (await ops.get(f"/v1/reconciliation/replay/{replay_id}")).json()
+            return bool(status["state"] == "completed")
+
+        await wait_for(published)
+        broker.stop()  # the replay's copy is lost with the log
+        broker.start()
+        settings = pipe.settings
+        await ensure_topics(broker.bootstrap, settings.all_topics, settings.kafka_partitions)
+
+        await pipe.start_worker()
+        final = await pipe.wait_final(client, batch["batch_id"], timeout=90)
+        assert final["counts"] == {"delivered": 1}, final["counts"]
+        assert_effects_once(pipe.sim, [message_id])
+        assert pipe.sim.posts_by_key[message_id] == 2  # refused once, then the replay
+        copies = [
+            headers_of(r)
+            for topic in settings.lanes.values()
+            for r in await read_topic(broker.bootstrap, topic)
+        ]
+        assert len(copies) == 1, copies
+        assert {k: copies[0].get(k) for k in ("message_id", "replay_id", "replay_of")} == {
+            "message_id": message_id,
+            "replay_id": replay_id,
+            "replay_of": dead["dead_letter_id"],
+        }
+        assert copies[0]["replay_count"] == "1"
+        assert await republished(pipe) == {message_id: 1}
     finally:
         broker.stop()
