@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ssl
 import struct
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -229,6 +230,11 @@ class KafkaPublisher:
         self.timeout_s = settings.kafka_publish_timeout_s
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
+        # Topics the broker was seen to hold, and the connections it was seen over (see
+        # `_topics_held`). A connection opened since is possibly to a broker that restarted.
+        self._held: set[str] = set()
+        self._held_over: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._held_lock = asyncio.Lock()
 
     async def _ready(self) -> AIOKafkaProducer:
         if self._producer is not None:
@@ -287,25 +293,31 @@ class KafkaPublisher:
                 for topic, key, value, headers in records
             ]
 
-        await self._acknowledged(send, len(records), what)
+        await self._acknowledged(send, {r[0] for r in records}, len(records), what)
 
     async def send_built(self, batches: Sequence[BuiltBatch], *, what: str = "") -> None:
         """Send record batches built elsewhere (`build_batches`, in a worker process for a big
         request) and wait until the broker acknowledged all of them, as `send_all` does."""
         if batches:
             await self._acknowledged(
-                lambda producer: _send_built(producer, batches), sum(b[3] for b in batches), what
+                lambda producer: _send_built(producer, batches),
+                {b[0] for b in batches},
+                sum(b[3] for b in batches),
+                what,
             )
 
     async def _acknowledged(
         self,
         send: Callable[[AIOKafkaProducer], Awaitable[list[asyncio.Future[Any]]]],
+        topics: set[str],
         records: int,
         what: str,
     ) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
-                acks = await send(await self._ready())
+                producer = await self._ready()
+                await self._topics_held(producer, topics)
+                acks = await send(producer)
                 if len(acks) == 1:  # a single record: no gathering future for one ack
                     await acks[0]
                 else:
@@ -313,6 +325,41 @@ class KafkaPublisher:
         except Exception as exc:
             log.warning("publish_failed", error=type(exc).__name__, records=records, what=what)
             raise PublishFailed(type(exc).__name__) from None
+
+    async def _topics_held(self, producer: AIOKafkaProducer, topics: set[str]) -> None:
+        """Publish only to topics the broker holds. Tansu 0.6 acknowledges a produce to a topic
+        it does not have (after a restart its memory storage is empty, and a producer's cached
+        metadata still names the lanes): those records cannot be fetched, and creating the topic
+        afterwards sets its offsets back over them, so each later produce to that partition
+        fails until it has passed them. So before the first publish over any connection opened
+        since the broker was last seen to hold the topics, the broker's own topic list is read
+        (a metadata request that creates nothing) and missing topics are created explicitly,
+        as at start. On every other publish this is a check of the producer's connections."""
+        conns = list(producer.client._conns.values())  # aiokafka's connections, by node
+        if (
+            topics <= self._held
+            and conns
+            and all(c.connected() and c in self._held_over for c in conns)
+        ):
+            return
+        async with self._held_lock:
+            conns = list(producer.client._conns.values())
+            if not (conns and all(c.connected() and c in self._held_over for c in conns)):
+                self._held, self._held_over = set(), weakref.WeakSet()
+            while missing := topics - self._held:
+                present = (await producer.client.fetch_all_metadata()).topics()
+                self._held |= topics & present
+                if missing - present:
+                    log.warning("topics_missing_created_again", topics=sorted(missing - present))
+                    await ensure_topics(
+                        self._settings.kafka_bootstrap_servers,
+                        sorted(missing - present),
+                        self._settings.kafka_partitions,
+                        security=self._settings,
+                    )
+                    await asyncio.sleep(0.05)  # until the broker's metadata lists them
+            # The metadata request went over the producer's connection to each broker it used.
+            self._held_over.update(c for c in producer.client._conns.values() if c.connected())
 
 
 # -- record batches built away from the producer -----------------------------------------------

@@ -166,8 +166,27 @@ class Committer:
             await asyncio.sleep(COMMIT_INTERVAL_S)
             await self.commit()
             for lane in self.by_topic.values():
-                if lane.consumer is not None:
-                    await record_lag(lane.consumer)
+                if lane.consumer is not None and (lost := await record_lag(lane.consumer)):
+                    await self.read_from_log_start(lane, lost)
+
+    async def read_from_log_start(self, lane: Lane, lost: list[TopicPartition]) -> None:
+        """The broker lost the log under these partitions' positions (Tansu restarted on
+        memory storage; on Apache Kafka, an unclean leader election). Apache Kafka answers a
+        fetch past the end with OFFSET_OUT_OF_RANGE and the consumer starts again from the
+        earliest offset, as `auto_offset_reset` says; Tansu 0.6 answers with no records, so
+        everything written to the partition again below the old position would be skipped.
+        Here the consumer is sent where Kafka's reset would send it, and the pipeline tracks
+        the partition from there as a new generation. What is read again and already settled
+        the ledger delivers once."""
+        log.warning("log_lost_under_position", lane=lane.name, partitions=[str(tp) for tp in lost])
+        metrics.LOG_RESETS.inc(len(lost))
+        try:
+            await lane.consumer.seek_to_beginning(*lost)
+        except Exception as exc:  # the next round finds them again
+            log.warning("seek_failed", lane=lane.name, error=type(exc).__name__)
+            return
+        held = lane.consumer.assignment()  # a rebalance may have come in between
+        await track_from_position(lane, self.pipeline, [tp for tp in lost if tp in held])
 
 
 class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -187,26 +206,32 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("partitions_revoked", lane=self.lane.name, partitions=len(keys))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        consumer = self.lane.consumer
-        # Nothing of these partitions is handed to the pipeline before their generation is
-        # recorded: positions are looked up below (awaits), and the fetcher does not wait.
-        with contextlib.suppress(Exception):
-            consumer.pause(*assigned)
-        for tp in assigned:
-            position = 0
-            for attempt in range(5):
-                try:
-                    position = await consumer.position(tp)
-                    break
-                except Exception as exc:
-                    log.warning("position_unknown", partition=str(tp), error=type(exc).__name__)
-                    await asyncio.sleep(0.2 * (attempt + 1))
-            self.pipeline.assign((tp.topic, tp.partition), position)
-        with contextlib.suppress(Exception):
-            consumer.resume(*assigned)
         self.lane.paused = False
+        await track_from_position(self.lane, self.pipeline, assigned)
         self.lane.out_since = None
         log.info("partitions_assigned", lane=self.lane.name, partitions=len(assigned))
+
+
+async def track_from_position(lane: Lane, pipeline: Pipeline, partitions: Any) -> None:
+    """A new generation of each partition in the pipeline, starting at the consumer's position.
+    Nothing of these partitions is handed to the pipeline before their generation is recorded:
+    positions are looked up below (awaits), and the fetcher does not wait."""
+    consumer = lane.consumer
+    with contextlib.suppress(Exception):
+        consumer.pause(*partitions)
+    for tp in partitions:
+        position = 0
+        for attempt in range(5):
+            try:
+                position = await consumer.position(tp)
+                break
+            except Exception as exc:
+                log.warning("position_unknown", partition=str(tp), error=type(exc).__name__)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        pipeline.assign((tp.topic, tp.partition), position)
+    if not lane.paused:  # a lane paused for backpressure resumes when records settle
+        with contextlib.suppress(Exception):
+            consumer.resume(*partitions)
 
 
 async def raw_batch(records: Any, _: Any) -> StreamKafkaMessage:
@@ -386,8 +411,11 @@ async def rejoin_watchdog(
         await asyncio.gather(*restarting.values(), return_exceptions=True)
 
 
-async def record_lag(consumer: Any) -> None:
-    """Consumer lag per partition: the broker's high watermark minus our position."""
+async def record_lag(consumer: Any) -> list[TopicPartition]:
+    """Consumer lag per partition: the broker's high watermark minus our position. Returns the
+    partitions whose position is past the high watermark: a position only ever comes from
+    records the broker returned, so the log behind it is gone."""
+    lost = []
     for tp in consumer.assignment():
         highwater = consumer.highwater(tp)
         if highwater is None:
@@ -399,7 +427,12 @@ async def record_lag(consumer: Any) -> None:
             # cancellation when the position came back in the same instant.
             async with asyncio.timeout(1.0):
                 position = await consumer.position(tp)
-            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(highwater - position)
+            if position > highwater:
+                lost.append(tp)
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
+                max(0, highwater - position)
+            )
+    return lost
 
 
 def bind_health_port(host: str, port: int) -> socket.socket | None:

@@ -36,6 +36,10 @@ PUBLISHED_AGAIN = Counter(
     "etrm_worker_records_published_again_total",
     "Queued records published again from the ledger: the broker no longer held their copy",
 )
+LOG_RESETS = Counter(
+    "etrm_worker_partition_log_resets_total",
+    "Lane partitions read again from their start: the broker lost the log under the position",
+)
 OFFSET_COMMITS = Counter("etrm_worker_offset_commits_total", "Offset commits of settled records")
 LANE_PAUSED = Gauge(
     "etrm_worker_lane_paused",
