@@ -157,6 +157,10 @@ class Committer:
                 metrics.OFFSET_COMMITS.inc()
             except Exception as exc:  # e.g. a rebalance took the partitions away meanwhile
                 log.warning("commit_failed", lane=name, error=type(exc).__name__)
+                # Offered again next round: left as it is, a partition whose last records
+                # settled would keep a committed offset behind them until more arrived (and
+                # housekeeping, seeing the lanes unsettled, would never restore lost records).
+                self.pipeline.offsets.commit_again((tp.topic, tp.partition) for tp in offsets)
 
     def by_topic_lane(self, name: str) -> Lane:
         return next(lane for lane in self.by_topic.values() if lane.name == name)

@@ -152,6 +152,11 @@ class OffsetTracker:
         self._advanced.clear()
         return ready
 
+    def commit_again(self, partitions: Iterable[PartitionKey]) -> None:
+        """A commit of these partitions' points failed: the next `committable` offers them
+        again (while they are still ours), even if nothing more finishes on them."""
+        self._advanced.update(p for p in partitions if p in self._partitions)
+
     def commit_points(self) -> dict[PartitionKey, int]:
         """Every partition's commit point (on revocation and shutdown: commit all of it)."""
         return {p: s.commit_at for p, s in self._partitions.items() if s.commit_at is not None}

@@ -85,8 +85,8 @@ def test_revoked_partitions_and_re_reads() -> None:
 
 class PartitionLog(RuleBasedStateMachine):
     """One partition of LOG records; a consumer that fetches (sometimes stale batches), a
-    worker that settles records in any order, rebalances that take the partition away and
-    give it back at the committed offset."""
+    worker that settles records in any order, commits the broker refuses, rebalances that take
+    the partition away and give it back at the committed offset."""
 
     LOG = 30
 
@@ -149,6 +149,16 @@ class PartitionLog(RuleBasedStateMachine):
     @rule()
     def commit(self) -> None:
         self._commit()
+        if self.assigned:  # a commit that goes through brings the partition up to date
+            point = self.tracker.commit_points().get(P0)
+            assert point is None or self.committed == point, (self.committed, point)
+
+    @precondition(lambda self: self.assigned)
+    @rule()
+    def commit_refused(self) -> None:
+        """The broker refuses a commit (the group rebalancing): nothing is committed, and the
+        points are offered again next round."""
+        self.tracker.commit_again(self.tracker.committable())
 
     def _commit(self) -> None:
         for partition, offset in self.tracker.committable().items():
