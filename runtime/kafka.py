@@ -18,9 +18,11 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.client import AIOKafkaClient, ConnectionGroup
+from aiokafka.errors import NodeNotReadyError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.util import calc_crc32c
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
@@ -199,6 +201,73 @@ async def _close(admin: AIOKafkaAdminClient | None, consumer: AIOKafkaConsumer |
             await admin.close()
 
 
+class TopicsHeld:
+    """Produce requests go only over connections on which the broker was seen to hold their
+    topics. Tansu 0.6 acknowledges a produce to a topic it does not have: after a restart its
+    memory storage is empty while a producer's cached metadata still names the lanes, and the
+    producer sends (or re-sends a batch it had in flight) at once. Those records cannot be
+    fetched, and when the topic is created afterwards its offsets start again under them: later
+    produces to that partition fail, and consumers fetching there get nothing, for good.
+
+    So every produce request the producer's client sends over a connection opened since the
+    broker was last seen to hold its topics first waits for the broker's topic list (a metadata
+    request, which creates nothing) and for missing topics to be created explicitly, as at
+    start. Installed on the client's `send`, which the producer's sender uses for every produce
+    request, retries included; on a connection already checked it costs a set lookup."""
+
+    def __init__(self, client: AIOKafkaClient, settings: KafkaSettings) -> None:
+        self._client = client
+        self._settings = settings
+        self._send = client.send
+        self._held: set[str] = set()
+        self._over: weakref.WeakSet[Any] = weakref.WeakSet()  # aiokafka connections checked
+        self._lock = asyncio.Lock()
+        client.send = self.send
+
+    async def send(
+        self, node_id: Any, request: Any, *, group: ConnectionGroup = ConnectionGroup.DEFAULT
+    ) -> Any:
+        if isinstance(request, ProduceRequest):
+            # The request's topics (aiokafka keeps them private); every topic this process
+            # publishes to, should that ever change.
+            named = getattr(request, "_topics", None)
+            topics = {t for t, _ in named} if named else set(self._settings.all_topics)
+            if not self._checked(node_id, group, topics):
+                try:
+                    await self._check(node_id, group, topics)
+                except Exception as exc:  # retriable: the sender sends the batch again later
+                    raise NodeNotReadyError(f"topics not confirmed: {type(exc).__name__}") from exc
+        return await self._send(node_id, request, group=group)
+
+    def _checked(self, node_id: Any, group: ConnectionGroup, topics: set[str]) -> bool:
+        conn = self._client._conns.get((node_id, group))
+        return conn is not None and conn.connected() and conn in self._over and topics <= self._held
+
+    async def _check(self, node_id: Any, group: ConnectionGroup, topics: set[str]) -> None:
+        async with self._lock, asyncio.timeout(self._settings.kafka_publish_timeout_s):
+            if self._checked(node_id, group, topics):
+                return
+            if not await self._client.ready(node_id, group=group):
+                raise NodeNotReadyError(f"node {node_id} not ready")
+            conn = self._client._conns[(node_id, group)]
+            if conn not in self._over:  # a new connection: what was seen before may be gone
+                self._held, self._over = set(), weakref.WeakSet()
+            while missing := topics - self._held:
+                present = (await self._client.fetch_all_metadata()).topics()
+                self._held |= topics & present
+                if missing - present:
+                    log.warning("topics_missing_created_again", topics=sorted(missing - present))
+                    await ensure_topics(
+                        self._settings.kafka_bootstrap_servers,
+                        sorted(missing - present),
+                        self._settings.kafka_partitions,
+                        security=self._settings,
+                    )
+                    await asyncio.sleep(0.05)  # until the broker's metadata lists them
+            if conn.connected():
+                self._over.add(conn)
+
+
 # Record batches of at most this size (a record larger than it goes in a batch of its own).
 # The producer sends one batch per partition per request and encodes each request on the event
 # loop: a 5,000-record acceptance in 1 MB batches made one ~3 MB request, ~7 ms of copying on
@@ -230,11 +299,6 @@ class KafkaPublisher:
         self.timeout_s = settings.kafka_publish_timeout_s
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
-        # Topics the broker was seen to hold, and the connections it was seen over (see
-        # `_topics_held`). A connection opened since is possibly to a broker that restarted.
-        self._held: set[str] = set()
-        self._held_over: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._held_lock = asyncio.Lock()
 
     async def _ready(self) -> AIOKafkaProducer:
         if self._producer is not None:
@@ -242,6 +306,7 @@ class KafkaPublisher:
         async with self._lock:
             if self._producer is None:
                 producer = make_producer(self._settings)
+                TopicsHeld(producer.client, self._settings)
                 try:
                     await producer.start()
                 except Exception:
@@ -293,31 +358,25 @@ class KafkaPublisher:
                 for topic, key, value, headers in records
             ]
 
-        await self._acknowledged(send, {r[0] for r in records}, len(records), what)
+        await self._acknowledged(send, len(records), what)
 
     async def send_built(self, batches: Sequence[BuiltBatch], *, what: str = "") -> None:
         """Send record batches built elsewhere (`build_batches`, in a worker process for a big
         request) and wait until the broker acknowledged all of them, as `send_all` does."""
         if batches:
             await self._acknowledged(
-                lambda producer: _send_built(producer, batches),
-                {b[0] for b in batches},
-                sum(b[3] for b in batches),
-                what,
+                lambda producer: _send_built(producer, batches), sum(b[3] for b in batches), what
             )
 
     async def _acknowledged(
         self,
         send: Callable[[AIOKafkaProducer], Awaitable[list[asyncio.Future[Any]]]],
-        topics: set[str],
         records: int,
         what: str,
     ) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
-                producer = await self._ready()
-                await self._topics_held(producer, topics)
-                acks = await send(producer)
+                acks = await send(await self._ready())
                 if len(acks) == 1:  # a single record: no gathering future for one ack
                     await acks[0]
                 else:
@@ -325,41 +384,6 @@ class KafkaPublisher:
         except Exception as exc:
             log.warning("publish_failed", error=type(exc).__name__, records=records, what=what)
             raise PublishFailed(type(exc).__name__) from None
-
-    async def _topics_held(self, producer: AIOKafkaProducer, topics: set[str]) -> None:
-        """Publish only to topics the broker holds. Tansu 0.6 acknowledges a produce to a topic
-        it does not have (after a restart its memory storage is empty, and a producer's cached
-        metadata still names the lanes): those records cannot be fetched, and creating the topic
-        afterwards sets its offsets back over them, so each later produce to that partition
-        fails until it has passed them. So before the first publish over any connection opened
-        since the broker was last seen to hold the topics, the broker's own topic list is read
-        (a metadata request that creates nothing) and missing topics are created explicitly,
-        as at start. On every other publish this is a check of the producer's connections."""
-        conns = list(producer.client._conns.values())  # aiokafka's connections, by node
-        if (
-            topics <= self._held
-            and conns
-            and all(c.connected() and c in self._held_over for c in conns)
-        ):
-            return
-        async with self._held_lock:
-            conns = list(producer.client._conns.values())
-            if not (conns and all(c.connected() and c in self._held_over for c in conns)):
-                self._held, self._held_over = set(), weakref.WeakSet()
-            while missing := topics - self._held:
-                present = (await producer.client.fetch_all_metadata()).topics()
-                self._held |= topics & present
-                if missing - present:
-                    log.warning("topics_missing_created_again", topics=sorted(missing - present))
-                    await ensure_topics(
-                        self._settings.kafka_bootstrap_servers,
-                        sorted(missing - present),
-                        self._settings.kafka_partitions,
-                        security=self._settings,
-                    )
-                    await asyncio.sleep(0.05)  # until the broker's metadata lists them
-            # The metadata request went over the producer's connection to each broker it used.
-            self._held_over.update(c for c in producer.client._conns.values() if c.connected())
 
 
 # -- record batches built away from the producer -----------------------------------------------
