@@ -251,7 +251,7 @@ class TopicsHeld:
                 raise NodeNotReadyError(f"node {node_id} not ready")
             conn = self._client._conns[(node_id, group)]
             if conn not in self._over:  # a new connection: what was seen before may be gone
-                self._held, self._over = set(), weakref.WeakSet()
+                self._held = set()  # (connections to other brokers stay checked)
             while missing := topics - self._held:
                 present = (await self._client.fetch_all_metadata()).topics()
                 self._held |= topics & present
