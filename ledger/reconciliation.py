@@ -517,20 +517,37 @@ async def ledger_now(engine: AsyncEngine) -> datetime:
 
 
 async def queued_before(
-    engine: AsyncEngine, cutoff: datetime, limit: int, cipher: PayloadCipher
+    engine: AsyncEngine,
+    cutoff: datetime,
+    limit: int,
+    cipher: PayloadCipher,
+    contracts: Collection[tuple[str, str]] | None = None,
+    besides: Collection[str] | None = None,
 ) -> list[Stranded]:
-    """Records queued before `cutoff` and still queued, in acceptance order."""
+    """Records queued before `cutoff` and still queued, in acceptance order; only those of
+    these (desk, contract) pairs when `contracts` is given, and none of `besides`."""
+    of_contracts = ""
+    params: dict[str, Any] = {"cutoff": cutoff, "limit": limit}
+    if contracts is not None:
+        of_contracts = (
+            " AND (desk, contract_id) IN (SELECT d, c FROM unnest("
+            "CAST(:desks AS text[]), CAST(:contracts AS text[])) AS w(d, c))"
+            " AND NOT message_id = ANY(CAST(:besides AS text[]))"
+        )
+        params["desks"] = [desk for desk, _ in contracts]
+        params["contracts"] = [contract for _, contract in contracts]
+        params["besides"] = list(besides or ())
     async with engine.connect() as conn:
         rows = (
             await conn.execute(
                 sql(
-                    """
+                    f"""
                     WITH stranded AS (
                         SELECT message_id, topic, contract_id, desk, trader, trace_id,
                                batch_id, publication, publication_kind, dead_letter_id,
                                payload, payload_kid, accept_seq
                           FROM messages
-                         WHERE state = 'queued' AND queued_at < :cutoff
+                         WHERE state = 'queued' AND queued_at < :cutoff{of_contracts}
                          ORDER BY accept_seq LIMIT :limit
                     ), replayed AS (  -- replay_count, for copies of operators' replays only
                         SELECT message_id, count(*) AS n FROM replay_items
@@ -544,7 +561,7 @@ async def queued_before(
                      ORDER BY s.accept_seq
                     """
                 ),
-                {"cutoff": cutoff, "limit": limit},
+                params,
             )
         ).all()
     return [

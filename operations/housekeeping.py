@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -52,6 +53,9 @@ class Intervals:
     # A record queued this long ago and still queued while the workers' group has settled
     # everything the broker holds of the lanes is not on the broker any more.
     restore_after_s: float = 10.0
+    # A contract whose later records wait for its queued ones is restored at most this often
+    # while the lanes are unsettled (the records waited for may just be behind a backlog).
+    restore_waited_again_s: float = 60.0
 
 
 RESTORE_CHUNK = 500
@@ -73,6 +77,7 @@ class Housekeeping:
         checkpoint_dir: Path | None = None,
         lanes: LaneLog | None = None,
         published_again: Callable[[int], object] | None = None,
+        waiting: Callable[[float], Mapping[tuple[str, str], Collection[str]]] | None = None,
     ) -> None:
         self.engine = engine
         self.cipher = cipher
@@ -86,6 +91,11 @@ class Housekeeping:
         self.checkpoint_dir = checkpoint_dir
         self.lanes = lanes
         self.published_again = published_again
+        # (desk, contract) pairs whose copies here wait, longer than given, for an earlier
+        # record this process does not hold, with the records of it held here (the worker's
+        # pipeline); and when each contract was last restored for that
+        self.waiting = waiting
+        self.restored_waited: dict[tuple[str, str], float] = {}
         self.stop_event = asyncio.Event()
         self.outbox_nudge = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -177,11 +187,45 @@ class Housekeeping:
         assert self.lanes is not None
         cutoff = await recon.ledger_now(self.engine) - timedelta(seconds=self.every.restore_after_s)
         async with asyncio.timeout(30.0):
-            if await self.lanes.unsettled():
+            unsettled = await self.lanes.unsettled()
+        contracts, held = None, None
+        why = "queued, and not on its lane: published again"
+        if unsettled:
+            # Unsettled may mean stuck: later records of a contract wait for its lost ones,
+            # and are never committed past while they wait.
+            waited = self._waited_for()
+            if not waited:
                 return
-        stranded = await recon.queued_before(self.engine, cutoff, RESTORE_CHUNK, self.cipher)
+            contracts, held = set(waited), set().union(*waited.values())
+            why = "queued, and waited for by later records of its contract: published again"
+        stranded = await recon.queued_before(
+            self.engine, cutoff, RESTORE_CHUNK, self.cipher, contracts, held
+        )
         if stranded:
-            await self.republisher.restore(stranded, self.actor)
-            log.warning("queued_records_published_again", records=len(stranded))
+            await self.republisher.restore(stranded, self.actor, why)
+            log.warning(
+                "queued_records_published_again",
+                records=len(stranded),
+                waited_for=contracts is not None,
+            )
             if self.published_again is not None:
                 self.published_again(len(stranded))
+
+    def _waited_for(self) -> dict[tuple[str, str], Collection[str]]:
+        """Contracts whose later records have waited `restore_after_s` for earlier ones this
+        worker does not hold, each at most once per `restore_waited_again_s`, with the
+        records of each that it holds (those are on the broker)."""
+        if self.waiting is None:
+            return {}
+        now = time.monotonic()
+        again = self.every.restore_waited_again_s
+        for contract, at in list(self.restored_waited.items()):
+            if now - at >= again:
+                del self.restored_waited[contract]
+        waited = {
+            contract: held
+            for contract, held in self.waiting(self.every.restore_after_s).items()
+            if contract not in self.restored_waited
+        }
+        self.restored_waited.update(dict.fromkeys(waited, now))
+        return waited

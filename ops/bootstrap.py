@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 
 import structlog
 from aiokafka.errors import KafkaError
@@ -88,6 +88,7 @@ def _housekeeping(
     actor: Actor,
     lanes: LaneLog | None = None,
     published_again: Callable[[int], object] | None = None,
+    waiting: Callable[[float], Mapping[tuple[str, str], Collection[str]]] | None = None,
 ) -> Housekeeping:
     return Housekeeping(
         engine=engine,  # type: ignore[arg-type]
@@ -102,6 +103,7 @@ def _housekeeping(
         checkpoint_dir=settings.checkpoint_dir(),
         lanes=lanes,
         published_again=published_again,
+        waiting=waiting,
     )
 
 
@@ -292,6 +294,7 @@ async def worker_parts(settings: WorkerSettings) -> WorkerParts:
             actor,
             LaneLog(settings, settings.kafka_group_id, list(settings.lanes.values())),
             metrics.PUBLISHED_AGAIN.inc,
+            pipeline.waiting_on_absent,
         ),
         token_valid=lambda: upstream.tokens.valid,
         close=close,

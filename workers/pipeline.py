@@ -134,6 +134,9 @@ class Copy:
     not_before: float = 0.0
     waits: int = 0
     behind: str | None = None  # of its last wait: the earlier record it waited for
+    # The earlier record it has been waiting for, wait after wait, and since when (monotonic).
+    waiting_for: str | None = None
+    waiting_since: float = 0.0
 
 
 @dataclass(eq=False)
@@ -413,7 +416,10 @@ class Pipeline:
                 self._wake_behind(copy)
             else:
                 copy.waits += 1
-                copy.not_before = time.monotonic() + _wait_delay(copy.waits, self.rng)
+                now = time.monotonic()
+                copy.not_before = now + _wait_delay(copy.waits, self.rng)
+                if copy.behind != copy.waiting_for:
+                    copy.waiting_for, copy.waiting_since = copy.behind, now
                 self._wait_behind(chain, copy)
         if self.chains.get(chain.key) is chain and not chain.items:
             self._forget(chain)
@@ -426,6 +432,28 @@ class Pipeline:
             del same[chain.key]
             if not same:
                 del self.by_contract[contract]
+
+    def waiting_on_absent(self, longer_than_s: float) -> dict[tuple[str, str], set[str]]:
+        """(desk, contract) of every copy here that has waited longer than `longer_than_s`
+        for an earlier record of its contract that this worker does not hold, with the
+        records of that contract it does hold. The record waited for may be queued behind a
+        backlog on another lane — or its copy may be gone with a lost log, and then nothing
+        but publishing it again moves the contract: its later copies are never committed
+        past, so the lanes never read as settled (housekeeping's restore)."""
+        now = time.monotonic()
+        copies = [c for chain in self.chains.values() for c in chain.items]
+        held = {c.message_id for c in copies}
+        waiting = {
+            (c.desk, c.contract_id): set[str]()
+            for c in copies
+            if c.waiting_for is not None
+            and c.waiting_for not in held
+            and now - c.waiting_since >= longer_than_s
+        }
+        for c in copies:
+            if (ids := waiting.get((c.desk, c.contract_id))) is not None:
+                ids.add(c.message_id)
+        return waiting
 
     def _wake_behind(self, settled: Copy) -> None:
         """A chain of the same contract on another lane (or partition) that waits for
