@@ -85,6 +85,9 @@ log = structlog.get_logger("etrm.worker")
 LEASE_MARGIN_S = 2.0
 WAIT_BASE_S = 0.05
 WAIT_CAP_S = 1.0
+# A copy that waits for the same earlier record again within this long has waited all along;
+# a longer gap (the chain held by the breaker or a maintenance window) starts its wait afresh.
+WAITING_GAP_S = 5 * WAIT_CAP_S
 LOOKAHEAD = 8
 
 
@@ -134,9 +137,11 @@ class Copy:
     not_before: float = 0.0
     waits: int = 0
     behind: str | None = None  # of its last wait: the earlier record it waited for
-    # The earlier record it has been waiting for, wait after wait, and since when (monotonic).
+    # The earlier record it has been waiting for, wait after wait, since when and when it
+    # last waited (monotonic).
     waiting_for: str | None = None
     waiting_since: float = 0.0
+    waited_at: float = 0.0
 
 
 @dataclass(eq=False)
@@ -418,8 +423,9 @@ class Pipeline:
                 copy.waits += 1
                 now = time.monotonic()
                 copy.not_before = now + _wait_delay(copy.waits, self.rng)
-                if copy.behind != copy.waiting_for:
+                if copy.behind != copy.waiting_for or now - copy.waited_at > WAITING_GAP_S:
                     copy.waiting_for, copy.waiting_since = copy.behind, now
+                copy.waited_at = now
                 self._wait_behind(chain, copy)
         if self.chains.get(chain.key) is chain and not chain.items:
             self._forget(chain)
@@ -449,6 +455,7 @@ class Pipeline:
             if c.waiting_for is not None
             and c.waiting_for not in held
             and now - c.waiting_since >= longer_than_s
+            and now - c.waited_at <= WAITING_GAP_S  # still trying: not held by the breaker
         }
         for c in copies:
             if (ids := waiting.get((c.desk, c.contract_id))) is not None:

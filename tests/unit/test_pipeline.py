@@ -227,6 +227,27 @@ async def test_a_copy_waiting_for_one_not_consumed_yet_holds_its_chain_still(h: 
     assert h.upstream.posts == [first, second, third]
 
 
+async def test_copies_that_keep_waiting_for_a_record_not_here_name_their_contract(
+    h: Harness,
+) -> None:
+    """What housekeeping publishes again while the lanes are unsettled: the earlier record's
+    copy may be gone with a lost log, and its contract's later copies would wait for ever."""
+    run = samples.run_id()
+    first, second, third = await h.desk.accept(
+        [otc(run, "OTC-GONE", r, str(10 * r)) for r in (1, 2, 3)]
+    )
+    h.feed(skip=lambda i: i == 0)  # the first one's copy is not on the broker
+    await h.until(lambda: h.ledger.claimed.count(second) >= 2)
+    contract = (h.desk.desk, "OTC-GONE-0000")
+    assert h.pipeline.waiting_on_absent(0.0) == {contract: {second, third}}
+    assert h.pipeline.waiting_on_absent(60.0) == {}  # not waited that long
+    h.broker.records.append(h.broker.records[0])  # published again
+    h.feed()
+    await h.until(lambda: all(h.ledger.settled(m) for m in (first, second, third)))
+    assert h.upstream.posts == [first, second, third]
+    assert h.pipeline.waiting_on_absent(0.0) == {}
+
+
 async def test_a_contract_on_both_lanes_steps_from_lane_to_lane_without_a_back_off(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
