@@ -210,11 +210,14 @@ class Housekeeping:
             )
             if self.published_again is not None:
                 self.published_again(len(stranded))
+            if contracts is not None:
+                self._restored({(r.desk, r.contract_id) for r in stranded})
 
     def _waited_for(self) -> dict[tuple[str, str], Collection[str]]:
         """Contracts whose later records have waited `restore_after_s` for earlier ones this
-        worker does not hold, each at most once per `restore_waited_again_s`, with the
-        records of each that it holds (those are on the broker)."""
+        worker does not hold, and that were not restored for that in the last
+        `restore_waited_again_s`, with the records of each that it holds (those are on the
+        broker)."""
         if self.waiting is None:
             return {}
         now = time.monotonic()
@@ -222,10 +225,12 @@ class Housekeeping:
         for contract, at in list(self.restored_waited.items()):
             if now - at >= again:
                 del self.restored_waited[contract]
-        waited = {
+        return {
             contract: held
             for contract, held in self.waiting(self.every.restore_after_s).items()
             if contract not in self.restored_waited
         }
-        self.restored_waited.update(dict.fromkeys(waited, now))
-        return waited
+
+    def _restored(self, contracts: Collection[tuple[str, str]]) -> None:
+        """These contracts' waited-for records are on the broker again."""
+        self.restored_waited.update(dict.fromkeys(contracts, time.monotonic()))

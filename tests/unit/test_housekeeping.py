@@ -9,7 +9,6 @@ from typing import Any, cast
 import pytest
 
 from ledger.rows import Actor
-from operations import housekeeping
 from operations.housekeeping import Housekeeping, Intervals
 
 
@@ -17,7 +16,7 @@ def test_a_waited_for_contract_is_restored_at_most_once_per_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(housekeeping.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("operations.housekeeping.time.monotonic", lambda: clock[0])
     asked: list[float] = []
     waiting: dict[tuple[str, str], set[str]] = {("power-east", "C1"): {"m7", "m8"}}
 
@@ -38,11 +37,13 @@ def test_a_waited_for_contract_is_restored_at_most_once_per_interval(
     )
     assert keeper._waited_for() == {("power-east", "C1"): {"m7", "m8"}}
     assert asked == [10.0]  # waited at least restore_after_s
+    assert keeper._waited_for() == {("power-east", "C1"): {"m7", "m8"}}  # not restored yet
+    keeper._restored({("power-east", "C1")})
     clock[0] += 59.0
     waiting[("gas-west", "C2")] = set()
     assert keeper._waited_for() == {("gas-west", "C2"): set()}  # C1 not again yet
     clock[0] += 1.0
-    assert keeper._waited_for() == {("power-east", "C1"): {"m7", "m8"}}
+    assert keeper._waited_for() == {("power-east", "C1"): {"m7", "m8"}, ("gas-west", "C2"): set()}
     assert (
         Housekeeping(
             engine=none,
