@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -516,27 +516,37 @@ async def ledger_now(engine: AsyncEngine) -> datetime:
     return now
 
 
+@dataclass
+class Waited:
+    """Queued records a worker's copies wait for: of these (desk, contract, lane topic), and
+    none of `held` (copies the worker holds, so on the broker)."""
+
+    lanes: set[tuple[str, str, str]] = field(default_factory=set)
+    held: set[str] = field(default_factory=set)
+
+
 async def queued_before(
     engine: AsyncEngine,
     cutoff: datetime,
     limit: int,
     cipher: PayloadCipher,
-    contracts: Collection[tuple[str, str]] | None = None,
-    besides: Collection[str] | None = None,
+    waited: Waited | None = None,
 ) -> list[Stranded]:
-    """Records queued before `cutoff` and still queued, in acceptance order; only those of
-    these (desk, contract) pairs when `contracts` is given, and none of `besides`."""
+    """Records queued before `cutoff` and still queued, in acceptance order; only those
+    `waited` names when it is given."""
     of_contracts = ""
     params: dict[str, Any] = {"cutoff": cutoff, "limit": limit}
-    if contracts is not None:
+    if waited is not None:
         of_contracts = (
-            " AND (desk, contract_id) IN (SELECT d, c FROM unnest("
-            "CAST(:desks AS text[]), CAST(:contracts AS text[])) AS w(d, c))"
+            " AND (desk, contract_id, topic) IN (SELECT d, c, t FROM unnest("
+            "CAST(:desks AS text[]), CAST(:contracts AS text[]), CAST(:topics AS text[]))"
+            " AS w(d, c, t))"
             " AND NOT message_id = ANY(CAST(:besides AS text[]))"
         )
-        params["desks"] = [desk for desk, _ in contracts]
-        params["contracts"] = [contract for _, contract in contracts]
-        params["besides"] = list(besides or ())
+        params["desks"] = [desk for desk, _, _ in waited.lanes]
+        params["contracts"] = [contract for _, contract, _ in waited.lanes]
+        params["topics"] = [topic for _, _, topic in waited.lanes]
+        params["besides"] = list(waited.held)
     async with engine.connect() as conn:
         rows = (
             await conn.execute(

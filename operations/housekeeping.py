@@ -53,8 +53,12 @@ class Intervals:
     # A record queued this long ago and still queued while the workers' group has settled
     # everything the broker holds of the lanes is not on the broker any more.
     restore_after_s: float = 10.0
+    # While the lanes are unsettled: a record waited for restore_after_s by a later record of
+    # its contract on its own lane, or on a lane that has settled, is not on the broker; on a
+    # lane still busy it may just be behind a backlog, and is published again only after this.
+    restore_waited_across_s: float = 60.0
     # A contract whose later records wait for its queued ones is restored at most this often
-    # while the lanes are unsettled (the records waited for may just be behind a backlog).
+    # while the lanes are unsettled.
     restore_waited_again_s: float = 60.0
 
 
@@ -77,7 +81,7 @@ class Housekeeping:
         checkpoint_dir: Path | None = None,
         lanes: LaneLog | None = None,
         published_again: Callable[[int], object] | None = None,
-        waiting: Callable[[float], Mapping[tuple[str, str], Collection[str]]] | None = None,
+        waiting: Callable[[float], Mapping[tuple[str, str, str], Collection[str]]] | None = None,
     ) -> None:
         self.engine = engine
         self.cipher = cipher
@@ -91,9 +95,9 @@ class Housekeeping:
         self.checkpoint_dir = checkpoint_dir
         self.lanes = lanes
         self.published_again = published_again
-        # (desk, contract) pairs whose copies here wait, longer than given, for an earlier
-        # record this process does not hold, with the records of it held here (the worker's
-        # pipeline); and when each contract was last restored for that
+        # (desk, contract, lane topic) of copies here that waited, longer than given, for an
+        # earlier record this process does not hold, with the records of the contract held
+        # here (the worker's pipeline); and when each contract was last restored for that
         self.waiting = waiting
         self.restored_waited: dict[tuple[str, str], float] = {}
         self.stop_event = asyncio.Event()
@@ -188,48 +192,54 @@ class Housekeeping:
         cutoff = await recon.ledger_now(self.engine) - timedelta(seconds=self.every.restore_after_s)
         async with asyncio.timeout(30.0):
             unsettled = await self.lanes.unsettled()
-        contracts, held = None, None
+        waited: recon.Waited | None = None
         why = "queued, and not on its lane: published again"
-        if unsettled:
+        if any(unsettled.values()):
             # Unsettled may mean stuck: later records of a contract wait for its lost ones,
             # and are never committed past while they wait.
-            waited = self._waited_for()
-            if not waited:
+            waited = self._waited_for(unsettled)
+            if waited is None:
                 return
-            contracts, held = set(waited), set().union(*waited.values())
             why = "queued, and waited for by later records of its contract: published again"
         stranded = await recon.queued_before(
-            self.engine, cutoff, RESTORE_CHUNK, self.cipher, contracts, held
+            self.engine, cutoff, RESTORE_CHUNK, self.cipher, waited
         )
         if stranded:
             await self.republisher.restore(stranded, self.actor, why)
             log.warning(
                 "queued_records_published_again",
                 records=len(stranded),
-                waited_for=contracts is not None,
+                waited_for=waited is not None,
             )
             if self.published_again is not None:
                 self.published_again(len(stranded))
-            if contracts is not None:
+            if waited is not None:
                 self._restored({(r.desk, r.contract_id) for r in stranded})
 
-    def _waited_for(self) -> dict[tuple[str, str], Collection[str]]:
-        """Contracts whose later records have waited `restore_after_s` for earlier ones this
-        worker does not hold, and that were not restored for that in the last
-        `restore_waited_again_s`, with the records of each that it holds (those are on the
-        broker)."""
+    def _waited_for(self, unsettled: Mapping[str, int]) -> recon.Waited | None:
+        """What the worker's copies have waited for long enough, by lane (`unsettled`: each
+        lane's records the group has not committed past): on the copy's own lane or on one
+        that has settled after `restore_after_s`, on any lane after `restore_waited_across_s`;
+        of contracts not restored for that in the last `restore_waited_again_s`. None when
+        nothing."""
         if self.waiting is None:
-            return {}
+            return None
         now = time.monotonic()
         again = self.every.restore_waited_again_s
-        for contract, at in list(self.restored_waited.items()):
+        for done, at in list(self.restored_waited.items()):
             if now - at >= again:
-                del self.restored_waited[contract]
-        return {
-            contract: held
-            for contract, held in self.waiting(self.every.restore_after_s).items()
-            if contract not in self.restored_waited
-        }
+                del self.restored_waited[done]
+        settled = [topic for topic, count in unsettled.items() if not count]
+        waited = recon.Waited()
+        for longer_than_s, across in (
+            (self.every.restore_after_s, settled),
+            (self.every.restore_waited_across_s, list(unsettled)),
+        ):
+            for (desk, contract, topic), held in self.waiting(longer_than_s).items():
+                if (desk, contract) not in self.restored_waited:
+                    waited.lanes.update((desk, contract, t) for t in {topic, *across})
+                    waited.held.update(held)
+        return waited if waited.lanes else None
 
     def _restored(self, contracts: Collection[tuple[str, str]]) -> None:
         """These contracts' waited-for records are on the broker again."""

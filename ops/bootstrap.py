@@ -88,7 +88,7 @@ def _housekeeping(
     actor: Actor,
     lanes: LaneLog | None = None,
     published_again: Callable[[int], object] | None = None,
-    waiting: Callable[[float], Mapping[tuple[str, str], Collection[str]]] | None = None,
+    waiting: Callable[[float], Mapping[tuple[str, str, str], Collection[str]]] | None = None,
 ) -> Housekeeping:
     return Housekeeping(
         engine=engine,  # type: ignore[arg-type]

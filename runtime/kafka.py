@@ -155,16 +155,17 @@ class LaneLog:
             self._admin, self._offsets = admin, offsets
         return self._admin, self._offsets
 
-    async def unsettled(self) -> int:
-        """Records on the lanes past the group's committed offsets (0: everything the broker
-        holds has settled). A partition the group never committed counts from its start."""
+    async def unsettled(self) -> dict[str, int]:
+        """Records on each lane past the group's committed offsets (0 on every lane: all the
+        broker holds has settled). A partition the group never committed counts from its
+        start."""
         try:
             return await self._unsettled()
         except BaseException:
             await self.close()  # the next round starts from fresh connections
             raise
 
-    async def _unsettled(self) -> int:
+    async def _unsettled(self) -> dict[str, int]:
         admin, offsets = await self._clients()
         settings = self._settings
         missing = await _create_missing(admin, settings.all_topics, settings.kafka_partitions)
@@ -181,10 +182,11 @@ class LaneLog:
             raise LookupError("a lane has no partitions yet")
         ends = await offsets.end_offsets(partitions)
         committed = await admin.list_consumer_group_offsets(self._group, partitions=partitions)
-        return sum(
-            max(0, end - max(0, committed[tp].offset if tp in committed else 0))
-            for tp, end in ends.items()
-        )
+        unsettled = dict.fromkeys(self._lanes, 0)
+        for tp, end in ends.items():
+            done = committed[tp].offset if tp in committed else 0
+            unsettled[tp.topic] += max(0, end - max(0, done))
+        return unsettled
 
     async def close(self) -> None:
         admin, offsets = self._admin, self._offsets

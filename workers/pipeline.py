@@ -439,27 +439,37 @@ class Pipeline:
             if not same:
                 del self.by_contract[contract]
 
-    def waiting_on_absent(self, longer_than_s: float) -> dict[tuple[str, str], set[str]]:
-        """(desk, contract) of every copy here that has waited longer than `longer_than_s`
-        for an earlier record of its contract that this worker does not hold, with the
-        records of that contract it does hold. The record waited for may be queued behind a
-        backlog on another lane — or its copy may be gone with a lost log, and then nothing
-        but publishing it again moves the contract: its later copies are never committed
-        past, so the lanes never read as settled (housekeeping's restore)."""
+    def waiting_on_absent(self, longer_than_s: float) -> dict[tuple[str, str, str], set[str]]:
+        """(desk, contract, lane topic) of every copy here that has waited longer than
+        `longer_than_s` for an earlier record of its contract that this worker does not hold,
+        with the records of that contract it does hold. The record waited for may be queued
+        behind a backlog on the other lane — or its copy may be gone with a lost log, and then
+        nothing but publishing it again moves the contract: its later copies are never
+        committed past, so the lanes never read as settled (housekeeping's restore). On the
+        copy's own lane it is not behind anything: one contract's records share a partition,
+        and this worker has read it up to the copy (unless two requests were accepted at once
+        and published in the other order: then a copy published again is one more copy,
+        which the ledger delivers once)."""
         now = time.monotonic()
         copies = [c for chain in self.chains.values() for c in chain.items]
         held = {c.message_id for c in copies}
         waiting = {
-            (c.desk, c.contract_id): set[str]()
+            (c.desk, c.contract_id, c.record.topic): set[str]()
             for c in copies
             if c.waiting_for is not None
             and c.waiting_for not in held
             and now - c.waiting_since >= longer_than_s
             and now - c.waited_at <= WAITING_GAP_S  # still trying: not held by the breaker
         }
-        for c in copies:
-            if (ids := waiting.get((c.desk, c.contract_id))) is not None:
-                ids.add(c.message_id)
+        if waiting:
+            by_contract: dict[tuple[str, str], set[str]] = {}
+            for key in waiting:
+                by_contract.setdefault(key[:2], set())
+            for c in copies:
+                if (ids := by_contract.get((c.desk, c.contract_id))) is not None:
+                    ids.add(c.message_id)
+            for key, ids in waiting.items():
+                ids.update(by_contract[key[:2]])
         return waiting
 
     def _wake_behind(self, settled: Copy) -> None:

@@ -238,7 +238,7 @@ async def test_copies_that_keep_waiting_for_a_record_not_here_name_their_contrac
     )
     h.feed(skip=lambda i: i == 0)  # the first one's copy is not on the broker
     await h.until(lambda: h.ledger.claimed.count(second) >= 2)
-    contract = (h.desk.desk, "OTC-GONE-0000")
+    contract = (h.desk.desk, "OTC-GONE-0000", LANES["standard"])
     assert h.pipeline.waiting_on_absent(0.0) == {contract: {second, third}}
     assert h.pipeline.waiting_on_absent(60.0) == {}  # not waited that long
     h.broker.records.append(h.broker.records[0])  # published again
