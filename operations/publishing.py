@@ -73,15 +73,11 @@ class Republisher:
         wire = self.sealer.seal(item.value, headers)
         return (item.topic, item.contract_id.encode(), wire, kafka_headers(headers))
 
-    async def restore(
-        self,
-        stranded: list[recon.Stranded],
-        actor: Actor,
-        why: str = "queued, and not on its lane: published again",
-    ) -> None:
+    async def restore(self, stranded: list[recon.Stranded], actor: Actor, why: str) -> None:
         """Put queued records back on their lanes under the publication the ledger holds as
         live — the same copy again, so whichever copy a worker takes first is delivered and
-        the other finds it settled — and audit each once the broker acknowledged it."""
+        the other finds it settled — and audit each, saying `why`, once the broker
+        acknowledged it."""
         records = [self.record_for(r, r.publication, r.kind) for r in stranded]
         await self.publisher.send_all(records, what="restore queued records")
         await recon.record_restored(self.engine, stranded, actor, why)

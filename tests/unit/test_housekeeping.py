@@ -70,13 +70,4 @@ def test_what_later_records_wait_for_is_published_again_at_most_once_per_interva
     waiting[10.0].clear()
     waiting[60.0].clear()
     assert keeper._waited_for(BUSY) is None
-    none = cast(Any, None)
-    no_pipeline = Housekeeping(  # the intake's and the command line's
-        engine=none,
-        cipher=none,
-        publisher=none,
-        republisher=none,
-        reconciliation_topic="recon",
-        actor=Actor("worker", "w1"),
-    )
-    assert no_pipeline._waited_for(BUSY) is None
+    assert keeper_of(None)._waited_for(BUSY) is None  # no pipeline: the intake, the CLI
