@@ -59,6 +59,7 @@ FAULTS = (
     "kill_intake",
     "pause_broker",
     "restart_database",
+    "freeze_database",
     "flap_upstream",
     "hostile_records",
 )
@@ -148,6 +149,7 @@ class Cluster:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.frozen: set[str] = set()
         self.broker_paused = False
+        self.database_paused = False
         self.broker_restart: asyncio.Task[None] | None = None
         # A database restart under way (stopped, down a while, started): it runs to its end
         # even when the faults stop in the middle of it, and `heal` waits for it.
@@ -258,6 +260,9 @@ class Cluster:
             await self.database_restart
         for name in list(self.frozen):
             self.thaw(name)
+        if self.database_paused and self.database is not None:
+            self.database.resume()
+            self.database_paused = False
         if self.broker_paused:
             self.broker.resume()
             self.broker_paused = False
@@ -491,6 +496,14 @@ class Run:
             restart = cluster.restart_database(rng.uniform(0.5, 4))
             cluster.database_restart = asyncio.ensure_future(restart)
             await asyncio.shield(cluster.database_restart)
+        elif fault == "freeze_database" and cluster.database is not None:
+            # A stalled database host: every connection open, no answer, for longer than the
+            # intake's and the workers' patience.
+            cluster.database.pause()
+            cluster.database_paused = True
+            await asyncio.sleep(rng.uniform(2, 15))
+            cluster.database.resume()
+            cluster.database_paused = False
         elif fault == "flap_upstream" and cluster.sim is not None:
             cluster.sim.config.error_rate = rng.choice([0.3, 0.6, 1.0])
             await asyncio.sleep(rng.uniform(2, 8))

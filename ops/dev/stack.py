@@ -197,6 +197,10 @@ class Database:
                 "--no-sync",
             )
         socket_dir = self.data_dir
+        # No fsync (a machine crash may lose the dev database), but every commit's WAL is
+        # written to the OS before the commit returns (synchronous_commit on, the default):
+        # with it off, a killed server loses the commits of its last moments that it had
+        # already confirmed — acceptances the intake answered 202 for.
         self._run(
             "pg_ctl",
             "-D",
@@ -208,7 +212,7 @@ class Database:
             str(self.data_dir / "server.log"),
             "-o",
             f"-h 127.0.0.1 -p {self.port} -k {socket_dir} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+            "-c full_page_writes=off -c max_connections=200",
             "start",
         )
         created = self._run(
@@ -227,6 +231,31 @@ class Database:
                 "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", PG_DATABASE
             )
         return self
+
+    def _processes(self) -> list[Any]:
+        """The server and every process it started (backends, writer, checkpointer...)."""
+        import psutil
+
+        pid_file = self.data_dir / "postmaster.pid"
+        if not pid_file.exists():
+            return []
+        try:
+            server = psutil.Process(int(pid_file.read_text().split()[0]))
+            return [server, *server.children(recursive=True)]
+        except (psutil.Error, ValueError, IndexError):
+            return []
+
+    def pause(self) -> None:
+        """Freeze the whole server (SIGSTOP to it and its children), as a stalled host:
+        connections stay open, nothing is answered."""
+        for process in self._processes():
+            with contextlib.suppress(Exception):
+                process.suspend()
+
+    def resume(self) -> None:
+        for process in self._processes():
+            with contextlib.suppress(Exception):
+                process.resume()
 
     def stop(self) -> None:
         if (self.data_dir / "postmaster.pid").exists():
