@@ -619,19 +619,29 @@ class IntakeStore:
     """The ledger as the intake uses it (ingest.deps.IntakeLedger): acceptance and reads."""
 
     def __init__(
-        self, engine: AsyncEngine, cipher: PayloadCipher, reads: AsyncEngine | None = None
+        self,
+        engine: AsyncEngine,
+        cipher: PayloadCipher,
+        reads: AsyncEngine | None = None,
+        *,
+        timeout_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.cipher = cipher
         # The desks' reads, planned per call (ledger.db.make_engine `custom_plans`).
         self.reads = reads or engine
+        # Reads and `begin` give up after this long (TimeoutError: the database is away);
+        # `complete`, `abort` and `state_of` never do: after the publish, the outcome of an
+        # acceptance must be learnt, not guessed.
+        self.timeout_s = timeout_s
 
     def payload_cipher(self) -> PayloadCipher | None:
         """The key a big batch's payloads are sealed under where it is prepared (`Columns`)."""
         return self.cipher
 
     async def begin(self, req: Request) -> Begun:
-        return await begin(self.engine, req, self.cipher)
+        async with asyncio.timeout(self.timeout_s):
+            return await begin(self.engine, req, self.cipher)
 
     async def complete(self, req: Request, actor: Actor, new: int) -> bool:
         return await complete(self.engine, req, actor, new)
@@ -643,16 +653,21 @@ class IntakeStore:
         return await state_of(self.engine, batch_id)
 
     async def get_batch(self, batch_id: str, desk: str | None) -> reads.Batch | None:
-        return await reads.get_batch(self.reads, batch_id, desk)
+        async with asyncio.timeout(self.timeout_s):
+            return await reads.get_batch(self.reads, batch_id, desk)
 
     async def get_message(self, message_id: str, desk: str | None) -> reads.Message | None:
-        return await reads.get_message(self.reads, message_id, desk)
+        async with asyncio.timeout(self.timeout_s):
+            return await reads.get_message(self.reads, message_id, desk)
 
     async def open_work(self) -> reads.OpenWork:
-        return await reads.open_work(self.engine)
+        async with asyncio.timeout(self.timeout_s):
+            return await reads.open_work(self.engine)
 
     async def ping(self) -> None:
-        await reads.ping(self.engine)
+        async with asyncio.timeout(self.timeout_s):
+            await reads.ping(self.engine)
 
     async def upstream_view(self) -> UpstreamView:
-        return await upstream.read_view(self.engine)
+        async with asyncio.timeout(self.timeout_s):
+            return await upstream.read_view(self.engine)

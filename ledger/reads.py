@@ -185,5 +185,5 @@ async def open_work(engine: AsyncEngine) -> OpenWork:
 
 
 async def ping(engine: AsyncEngine) -> None:
-    async with engine.connect() as conn:
-        await conn.execute(sql("SELECT 1"))
+    # On its own connection, dropped if the answer does not come (`fetch_direct`).
+    await fetch_direct(engine, "SELECT 1", {})

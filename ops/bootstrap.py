@@ -137,7 +137,7 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
     republisher = Republisher(engine, kafka, cipher, sealer)
     actor = Actor("system", f"intake {process_name()}")
     default_rate, desk_rates = settings.desk_rates()
-    ledger = IntakeStore(engine, cipher, reads)
+    ledger = IntakeStore(engine, cipher, reads, timeout_s=settings.database_timeout_s)
     return IntakeServices(
         settings=settings,
         ledger=ledger,

@@ -259,6 +259,11 @@ class _Metrics(_Settings):
 class IntakeSettings(KafkaSettings, DatabaseSettings, _Keys, _Delivery, _Metrics):
     intake_host: str = "127.0.0.1"
     intake_port: int = Field(8080, ge=0, le=65535)
+    # How long the intake waits for the database on a read, a readiness check, or the step
+    # before publishing, then answers 503 (nothing accepted): a stalled database host must not
+    # hold the desks' connections open without an answer. Never applied after the publish,
+    # where the outcome must be learnt, not guessed.
+    database_timeout_s: float = Field(5.0, gt=0)
     jwks_url: str
     jwt_issuer: str
     jwt_audience: str

@@ -3,7 +3,9 @@ while the upstream is away), Prometheus, and the AsyncAPI document of the topics
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -25,19 +27,24 @@ async def healthz() -> Health:
     return Health()
 
 
+# A readiness probe answers within this, whatever state the broker or database is in: a stalled
+# (frozen) server counts as unavailable instead of holding the probe open.
+READY_CHECK_S = 2.0
+
+
+async def _check(probe: Awaitable[None]) -> str:
+    try:
+        async with asyncio.timeout(READY_CHECK_S):
+            await probe
+    except Exception as exc:
+        return f"unavailable: {type(exc).__name__}"
+    return "ok"
+
+
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(svc: ServicesDep) -> JSONResponse:
-    checks: dict[str, str] = {}
-    try:
-        await svc.ledger.ping()
-        checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"unavailable: {type(exc).__name__}"
-    try:
-        await svc.kafka.ping()
-        checks["broker"] = "ok"
-    except Exception as exc:
-        checks["broker"] = f"unavailable: {type(exc).__name__}"
+    database, broker = await asyncio.gather(_check(svc.ledger.ping()), _check(svc.kafka.ping()))
+    checks = {"database": database, "broker": broker}
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         Readiness(ready=ready, checks=checks).model_dump(), status_code=200 if ready else 503

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +20,7 @@ from aiokafka.record.default_records import DefaultRecordBatch
 from ops.dev.simulator import Script
 from runtime.kafka import BuiltBatch, KafkaPublisher, OutgoingRecord, PublishFailed
 from schemas import samples
+from schemas.envelope import envelope_for, validate_record
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
 from tests.support import (
     assert_effects_once,
@@ -283,3 +286,61 @@ async def test_i5_the_worker_outlives_a_35s_broker_stall_and_catches_up(
     final = await pipe.wait_final(client, before.json()["batch_id"], timeout=180)
     assert final["counts"] == {"delivered": 300}
     assert_effects_once(pipe.sim, [m["message_id"] for m in before.json()["messages"]])
+
+
+def message_id(desk: str, raw: dict[str, Any]) -> str:
+    record = validate_record(raw, 0)
+    assert not isinstance(record, list), record
+    return envelope_for(desk, record).message_id
+
+
+async def test_i5_a_frozen_database_gets_prompt_503s_and_loses_nothing(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    """A stalled database host (every Postgres process stopped, connections open, no answer):
+    the intake answers new requests, reads and readiness with a 503 within its database
+    timeout instead of holding the desks' connections; what it refused never takes effect;
+    what it accepted is delivered once, after the database comes back."""
+    pipe: Pipeline = await pipeline_factory(sim={"latency_ms": 5}, database_timeout_s=2.0)
+    database = pipe.infra.database
+    if database is None:
+        pytest.skip("the database server is not ours to freeze (ETRM_TEST_DATABASE_URL)")
+    client = pipe.client()
+    run = samples.run_id()
+    before = await submit_batch(client, run, samples.mixed_batch(run, 200, prefix="FRZ"))
+    assert before.status_code == 202
+    refused: list[dict[str, Any]] = []
+    database.pause()
+    try:
+        for i in range(3):
+            record = samples.otc_confirmation(run, f"FRZ-DURING-{i:03d}")
+            started = time.monotonic()
+            response = await client.post(
+                "/v1/settlements/sync", json=record, headers={"X-Settlement-Run-ID": run}
+            )
+            took = time.monotonic() - started
+            assert response.status_code == 503, response.text
+            assert response.json()["code"] == "ledger_unavailable"
+            assert response.headers["retry-after"]
+            assert took < 8, f"answered after {took:.1f}s"
+            refused.append(record)
+        started = time.monotonic()
+        read = await client.get(f"/v1/batches/{before.json()['batch_id']}")
+        assert read.status_code == 503, read.text
+        assert time.monotonic() - started < 8
+        started = time.monotonic()
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"].startswith("unavailable")
+        assert time.monotonic() - started < 5
+    finally:
+        database.resume()
+    final = await pipe.wait_final(client, before.json()["batch_id"], timeout=120)
+    assert final["counts"] == {"delivered": 200}
+    assert_effects_once(pipe.sim, [m["message_id"] for m in before.json()["messages"]])
+    after = await submit_batch(client, run, [samples.otc_confirmation(run, "FRZ-AFTER-01")])
+    assert after.status_code == 202
+    assert (await pipe.wait_final(client, after.json()["batch_id"]))["counts"] == {"delivered": 1}
+    refused_ids = {message_id("power-east", record) for record in refused}
+    # What the stalled database took in after all is pending without a publish: never delivered.
+    await never(lambda: bool(refused_ids & set(pipe.sim.posts_by_key)), 3)
