@@ -212,16 +212,25 @@ async def _abort(svc: IntakeServices, request: ledger.Request) -> None:
         log.warning("abort_deferred", batch_id=request.batch_id, error=type(exc).__name__)
 
 
+# How long an acceptance whose outcome the database did not tell (it went away under the
+# statement that accepts it) keeps asking before the request is answered 500.
+OUTCOME_WAIT_S = 120.0
+
+
 async def _complete(svc: IntakeServices, request: ledger.Request, actor: Actor, new: int) -> bool:
-    """True when accepted. If the database fails to say, find out — or make sure it is not
-    accepted — before answering: a 503 must never be followed by deliveries."""
+    """True when accepted, False when it is certain it never will be (then 503). If the database
+    fails to say, find out — or make sure it is not accepted — before answering: a 503 must
+    never be followed by deliveries. The statement that accepts may have committed just before
+    the database went away, so no answer is given until the database tells which: after
+    OUTCOME_WAIT_S without it, a 500 that says the outcome is unknown (the same request with the
+    same Idempotency-Key learns it)."""
     try:
         return await svc.ledger.complete(request, actor, new)
     except Exception as exc:
         if not database_unavailable(exc):
             raise
         log.warning("acceptance_outcome_unknown", batch_id=request.batch_id)
-    deadline = time.monotonic() + svc.settings.pending_lease_s
+    deadline = time.monotonic() + OUTCOME_WAIT_S
     while time.monotonic() < deadline:
         try:
             if await svc.ledger.abort(request):
@@ -231,4 +240,10 @@ async def _complete(svc: IntakeServices, request: ledger.Request, actor: Actor, 
             if not database_unavailable(exc):
                 raise
             await asyncio.sleep(0.5)
-    return False
+    log.error("acceptance_outcome_still_unknown", batch_id=request.batch_id)
+    raise Problem(
+        500,
+        "acceptance_outcome_unknown",
+        "the ledger did not say whether this request was accepted; send it again with the "
+        "same Idempotency-Key to learn its outcome",
+    )
