@@ -52,7 +52,10 @@ def new_batch_id() -> str:
 def _key_in_use(existing: ledger.KeyHeld, request_hash: str) -> Problem:
     if existing.state == "in_flight":
         return Problem(
-            409, "request_in_flight", "a request with this Idempotency-Key is still being processed"
+            409,
+            "request_in_flight",
+            "a request with this Idempotency-Key is still being processed",
+            headers={"Retry-After": "1"},
         )
     if existing.request_hash != request_hash:
         return Problem(
@@ -176,6 +179,8 @@ async def _begin(svc: IntakeServices, request: ledger.Request) -> ledger.Pending
             begun = await svc.ledger.begin(request)
         except Exception as exc:
             if database_unavailable(exc):
+                if isinstance(exc, TimeoutError):
+                    _release_when_back(svc, request)
                 raise ledger_unavailable() from None
             raise
         match begun:
@@ -201,6 +206,42 @@ async def _begin(svc: IntakeServices, request: ledger.Request) -> ledger.Pending
                         headers={"Retry-After": "1"},
                     )
                 await asyncio.sleep(max(0.01, seconds))
+
+
+_RELEASING: set[asyncio.Task[None]] = set()
+# A request's begin that timed out may still be carried out by the database once it answers
+# again; it is aborted until this long after the database first answered.
+RELEASE_SETTLE_S = 3.0
+
+
+def _release_when_back(svc: IntakeServices, request: ledger.Request) -> None:
+    """The database stalled under this request's begin and it was answered 503. That
+    statement may still be carried out when the database wakes up, leaving the request
+    pending and its Idempotency-Key in flight, so the desk's retry with that key would get
+    409 until the lease ran out. It is aborted (nothing of it was published) as soon as the
+    database answers, and again a little later, in case the stalled statement comes after."""
+
+    async def release() -> None:
+        deadline = time.monotonic() + OUTCOME_WAIT_S
+        answered_at: float | None = None
+        while time.monotonic() < deadline:
+            try:
+                async with asyncio.timeout(svc.settings.database_timeout_s):
+                    await svc.ledger.abort(request)
+                answered_at = answered_at or time.monotonic()
+            except Exception as exc:
+                if not database_unavailable(exc):
+                    log.warning(
+                        "release_failed", batch_id=request.batch_id, error=type(exc).__name__
+                    )
+                    return
+            if answered_at is not None and time.monotonic() - answered_at >= RELEASE_SETTLE_S:
+                return
+            await asyncio.sleep(1.0)
+
+    task = asyncio.get_running_loop().create_task(release())
+    _RELEASING.add(task)
+    task.add_done_callback(_RELEASING.discard)
 
 
 async def _abort(svc: IntakeServices, request: ledger.Request) -> None:

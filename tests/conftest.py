@@ -265,7 +265,9 @@ class Pipeline:
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
-            batch: dict[str, Any] = (await client.get(f"/v1/batches/{batch_id}")).json()
+            response = await client.get(f"/v1/batches/{batch_id}")
+            assert response.status_code == 200, f"{response.status_code}: {response.text}"
+            batch: dict[str, Any] = response.json()
             if all(m["state"] in FINAL for m in batch["messages"]):
                 return batch
             if time.monotonic() > deadline:

@@ -341,6 +341,25 @@ async def test_i5_a_frozen_database_gets_prompt_503s_and_loses_nothing(
     after = await submit_batch(client, run, [samples.otc_confirmation(run, "FRZ-AFTER-01")])
     assert after.status_code == 202
     assert (await pipe.wait_final(client, after.json()["batch_id"]))["counts"] == {"delivered": 1}
-    refused_ids = {message_id("power-east", record) for record in refused}
-    # What the stalled database took in after all is pending without a publish: never delivered.
-    await never(lambda: bool(refused_ids & set(pipe.sim.posts_by_key)), 3)
+    # The desk sends one refused record again, as a 503 invites: the stalled database carried
+    # out its first begin when it woke up, and that is released at once (not held as in flight
+    # until the sweeper finds the request past its pending lease).
+    again, *abandoned = refused
+    started = time.monotonic()
+    while True:
+        retried = await client.post(
+            "/v1/settlements/sync", json=again, headers={"X-Settlement-Run-ID": run}
+        )
+        if retried.status_code == 202:
+            break
+        assert retried.status_code == 409, retried.text
+        assert retried.json()["code"] == "request_in_flight"
+        # held until the stalled request's pending lease (8 s here) ran out, without the release
+        assert time.monotonic() - started < 5, "the stalled request's key stayed in flight"
+        await asyncio.sleep(float(retried.headers["retry-after"]))
+    assert retried.json()["message_id"] == message_id("power-east", again)
+    await wait_for(lambda: pipe.sim.posts_by_key[retried.json()["message_id"]] > 0, 60)
+    assert_effects_once(pipe.sim, [retried.json()["message_id"]])
+    # What the stalled database took in after all was never published: never delivered.
+    abandoned_ids = {message_id("power-east", record) for record in abandoned}
+    await never(lambda: bool(abandoned_ids & set(pipe.sim.posts_by_key)), 3)
