@@ -14,6 +14,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,11 +60,15 @@ def new_id(prefix: str) -> str:
 class UpstreamOperations:
     """The upstream's breaker and maintenance windows, for operators (issue #8)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, read_timeout_s: float | None = None) -> None:
         self.engine = engine
+        # Reads give up after this long (TimeoutError: the database is away, answered 503);
+        # changes are never cut off, so their outcome is never left unknown.
+        self.read_timeout_s = read_timeout_s
 
     async def upstream_status(self) -> dict[str, Any]:
-        view = await upstream.read_view(self.engine)
+        async with asyncio.timeout(self.read_timeout_s):
+            view = await upstream.read_view(self.engine)
         c = view.circuit
         waiting = circuit.waiting_of(c, view.windows, view.read_at)
         return {
@@ -125,8 +130,9 @@ class Operations(UpstreamOperations):
         republisher: Republisher,
         *,
         approval_threshold: int,
+        read_timeout_s: float | None = None,
     ) -> None:
-        self.engine = engine
+        super().__init__(engine, read_timeout_s=read_timeout_s)
         self.cipher = cipher
         self.republisher = republisher
         self.approval_threshold = approval_threshold
@@ -136,22 +142,26 @@ class Operations(UpstreamOperations):
     async def list_dead_letters(
         self, where: recon.DeadLetterFilter, *, limit: int, cursor: str | None
     ) -> tuple[list[dict[str, Any]], str | None]:
-        return await recon.list_dead_letters(self.engine, where, limit=limit, cursor=cursor)
+        async with asyncio.timeout(self.read_timeout_s):
+            return await recon.list_dead_letters(self.engine, where, limit=limit, cursor=cursor)
 
     async def replay_status(self, replay_id: str) -> dict[str, Any] | None:
-        return await recon.get_replay(self.engine, replay_id)
+        async with asyncio.timeout(self.read_timeout_s):
+            return await recon.get_replay(self.engine, replay_id)
 
     async def list_holds(
         self, *, state: str | None, desk: str | None, limit: int
     ) -> list[dict[str, Any]]:
-        return await recon.list_holds(self.engine, state=state, desk=desk, limit=limit)
+        async with asyncio.timeout(self.read_timeout_s):
+            return await recon.list_holds(self.engine, state=state, desk=desk, limit=limit)
 
     # -- replay --------------------------------------------------------------------------------
 
     async def preview_replay(
         self, *, message_ids: Sequence[str] | None, where: recon.DeadLetterFilter | None
     ) -> dict[str, Any]:
-        items = await recon.replay_candidates(self.engine, message_ids=message_ids, where=where)
+        async with asyncio.timeout(self.read_timeout_s):
+            items = await recon.replay_candidates(self.engine, message_ids=message_ids, where=where)
         desks = sorted({i.desk for i in items})
         return {
             "dry_run": True,

@@ -150,7 +150,11 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
             leeway_s=settings.jwt_leeway_s,
         ),
         operations=Operations(
-            engine, cipher, republisher, approval_threshold=settings.replay_approval_threshold
+            engine,
+            cipher,
+            republisher,
+            approval_threshold=settings.replay_approval_threshold,
+            read_timeout_s=settings.database_timeout_s,
         ),
         rate_limiter=DeskRateLimiter(default_rate, desk_rates),
         record_limiter=DeskRateLimiter(*settings.desk_record_rates(), unit="record"),

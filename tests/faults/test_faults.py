@@ -324,10 +324,15 @@ async def test_i5_a_frozen_database_gets_prompt_503s_and_loses_nothing(
             assert response.headers["retry-after"]
             assert took < 8, f"answered after {took:.1f}s"
             refused.append(record)
-        started = time.monotonic()
-        read = await client.get(f"/v1/batches/{before.json()['batch_id']}")
-        assert read.status_code == 503, read.text
-        assert time.monotonic() - started < 8
+        for reader, path in (
+            (client, f"/v1/batches/{before.json()['batch_id']}"),
+            (pipe.operator(), "/v1/reconciliation"),
+        ):
+            started = time.monotonic()
+            read = await reader.get(path)
+            assert read.status_code == 503, read.text
+            assert read.json()["code"] == "ledger_unavailable"
+            assert time.monotonic() - started < 8
         started = time.monotonic()
         ready = await client.get("/readyz")
         assert ready.status_code == 503
