@@ -274,6 +274,12 @@ class Cluster:
             self.start_worker()
 
     async def down(self) -> None:
+        if self.database_paused and self.database is not None:  # a run that ended mid-fault
+            self.database.resume()
+            self.database_paused = False
+        if self.broker_paused:
+            self.broker.resume()
+            self.broker_paused = False
         for name in list(self.workers):
             self.stop_worker(name, signal.SIGTERM)
         if self.intake and self.intake.poll() is None:
