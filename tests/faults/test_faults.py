@@ -340,6 +340,11 @@ async def test_i5_a_frozen_database_gets_prompt_503s_and_loses_nothing(
         assert time.monotonic() - started < 5
     finally:
         database.resume()
+
+    async def serving() -> bool:
+        return (await client.get("/readyz")).status_code == 200
+
+    await wait_for(serving, 30)  # and once the database is back, as before it stalled
     final = await pipe.wait_final(client, before.json()["batch_id"], timeout=120)
     assert final["counts"] == {"delivered": 200}
     assert_effects_once(pipe.sim, [m["message_id"] for m in before.json()["messages"]])
