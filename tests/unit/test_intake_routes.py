@@ -3,6 +3,7 @@ codes, problem details, access rules, idempotency and the 503s of CONTRACT §3 �
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -17,6 +18,7 @@ import structlog
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
+from ingest import acceptance
 from ingest.app import create_app
 from ingest.auth import JwksKeys, TokenVerifier
 from ingest.deps import IntakeServices
@@ -34,7 +36,7 @@ from schemas import samples
 from schemas.envelope import header_map, verify_message
 from schemas.records import iso_z
 from schemas.states import BatchState, CircuitState, MessageState
-from tests.fakes import FakeBroker, FakeLedger
+from tests.fakes import DatabaseAway, FakeBroker, FakeLedger
 
 ISSUER, AUDIENCE = "https://idp.unit", "etrm-unit"
 
@@ -316,6 +318,56 @@ async def test_the_database_away_is_a_503_never_a_500(intake: Intake) -> None:
     ready = await intake.client.get("/readyz")
     assert ready.status_code == 503
     assert ready.json()["checks"]["database"].startswith("unavailable")
+
+
+def database_goes_away_as_it_accepts(intake: Intake, back_after_s: float | None) -> None:
+    """The statement that accepts commits, and the database goes away before it answers; it
+    is back after `back_after_s` (None: it stays away)."""
+    accept = intake.ledger.complete
+
+    async def complete(req: Any, actor: Actor, new: int) -> bool:
+        await accept(req, actor, new)
+        intake.ledger.away = True
+        if back_after_s is not None:
+            asyncio.get_running_loop().call_later(
+                back_after_s, setattr, intake.ledger, "away", False
+            )
+        raise DatabaseAway()
+
+    intake.ledger.complete = complete  # type: ignore[method-assign]
+
+
+async def test_an_acceptance_whose_answer_was_lost_is_learnt_not_answered_503(
+    intake: Intake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It committed: the records will be delivered, so the answer is 202 once the database
+    says so — never a 503, however long it is away within the outcome wait."""
+    monkeypatch.setattr(acceptance, "OUTCOME_WAIT_S", 5.0)
+    run = samples.run_id()
+    database_goes_away_as_it_accepts(intake, back_after_s=1.5)
+    answered = await submit(intake, run, [samples.otc_confirmation(run, "OTC-UNIT-LOST")])
+    assert answered.status_code == 202, answered.text
+    assert {r.state for r in intake.ledger.rows.values()} == {MessageState.QUEUED}
+
+
+async def test_an_acceptance_whose_outcome_stays_unknown_is_a_500_that_says_so(
+    intake: Intake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(acceptance, "OUTCOME_WAIT_S", 1.0)
+    run = samples.run_id()
+    database_goes_away_as_it_accepts(intake, back_after_s=None)
+    answered = await submit(intake, run, [samples.otc_confirmation(run, "OTC-UNIT-GONE")])
+    assert answered.status_code == 500
+    assert answered.json()["code"] == "acceptance_outcome_unknown"
+    intake.ledger.away = False
+    again = await submit(
+        intake,
+        run,
+        [samples.otc_confirmation(run, "OTC-UNIT-GONE")],
+        key=intake.ledger.batches[next(iter(intake.ledger.batches))][0].idempotency_key,
+    )
+    assert again.status_code == 409  # the same key learns it was accepted
+    assert again.json()["code"] == "duplicate_request"
 
 
 async def test_idempotency_key_same_body_and_other_body(intake: Intake) -> None:
