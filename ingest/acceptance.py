@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ import structlog
 
 from ingest import metrics
 from ingest.auth import Principal
-from ingest.deps import IntakeServices
+from ingest.deps import IntakeLedger, IntakeServices
 from ingest.preparing import Prepared
 from ingest.problems import Problem
 from ledger import acceptance as ledger
@@ -208,40 +209,63 @@ async def _begin(svc: IntakeServices, request: ledger.Request) -> ledger.Pending
                 await asyncio.sleep(max(0.01, seconds))
 
 
-_RELEASING: set[asyncio.Task[None]] = set()
 # A request's begin that timed out may still be carried out by the database once it answers
 # again; it is aborted until this long after the database first answered.
 RELEASE_SETTLE_S = 3.0
 
 
-def _release_when_back(svc: IntakeServices, request: ledger.Request) -> None:
-    """The database stalled under this request's begin and it was answered 503. That
-    statement may still be carried out when the database wakes up, leaving the request
-    pending and its Idempotency-Key in flight, so the desk's retry with that key would get
-    409 until the lease ran out. It is aborted (nothing of it was published) as soon as the
-    database answers, and again a little later, in case the stalled statement comes after."""
+class _Stalled:
+    """Requests answered 503 because the database stalled under their begin. That statement
+    may still be carried out when the database wakes up, leaving the request pending and its
+    Idempotency-Key in flight, so the desk's retry with that key would get 409 until the
+    sweeper found it past its pending lease. They are aborted together (nothing of them was
+    published) as soon as the database answers, and again for RELEASE_SETTLE_S, in case a
+    stalled statement comes after: one statement a second for all of them, however many
+    requests a long stall refused."""
 
-    async def release() -> None:
-        deadline = time.monotonic() + OUTCOME_WAIT_S
-        answered_at: float | None = None
-        while time.monotonic() < deadline:
+    def __init__(self, ledger: IntakeLedger) -> None:
+        self.ledger = weakref.ref(ledger)  # held by the services, not kept alive by this
+        # batch id -> (when refused, when the database first answered for it)
+        self.batches: dict[str, tuple[float, float | None]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, batch_id: str) -> None:
+        self.batches[batch_id] = (time.monotonic(), None)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._release())
+
+    async def _release(self) -> None:
+        while self.batches and (store := self.ledger()) is not None:
+            batch_ids = list(self.batches)
             try:
-                async with asyncio.timeout(svc.settings.database_timeout_s):
-                    await svc.ledger.abort(request)
-                answered_at = answered_at or time.monotonic()
+                await store.abort_stalled(batch_ids)
             except Exception as exc:
                 if not database_unavailable(exc):
-                    log.warning(
-                        "release_failed", batch_id=request.batch_id, error=type(exc).__name__
-                    )
+                    log.warning("release_failed", error=type(exc).__name__)
+                    self.batches.clear()
                     return
-            if answered_at is not None and time.monotonic() - answered_at >= RELEASE_SETTLE_S:
-                return
+            else:
+                answered = time.monotonic()
+                for batch_id in batch_ids:
+                    refused, first = self.batches[batch_id]
+                    self.batches[batch_id] = (refused, first or answered)
+            now = time.monotonic()
+            for batch_id, (refused, first) in list(self.batches.items()):
+                settled = first is not None and now - first >= RELEASE_SETTLE_S
+                if settled or now - refused >= OUTCOME_WAIT_S:  # past it, the sweeper's
+                    del self.batches[batch_id]
             await asyncio.sleep(1.0)
 
-    task = asyncio.get_running_loop().create_task(release())
-    _RELEASING.add(task)
-    task.add_done_callback(_RELEASING.discard)
+
+# One per ledger (per intake process, or per test's services).
+_STALLED: weakref.WeakKeyDictionary[IntakeLedger, _Stalled] = weakref.WeakKeyDictionary()
+
+
+def _release_when_back(svc: IntakeServices, request: ledger.Request) -> None:
+    stalled = _STALLED.get(svc.ledger)
+    if stalled is None:
+        stalled = _STALLED[svc.ledger] = _Stalled(svc.ledger)
+    stalled.add(request.batch_id)
 
 
 async def _abort(svc: IntakeServices, request: ledger.Request) -> None:

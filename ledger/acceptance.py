@@ -540,6 +540,14 @@ async def abort(engine: AsyncEngine, req: Request) -> bool:
     return await state_of(engine, req.batch_id) != BatchState.ACCEPTED
 
 
+async def abort_stalled(engine: AsyncEngine, batch_ids: Sequence[str]) -> None:
+    """Requests answered 503 because the database stalled under their begin, which it may
+    still carry out when it wakes: aborted if they are there (nothing of them was published),
+    and their Idempotency-Keys freed."""
+    async with engine.begin() as conn:
+        await _abort_batches(conn, batch_ids, expired_only=False)
+
+
 async def state_of(engine: AsyncEngine, batch_id: str) -> BatchState | None:
     async with engine.connect() as conn:
         state = await conn.scalar(
@@ -630,7 +638,8 @@ class IntakeStore:
         self.cipher = cipher
         # The desks' reads, planned per call (ledger.db.make_engine `custom_plans`).
         self.reads = reads or engine
-        # Reads and `begin` give up after this long (TimeoutError: the database is away);
+        # Reads, `begin` and `abort_stalled` give up after this long (TimeoutError: the
+        # database is away);
         # `complete`, `abort` and `state_of` never do: after the publish, the outcome of an
         # acceptance must be learnt, not guessed.
         self.timeout_s = timeout_s
@@ -648,6 +657,10 @@ class IntakeStore:
 
     async def abort(self, req: Request) -> bool:
         return await abort(self.engine, req)
+
+    async def abort_stalled(self, batch_ids: Sequence[str]) -> None:
+        async with asyncio.timeout(self.timeout_s):
+            await abort_stalled(self.engine, batch_ids)
 
     async def state_of(self, batch_id: str) -> BatchState | None:
         return await state_of(self.engine, batch_id)

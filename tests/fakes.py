@@ -191,6 +191,13 @@ class FakeLedger:
         self.keys.pop((req.desk, req.idempotency_key), None)
         return True
 
+    async def abort_stalled(self, batch_ids: Sequence[str]) -> None:
+        self._check()
+        for batch_id in batch_ids:
+            found = self.batches.get(batch_id)
+            if found is not None and found[1] is BatchState.PENDING:
+                await self.abort(found[0])
+
     async def state_of(self, batch_id: str) -> BatchState | None:
         self._check()
         found = self.batches.get(batch_id)
