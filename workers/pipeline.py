@@ -454,23 +454,20 @@ class Pipeline:
         copies = [c for chain in self.chains.values() for c in chain.items]
         held = {c.message_id for c in copies}
         waiting = {
-            (c.desk, c.contract_id, c.record.topic): set[str]()
+            (c.desk, c.contract_id, c.record.topic)
             for c in copies
             if c.waiting_for is not None
             and c.waiting_for not in held
             and now - c.waiting_since >= longer_than_s
             and now - c.waited_at <= WAITING_GAP_S  # still trying: not held by the breaker
         }
-        if waiting:
-            by_contract: dict[tuple[str, str], set[str]] = {}
-            for key in waiting:
-                by_contract.setdefault(key[:2], set())
-            for c in copies:
-                if (ids := by_contract.get((c.desk, c.contract_id))) is not None:
-                    ids.add(c.message_id)
-            for key, ids in waiting.items():
-                ids.update(by_contract[key[:2]])
-        return waiting
+        if not waiting:
+            return {}
+        held_of: dict[tuple[str, str], set[str]] = {key[:2]: set() for key in waiting}
+        for c in copies:
+            if (ids := held_of.get((c.desk, c.contract_id))) is not None:
+                ids.add(c.message_id)
+        return {key: set(held_of[key[:2]]) for key in waiting}
 
     def _wake_behind(self, settled: Copy) -> None:
         """A chain of the same contract on another lane (or partition) that waits for
