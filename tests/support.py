@@ -17,12 +17,19 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from ops.dev.simulator import SimState
-from schemas.envelope import sign_message
+from schemas.envelope import envelope_for, sign_message, validate_record
 
 OPS = "ops:read ops:replay ops:holds"
 
 
 Condition = Callable[[], Awaitable[bool] | bool]
+
+
+def message_id(desk: str, raw: dict[str, Any]) -> str:
+    """The message id the intake gives this raw record of this desk."""
+    record = validate_record(raw, 0)
+    assert not isinstance(record, list), record
+    return envelope_for(desk, record).message_id
 
 
 async def holds(predicate: Condition) -> bool:

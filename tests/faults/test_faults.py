@@ -20,11 +20,11 @@ from aiokafka.record.default_records import DefaultRecordBatch
 from ops.dev.simulator import Script
 from runtime.kafka import BuiltBatch, KafkaPublisher, OutgoingRecord, PublishFailed
 from schemas import samples
-from schemas.envelope import envelope_for, validate_record
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
 from tests.support import (
     assert_effects_once,
     headers_of,
+    message_id,
     never,
     read_topic,
     states,
@@ -286,12 +286,6 @@ async def test_i5_the_worker_outlives_a_35s_broker_stall_and_catches_up(
     final = await pipe.wait_final(client, before.json()["batch_id"], timeout=180)
     assert final["counts"] == {"delivered": 300}
     assert_effects_once(pipe.sim, [m["message_id"] for m in before.json()["messages"]])
-
-
-def message_id(desk: str, raw: dict[str, Any]) -> str:
-    record = validate_record(raw, 0)
-    assert not isinstance(record, list), record
-    return envelope_for(desk, record).message_id
 
 
 async def test_i5_a_frozen_database_gets_prompt_503s_and_loses_nothing(

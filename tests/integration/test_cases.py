@@ -23,12 +23,13 @@ from ops.bootstrap import run_worker
 from ops.dev.simulator import Script
 from runtime.kafka import KafkaPublisher
 from schemas import samples
-from schemas.envelope import SCHEMA_VERSION, envelope_for, validate_record
+from schemas.envelope import SCHEMA_VERSION
 from tests.conftest import Pipeline, PipelineFactory, submit_batch
 from tests.support import (
     assert_contract_order,
     assert_effects_once,
     headers_of,
+    message_id,
     never,
     produce,
     read_topic,
@@ -53,12 +54,6 @@ def otc(run: str, contract: str, n: int) -> dict[str, Any]:
     record["delivery_start"] = f"2026-12-01T{n:02d}:00:00Z"
     record["delivery_end"] = f"2026-12-01T{n:02d}:30:00Z"
     return record
-
-
-def message_id(desk: str, raw: dict[str, Any]) -> str:
-    record = validate_record(raw, 0)
-    assert not isinstance(record, list), record
-    return envelope_for(desk, record).message_id
 
 
 # -- case 1: a claim racing the intake's acceptance -------------------------------------------
