@@ -76,15 +76,12 @@ def _key_in_use(existing: ledger.KeyHeld, request_hash: str) -> Problem:
     )
 
 
-def ledger_unavailable() -> Problem:
+def ledger_unavailable(
+    detail: str = "the settlement ledger is unavailable; nothing was accepted, retry with the "
+    "same Idempotency-Key",
+) -> Problem:
     metrics.LEDGER_UNAVAILABLE.inc()
-    return Problem(
-        503,
-        "ledger_unavailable",
-        "the settlement ledger is unavailable; nothing was accepted, retry with the same "
-        "Idempotency-Key",
-        headers={"Retry-After": "2"},
-    )
+    return Problem(503, "ledger_unavailable", detail, headers={"Retry-After": "2"})
 
 
 def broker_unavailable() -> Problem:

@@ -104,7 +104,15 @@ async def _unexpected(exc: Exception, trace_id: str, scope: Scope, send: Send, s
     )
     if database_unavailable(exc):
         log.warning("ledger_unavailable", trace_id=trace_id, error=type(exc).__name__)
-        problem = ledger_unavailable()
+        # An operator's change cut off by a stalled database was never committed, and a
+        # read changes nothing; a request carrying records keeps the intake's own words.
+        problem = (
+            ledger_unavailable()
+            if scope.get("path", "").startswith("/v1/settlements")
+            else ledger_unavailable(
+                "the settlement ledger is unavailable; nothing was changed, try again shortly"
+            )
+        )
     else:
         log.error("unhandled_error", trace_id=trace_id, error=type(exc).__name__, at=where)
         problem = Problem(500, "internal_error", "unexpected error; quote the trace id")

@@ -4,11 +4,14 @@ changes state (changes go through operations.service, as the API's do)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import reconciliation as recon
 from ledger.db import sql
@@ -44,11 +47,18 @@ class Hit:
 
 
 class ConsoleReads:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, timeout_s: float | None = None) -> None:
         self.engine = engine
+        # Every read gives up after this long (TimeoutError: the database is away, a 503).
+        self.timeout_s = timeout_s
+
+    @asynccontextmanager
+    async def _connect(self) -> AsyncIterator[AsyncConnection]:
+        async with asyncio.timeout(self.timeout_s), self.engine.connect() as conn:
+            yield conn
 
     async def overview(self) -> Overview:
-        async with self.engine.connect() as conn:
+        async with self._connect() as conn:
             counts = await conn.execute(
                 sql(
                     f"SELECT desk, topic, state, count(*) FROM messages "
@@ -120,7 +130,7 @@ class ConsoleReads:
         if not term:
             return []
         prefix = term[:-1] if term.endswith("*") else None
-        async with self.engine.connect() as conn:
+        async with self._connect() as conn:
             rows = await conn.execute(
                 sql(
                     f"""
@@ -156,7 +166,7 @@ class ConsoleReads:
     async def audit_rows(self, message_id: str, batch_id: str | None) -> list[dict[str, Any]]:
         """Every audit row about a record (its attempts and outcomes, operators' decisions) and
         the acceptance of the request that queued it, in chain order."""
-        async with self.engine.connect() as conn:
+        async with self._connect() as conn:
             rows = await conn.execute(
                 sql(
                     """
@@ -173,10 +183,11 @@ class ConsoleReads:
             return [dict(r._mapping) for r in rows]
 
     async def replays(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        return await recon.list_replays(self.engine, state, limit)
+        async with asyncio.timeout(self.timeout_s):
+            return await recon.list_replays(self.engine, state, limit)
 
     async def replay_items(self, replay_id: str, limit: int = 500) -> list[dict[str, Any]]:
-        async with self.engine.connect() as conn:
+        async with self._connect() as conn:
             rows = await conn.execute(
                 sql(
                     """

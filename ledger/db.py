@@ -6,7 +6,9 @@ import asyncio
 import functools
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from asyncpg.exceptions import PostgresError
 from sqlalchemy import Connection, Engine, TextClause, event, text
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -73,6 +75,76 @@ def make_engine(url: str, pool_size: int = 10, *, custom_plans: bool = False) ->
     _DIRECT[engine.sync_engine] = _Direct({**options, **connect_args}, pool_size)
     event.listen(engine.sync_engine, "engine_disposed", _dispose_direct)
     return engine
+
+
+class _Change:
+    """A change running under `bounded_change`: its deadline (unset until the database is found
+    stalled), its task, and whether its COMMIT has been sent."""
+
+    __slots__ = ("committing", "deadline", "task")
+
+    def __init__(self, deadline: asyncio.Timeout, task: asyncio.Task[Any] | None) -> None:
+        self.deadline, self.task, self.committing = deadline, task, False
+
+
+_CHANGE: ContextVar[_Change | None] = ContextVar("etrm_change", default=None)
+
+
+@asynccontextmanager
+async def bounded_change(engine: AsyncEngine, timeout_s: float | None) -> AsyncIterator[None]:
+    """A change (an operator's replay, approval, discard, hold decision or maintenance window)
+    that gives up with TimeoutError when the database stalls — a stopped host or a storage
+    hang holds a statement without an error — instead of holding the operator's request until
+    it wakes. Once the change has run `timeout_s / 2`, the database is asked `SELECT 1` on a
+    connection of its own; with no answer within `timeout_s / 2` the change is cut off. A
+    database that answers is only slow (a replay of 100,000 dead letters, a lock held a while)
+    and is asked again later, so a long change on a live database is never cut off. Only until
+    its first COMMIT is sent (`change`): cut off before, nothing of it took effect (the
+    statement in flight runs in a transaction that is never committed: SQLAlchemy invalidates
+    a connection whose statement was cancelled, and Postgres rolls back what a closed
+    connection left open); cut off during the COMMIT, nobody could say whether it took effect,
+    so from there it waits for the answer, as it always did. `None`: no bound."""
+    if timeout_s is None:
+        yield
+        return
+    async with asyncio.timeout(None) as deadline:
+        held = _Change(deadline, asyncio.current_task())
+        token = _CHANGE.set(held)
+        watch = asyncio.create_task(_watch_change(engine, held, timeout_s / 2))
+        try:
+            yield
+        finally:
+            watch.cancel()
+            _CHANGE.reset(token)
+
+
+async def _watch_change(engine: AsyncEngine, held: _Change, step_s: float) -> None:
+    while True:
+        await asyncio.sleep(step_s)
+        try:
+            async with asyncio.timeout(step_s):
+                await fetch_direct(engine, "SELECT 1", {})
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) or database_unavailable(exc):
+                if not held.committing:
+                    held.deadline.reschedule(asyncio.get_running_loop().time())
+            else:
+                log.warning("change_watch_failed", error=type(exc).__name__)
+            return
+
+
+@asynccontextmanager
+async def change(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """`engine.begin()` for a change that may run under `bounded_change`: its body may be cut
+    off, its COMMIT is not."""
+    async with engine.begin() as conn:
+        yield conn
+        held = _CHANGE.get()
+        if held is not None and held.task is asyncio.current_task():  # (not a task it started)
+            if held.deadline.expired():
+                await asyncio.sleep(0)  # its cancellation is on the way: taken before the COMMIT
+            held.deadline.reschedule(None)  # a stall found this instant no longer cuts it off
+            held.committing = True
 
 
 def _ping_when_idle(engine: AsyncEngine) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import audit
 from ledger.crypto import PayloadCipher
-from ledger.db import sql
+from ledger.db import change, sql
 from ledger.delivery import insert_dead_letters
 from ledger.rows import Actor, AuditEvent, DeadLetterRow
 from schemas.states import (
@@ -190,7 +190,7 @@ async def create_replay(
     meanwhile are left out) and record it; returns what it holds and whether it needs a
     second operator (the operations rule `needs_approval` decides, on what was claimed).
     Nothing is recorded when nothing could be claimed."""
-    async with engine.begin() as conn:
+    async with change(engine) as conn:
         claimed = {
             r.dead_letter_id
             for r in await conn.execute(
@@ -274,7 +274,7 @@ async def approve_replay(
     reason: str | None,
     same_operator: Callable[[str, str], bool],
 ) -> None:
-    async with engine.begin() as conn:
+    async with change(engine) as conn:
         row = (
             await conn.execute(
                 sql("SELECT state, requested_by FROM replays WHERE replay_id = :id FOR UPDATE"),
@@ -714,7 +714,7 @@ _RUNNABLE_PARKED = """
 async def continue_parked(engine: AsyncEngine, job_id: str, actor: Actor) -> int:
     """Parked records with nothing earlier of their contract open any more (no open dead
     letter, no replay in progress) go on under a continuation of their own; returns how many."""
-    async with engine.begin() as conn:
+    async with change(engine) as conn:
         rows = (await conn.execute(sql(_RUNNABLE_PARKED))).all()
         if not rows:
             return 0
@@ -763,7 +763,7 @@ async def discard(
     engine: AsyncEngine, dead_letter_id: str, actor: Actor, reason: str
 ) -> dict[str, Any]:
     """Close an open dead letter without delivery (its record stays dead-lettered)."""
-    async with engine.begin() as conn:
+    async with change(engine) as conn:
         row = (
             await conn.execute(
                 sql(
@@ -844,7 +844,7 @@ async def decide_hold(
     """`released` or `rejected`, once; a rejection is a `drift_rejected` dead letter in the
     same transaction (published by the outbox afterwards), signed (and sealed) by
     `seal` as the intake puts records on the lanes."""
-    async with engine.begin() as conn:
+    async with change(engine) as conn:
         hold = (
             await conn.execute(
                 sql(

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import audit
-from ledger.db import sql
+from ledger.db import change, sql
 from ledger.rows import Actor, AuditEvent, Circuit, MaintenanceWindow, UpstreamView
 from schemas.states import CircuitState
 
@@ -163,7 +163,7 @@ async def add_window(
     reason: str,
     actor: Actor,
 ) -> MaintenanceWindow:
-    async with engine.begin() as conn:
+    async with change(engine) as conn:
         row = (
             await conn.execute(
                 sql(
@@ -202,7 +202,7 @@ async def cancel_window(
 ) -> MaintenanceWindow | None:
     """Cancel a window that is not over yet; None when there is no such window (unknown,
     already cancelled, or over)."""
-    async with engine.begin() as conn:
+    async with change(engine) as conn:
         row = (
             await conn.execute(
                 sql(

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger import reconciliation as recon
 from ledger import upstream
 from ledger.crypto import PayloadCipher
+from ledger.db import bounded_change
 from ledger.rows import Actor, MaintenanceWindow
 from operations import circuit, rules
 from operations.publishing import Progress, Republisher
@@ -60,14 +61,15 @@ def new_id(prefix: str) -> str:
 class UpstreamOperations:
     """The upstream's breaker and maintenance windows, for operators (issue #8)."""
 
-    def __init__(self, engine: AsyncEngine, *, read_timeout_s: float | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, *, timeout_s: float | None = None) -> None:
         self.engine = engine
-        # Reads give up after this long (TimeoutError: the database is away, answered 503);
-        # changes are never cut off, so their outcome is never left unknown.
-        self.read_timeout_s = read_timeout_s
+        # Reads and changes give up after this long (TimeoutError: the database is away,
+        # answered 503); a change only until it sends its COMMIT (ledger.db.bounded_change),
+        # so a change cut off never took effect and one that was not cut off is never unknown.
+        self.timeout_s = timeout_s
 
     async def upstream_status(self) -> dict[str, Any]:
-        async with asyncio.timeout(self.read_timeout_s):
+        async with asyncio.timeout(self.timeout_s):
             view = await upstream.read_view(self.engine)
         c = view.circuit
         waiting = circuit.waiting_of(c, view.windows, view.read_at)
@@ -89,9 +91,10 @@ class UpstreamOperations:
         problem = circuit.window_problem(starts_at, ends_at, now)
         if problem is not None:
             raise OperationRefused("invalid_window", problem)
-        window = await upstream.add_window(
-            self.engine, new_id("mw"), starts_at, ends_at, reason, actor
-        )
+        async with bounded_change(self.engine, self.timeout_s):
+            window = await upstream.add_window(
+                self.engine, new_id("mw"), starts_at, ends_at, reason, actor
+            )
         log.info(
             "maintenance_window_added",
             window_id=window.window_id,
@@ -102,7 +105,8 @@ class UpstreamOperations:
         return window_body(window)
 
     async def cancel_maintenance(self, window_id: str, actor: Actor) -> dict[str, Any]:
-        window = await upstream.cancel_window(self.engine, window_id, actor)
+        async with bounded_change(self.engine, self.timeout_s):
+            window = await upstream.cancel_window(self.engine, window_id, actor)
         if window is None:
             raise OperationRefused("not_found", "no such maintenance window (or it is over)")
         log.info("maintenance_window_cancelled", window_id=window_id, operator=actor.name)
@@ -130,9 +134,9 @@ class Operations(UpstreamOperations):
         republisher: Republisher,
         *,
         approval_threshold: int,
-        read_timeout_s: float | None = None,
+        timeout_s: float | None = None,
     ) -> None:
-        super().__init__(engine, read_timeout_s=read_timeout_s)
+        super().__init__(engine, timeout_s=timeout_s)
         self.cipher = cipher
         self.republisher = republisher
         self.approval_threshold = approval_threshold
@@ -142,17 +146,17 @@ class Operations(UpstreamOperations):
     async def list_dead_letters(
         self, where: recon.DeadLetterFilter, *, limit: int, cursor: str | None
     ) -> tuple[list[dict[str, Any]], str | None]:
-        async with asyncio.timeout(self.read_timeout_s):
+        async with asyncio.timeout(self.timeout_s):
             return await recon.list_dead_letters(self.engine, where, limit=limit, cursor=cursor)
 
     async def replay_status(self, replay_id: str) -> dict[str, Any] | None:
-        async with asyncio.timeout(self.read_timeout_s):
+        async with asyncio.timeout(self.timeout_s):
             return await recon.get_replay(self.engine, replay_id)
 
     async def list_holds(
         self, *, state: str | None, desk: str | None, limit: int
     ) -> list[dict[str, Any]]:
-        async with asyncio.timeout(self.read_timeout_s):
+        async with asyncio.timeout(self.timeout_s):
             return await recon.list_holds(self.engine, state=state, desk=desk, limit=limit)
 
     # -- replay --------------------------------------------------------------------------------
@@ -160,7 +164,7 @@ class Operations(UpstreamOperations):
     async def preview_replay(
         self, *, message_ids: Sequence[str] | None, where: recon.DeadLetterFilter | None
     ) -> dict[str, Any]:
-        async with asyncio.timeout(self.read_timeout_s):
+        async with asyncio.timeout(self.timeout_s):
             items = await recon.replay_candidates(self.engine, message_ids=message_ids, where=where)
         desks = sorted({i.desk for i in items})
         return {
@@ -188,20 +192,21 @@ class Operations(UpstreamOperations):
         where: recon.DeadLetterFilter | None,
         reason: str,
     ) -> ReplayRequested:
-        candidates = await recon.replay_candidates(
-            self.engine, message_ids=message_ids, where=where
-        )
         replay_id = new_id("replay")
-        items, needs_approval = await recon.create_replay(
-            self.engine,
-            replay_id=replay_id,
-            reason=reason,
-            actor=actor,
-            candidates=candidates,
-            needs_approval=lambda count, desks: rules.needs_approval(
-                count, desks, self.approval_threshold
-            ),
-        )
+        async with bounded_change(self.engine, self.timeout_s):
+            candidates = await recon.replay_candidates(
+                self.engine, message_ids=message_ids, where=where
+            )
+            items, needs_approval = await recon.create_replay(
+                self.engine,
+                replay_id=replay_id,
+                reason=reason,
+                actor=actor,
+                candidates=candidates,
+                needs_approval=lambda count, desks: rules.needs_approval(
+                    count, desks, self.approval_threshold
+                ),
+            )
         if not items:
             raise OperationRefused("nothing_to_replay", "no open, replayable dead letters match")
         state = "pending_approval" if needs_approval else "approved"
@@ -218,7 +223,10 @@ class Operations(UpstreamOperations):
 
     async def approve_replay(self, replay_id: str, actor: Actor, reason: str | None) -> None:
         try:
-            await recon.approve_replay(self.engine, replay_id, actor, reason, rules.same_operator)
+            async with bounded_change(self.engine, self.timeout_s):
+                await recon.approve_replay(
+                    self.engine, replay_id, actor, reason, rules.same_operator
+                )
         except recon.Refused as exc:
             raise OperationRefused(exc.code, exc.detail) from None
         log.info("replay_approved", replay_id=replay_id, operator=actor.name)
@@ -234,14 +242,16 @@ class Operations(UpstreamOperations):
     # -- discard ---------------------------------------------------------------------------------
 
     async def discard(self, dead_letter_id: str, actor: Actor, reason: str) -> dict[str, Any]:
+        job_id = new_id("replay_cont")
         try:
-            closed = await recon.discard(self.engine, dead_letter_id, actor, reason)
+            async with bounded_change(self.engine, self.timeout_s):
+                closed = await recon.discard(self.engine, dead_letter_id, actor, reason)
+                # Records parked behind it (contract sequencing) go on now, in order (no longer
+                # cut off: the discard committed); their copies are published by whoever runs
+                # the continuation (the caller at once, housekeeping else).
+                continued = await recon.continue_parked(self.engine, job_id, actor)
         except recon.Refused as exc:
             raise OperationRefused(exc.code, exc.detail) from None
-        # Records parked behind it (contract sequencing) go on now, in order; their copies are
-        # published by whoever runs the continuation (the caller at once, housekeeping else).
-        job_id = new_id("replay_cont")
-        continued = await recon.continue_parked(self.engine, job_id, actor)
         log.info(
             "dead_letter_discarded",
             dead_letter_id=dead_letter_id,
@@ -262,16 +272,17 @@ class Operations(UpstreamOperations):
         self, hold_id: str, decision: str, actor: Actor, reason: str
     ) -> dict[str, Any]:
         try:
-            result = await recon.decide_hold(
-                self.engine,
-                hold_id,
-                decision,
-                actor,
-                reason,
-                self.cipher,
-                new_id("dl"),
-                self.republisher.sealer.seal,
-            )
+            async with bounded_change(self.engine, self.timeout_s):
+                result = await recon.decide_hold(
+                    self.engine,
+                    hold_id,
+                    decision,
+                    actor,
+                    reason,
+                    self.cipher,
+                    new_id("dl"),
+                    self.republisher.sealer.seal,
+                )
         except recon.Refused as exc:
             raise OperationRefused(exc.code, exc.detail) from None
         log.info("hold_decided", hold_id=hold_id, decision=decision, operator=actor.name)

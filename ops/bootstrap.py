@@ -154,14 +154,14 @@ async def intake_services(settings: IntakeSettings) -> IntakeServices:
             cipher,
             republisher,
             approval_threshold=settings.replay_approval_threshold,
-            read_timeout_s=settings.database_timeout_s,
+            timeout_s=settings.database_timeout_s,
         ),
         rate_limiter=DeskRateLimiter(default_rate, desk_rates),
         record_limiter=DeskRateLimiter(*settings.desk_record_rates(), unit="record"),
         waiting=WaitingWatch(ledger.upstream_view),
         alarm=FailureAlarm(),
         housekeeping=_housekeeping(settings, engine, cipher, kafka, republisher, actor),
-        console=ConsoleReads(engine),
+        console=ConsoleReads(engine, timeout_s=settings.database_timeout_s),
         close=lambda: _close_intake(kafka, engine, reads),
     )
 

@@ -10,17 +10,23 @@ import asyncio
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatch
 
+from ledger.db import make_engine
+from operations.service import UpstreamOperations, operator_actor
 from ops.dev.simulator import Script
 from runtime.kafka import BuiltBatch, KafkaPublisher, OutgoingRecord, PublishFailed
 from schemas import samples
-from tests.conftest import Pipeline, PipelineFactory, submit_batch
+from schemas.records import iso_z
+from tests.conftest import Infra, Pipeline, PipelineFactory, fresh_database, submit_batch
 from tests.support import (
     assert_effects_once,
     headers_of,
@@ -300,6 +306,22 @@ async def test_i5_a_frozen_database_gets_prompt_503s_and_loses_nothing(
     if database is None:
         pytest.skip("the database server is not ours to freeze (ETRM_TEST_DATABASE_URL)")
     client = pipe.client()
+    admin = pipe.client(desk="ops", scopes="ops:read ops:upstream", subject="op-frozen")
+    later = datetime.now(UTC) + timedelta(days=1)
+    window = {
+        "from": iso_z(later),
+        "until": iso_z(later + timedelta(hours=1)),
+        "reason": f"patch night {uuid.uuid4().hex[:8]}",
+    }
+
+    async def windows_named(reason: str) -> int:
+        status = await admin.get("/v1/upstream")
+        assert status.status_code == 200, status.text
+        return sum(w["reason"] == reason for w in status.json()["maintenance"])
+
+    async def refused_window_taken() -> bool:
+        return await windows_named(window["reason"]) > 0
+
     run = samples.run_id()
     before = await submit_batch(client, run, samples.mixed_batch(run, 200, prefix="FRZ"))
     assert before.status_code == 202
@@ -332,6 +354,13 @@ async def test_i5_a_frozen_database_gets_prompt_503s_and_loses_nothing(
         assert ready.status_code == 503
         assert ready.json()["checks"]["database"].startswith("unavailable")
         assert time.monotonic() - started < 5
+        # An operator's change: refused as promptly, and (below) never taken in afterwards.
+        started = time.monotonic()
+        declared = await admin.post("/v1/upstream/maintenance", json=window)
+        assert declared.status_code == 503, declared.text
+        assert declared.json()["code"] == "ledger_unavailable"
+        assert "nothing was changed" in declared.json()["detail"]
+        assert time.monotonic() - started < 8
     finally:
         database.resume()
 
@@ -339,6 +368,9 @@ async def test_i5_a_frozen_database_gets_prompt_503s_and_loses_nothing(
         return (await client.get("/readyz")).status_code == 200
 
     await wait_for(serving, 30)  # and once the database is back, as before it stalled
+    await never(refused_window_taken, 1)
+    assert (await admin.post("/v1/upstream/maintenance", json=window)).status_code == 201
+    assert await windows_named(window["reason"]) == 1
     final = await pipe.wait_final(client, before.json()["batch_id"], timeout=120)
     assert final["counts"] == {"delivered": 200}
     assert_effects_once(pipe.sim, [m["message_id"] for m in before.json()["messages"]])
@@ -367,3 +399,118 @@ async def test_i5_a_frozen_database_gets_prompt_503s_and_loses_nothing(
     # What the stalled database took in after all was never published: never delivered.
     abandoned_ids = {message_id("power-east", record) for record in abandoned}
     await never(lambda: bool(abandoned_ids & set(pipe.sim.posts_by_key)), 3)
+
+
+_SLOW_TRIGGER = """
+CREATE FUNCTION etrm_test_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$
+"""
+
+
+async def test_an_operators_change_is_cut_off_by_a_stalled_database_only_before_its_commit(
+    infra: Infra,
+) -> None:
+    """An operator's change (here a maintenance window) against a database that stalls:
+    frozen while its statement runs, it gives up within its bound and nothing of it is ever
+    taken in; frozen while its COMMIT runs, it waits for the answer instead of reporting a
+    failure for a change that took effect; on a database that is slow but answering (a lock
+    held for longer than the bound) it is not cut off at all."""
+    database = infra.database
+    if database is None:
+        pytest.skip("the database server is not ours to freeze (ETRM_TEST_DATABASE_URL)")
+    url = await fresh_database(infra)
+    engine = make_engine(url)
+    ops = UpstreamOperations(engine, timeout_s=2.0)
+    actor = operator_actor("op-stall")
+    probe = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    later = datetime.now(UTC) + timedelta(days=1)
+
+    async def add(reason: str) -> dict[str, Any]:
+        return await ops.add_maintenance(actor, later, later + timedelta(hours=1), reason)
+
+    async def named(reason: str) -> int:
+        return int(
+            await probe.fetchval(
+                "SELECT count(*) FROM maintenance_windows WHERE reason = $1", reason
+            )
+        )
+
+    async def add_frozen_in(
+        trigger: str, reason: str, statement: str
+    ) -> asyncio.Task[dict[str, Any]]:
+        """Adds a window with `trigger` on the table; freezes the server once the change runs
+        `statement` (a LIKE pattern)."""
+        await probe.execute(trigger)
+        adding = asyncio.create_task(add(reason))
+        await wait_for(lambda: running(probe, statement), 10, 0.02)
+        database.pause()
+        return adding
+
+    try:
+        # Slow, not stalled: inserts wait 4 s on a lock; the database answers meanwhile.
+        blocker = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            await blocker.execute("BEGIN; LOCK TABLE maintenance_windows IN EXCLUSIVE MODE")
+            started = time.monotonic()
+            slow = asyncio.create_task(add("slow"))
+            await asyncio.sleep(4)
+            await blocker.execute("COMMIT")
+            await asyncio.wait_for(slow, 10)
+            assert time.monotonic() - started >= 4
+            assert await named("slow") == 1
+        finally:
+            await blocker.close()
+
+        # Frozen while its statement runs: cut off, and the statement is never committed.
+        await probe.execute(_SLOW_TRIGGER)
+        mid_statement = await add_frozen_in(
+            "CREATE TRIGGER etrm_test_slow_insert BEFORE INSERT ON maintenance_windows "
+            "FOR EACH ROW EXECUTE FUNCTION etrm_test_slow()",
+            "mid-statement",
+            "%INSERT INTO maintenance_windows%",
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(mid_statement, 10)
+            assert time.monotonic() - started < 6
+        finally:
+            database.resume()
+
+        async def cut_off_window_taken() -> bool:
+            return await named("mid-statement") > 0
+
+        await never(cut_off_window_taken, 2)
+
+        # Frozen while its COMMIT runs (a deferred trigger sleeps in it): not cut off.
+        await probe.execute("DROP TRIGGER etrm_test_slow_insert ON maintenance_windows")
+        committing = await add_frozen_in(
+            "CREATE CONSTRAINT TRIGGER etrm_test_slow_commit AFTER INSERT ON "
+            "maintenance_windows DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+            "EXECUTE FUNCTION etrm_test_slow()",
+            "committing",
+            "COMMIT%",
+        )
+        try:
+            await asyncio.sleep(4)  # the change's check of the database finds it stalled
+            assert not committing.done()
+        finally:
+            database.resume()
+        window = await asyncio.wait_for(committing, 10)
+        assert window["reason"] == "committing"
+        assert await named("committing") == 1
+    finally:
+        database.resume()
+        await probe.close()
+        await engine.dispose()
+
+
+async def running(probe: asyncpg.Connection, statement: str) -> bool:
+    """Another session is running a statement like `statement` (a LIKE pattern) right now."""
+    return bool(
+        await probe.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+            "AND query ILIKE $1 AND pid <> pg_backend_pid()",
+            statement,
+        )
+    )
