@@ -21,13 +21,34 @@ from ingest.problems import Problem
 from ingest.publisher import Publication
 from ledger.acceptance import Columns, RecordToAccept, columns_for, join_columns
 from ledger.crypto import PayloadCipher
-from runtime.cpu import Packed
+from runtime.cpu import Joined, Packed
 from runtime.kafka import BuiltBatch
 from schemas.envelope import Envelope, FieldError, envelope_for, lane_for, validate_record
 from schemas.records import CanonicalRecord
 
 MAX_BATCH = 5000
 MAX_REPORTED_ERRORS = 200
+
+
+class PartKeys(NamedTuple):
+    """What joining a batch's parts (`join_parts`) needs of each, made where the part is: its
+    message ids one after the other (the request hash is taken over them in order), and an
+    8-byte digest of each record's identity and revision (to find one in two parts)."""
+
+    ids: bytes
+    slots: bytes
+
+
+def part_keys(envelopes: Sequence[Envelope]) -> PartKeys:
+    return PartKeys(
+        "".join([e.message_id for e in envelopes]).encode(),
+        b"".join(
+            [
+                hashlib.blake2b(f"{e.identity}\0{e.revision}".encode(), digest_size=8).digest()
+                for e in envelopes
+            ]
+        ),
+    )
 
 
 class Prepared(NamedTuple):
@@ -47,6 +68,8 @@ class Prepared(NamedTuple):
     # the records as the ledger's statements take them, payloads sealed (ledger.acceptance
     # `columns_for`), when prepared with the ledger's cipher; else built by the ledger
     columns: Columns | None = None
+    # a part of a batch prepared in parts (`prepare_batch_body` with `part`), for `join_parts`
+    part_keys: PartKeys | None = None
 
 
 def field_errors(errors: Sequence[FieldError], *, batch: bool) -> Problem:
@@ -253,6 +276,7 @@ def prepare_batch_body(
         records=accepted,
         kafka=publication.lay_out(prepared.envelopes) if publication is not None else None,
         columns=columns,
+        part_keys=part_keys(prepared.envelopes) if k > 1 else None,
     )
 
 
@@ -282,28 +306,36 @@ def settle_parts(
 def join_parts(parts: Sequence[Prepared], run_id: str) -> Prepared | None:
     """One batch from its consecutive parts, each prepared alone (`prepare_batch_body` with
     `part`), as if prepared whole; None when two parts hold records of one identity and
-    revision (the same record twice, or a conflict): whether that request is refused, and how,
-    is for the whole batch's own preparation to say. Plain concatenation otherwise — it runs
-    on the event loop: per record, one set entry."""
-    parts = [part for part in parts if part.envelopes]  # more parts than records
-    seen: set[tuple[str, int]] = set()
-    for part in parts:
-        slots = {(e.identity, e.revision) for e in part.envelopes}
+    revision (the same record twice, or a conflict — or two digests alike by chance): whether
+    that request is refused, and how, is for the whole batch's own preparation to say. It runs
+    on the event loop, so no part's records are opened (runtime.cpu.Joined): the check and the
+    request hash use what each part made of them (`PartKeys`)."""
+    parts = [part for part in parts if len(part.envelopes)]  # more parts than records
+    keys = [part.part_keys for part in parts]
+    if any(k is None for k in keys):
+        raise ValueError("parts are prepared with part keys (prepare_batch_body with part)")
+    seen: set[int] = set()
+    digest = hashlib.sha256(f"batch\0{run_id}\0".encode())
+    for key in keys:
+        assert key is not None
+        slots = set(memoryview(key.slots).cast("Q"))
         if not seen.isdisjoint(slots):
             return None
         seen |= slots
-    envelopes = [e for part in parts for e in part.envelopes]
+        digest.update(key.ids)  # as request_hash, over every message id in order
     lanes: collections.Counter[str] = collections.Counter()
     for part in parts:
         lanes.update(part.lanes)
     kafka = [p.kafka for p in parts]
-    columns = [p.columns for p in parts]
+    columns = [p.columns for p in parts if p.columns is not None]
     return Prepared(
-        envelopes,
-        request_hash("batch", run_id, envelopes),
-        [r for part in parts for r in part.records],
+        Joined([p.envelopes for p in parts]),
+        digest.hexdigest(),
+        Joined([p.records for p in parts]),
         dict(lanes),
         b"[" + b",".join(p.messages_json[1:-1] for p in parts) + b"]",
         None if None in kafka else [b for built in kafka if built for b in built],
-        None if None in columns else join_columns([c for c in columns if c is not None]),
+        join_columns(columns, Joined([c.unique for c in columns]))
+        if len(columns) == len(parts)
+        else None,
     )

@@ -171,9 +171,10 @@ def columns_for(records: Sequence[RecordToAccept], cipher: PayloadCipher) -> Col
     )
 
 
-def join_columns(parts: Sequence[Columns]) -> Columns:
+def join_columns(parts: Sequence[Columns], unique: Sequence[RecordToAccept]) -> Columns:
     """The columns of consecutive parts of one request whose parts share no message: each
-    array the parts' arrays one after the other, as `columns_for` builds it whole."""
+    array the parts' arrays one after the other, as `columns_for` builds it whole; `unique`
+    is their records one after the other (the caller's sequence: it may leave them unread)."""
     kids = {part.params["kid"] for part in parts}
     if len(kids) != 1:
         raise ValueError("parts sealed under different keys")
@@ -184,7 +185,7 @@ def join_columns(parts: Sequence[Columns]) -> Columns:
     }
     params["payloads"] = b"".join(part.params["payloads"] for part in parts)
     params["kid"] = kids.pop()
-    return Columns([r for part in parts for r in part.unique], params)
+    return Columns(unique, params)
 
 
 async def begin(engine: AsyncEngine, req: Request, cipher: PayloadCipher) -> Begun:

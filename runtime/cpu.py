@@ -217,7 +217,7 @@ class Packed(Sequence[T]):
         return iter(self._opened())
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Packed | list):
+        if not isinstance(other, Packed | Joined | list):
             return NotImplemented
         return self._length == len(other) and self._opened() == list(other)
 
@@ -225,6 +225,48 @@ class Packed(Sequence[T]):
 
     def __repr__(self) -> str:
         return f"Packed({self._length} items)"
+
+
+class Joined(Sequence[T]):
+    """Sequences one after the other, as one, without opening them: the records of a batch
+    prepared in parts (each part's a Packed). Its length is their lengths' sum; an item read
+    opens them. Concatenating them into a list opened every part on the event loop — ~50 ms
+    of one uninterrupted callback for a 5,000-record batch, while other requests waited."""
+
+    __slots__ = ("_items", "_length", "_parts")
+
+    def __init__(self, parts: Sequence[Sequence[T]]) -> None:
+        self._parts = list(parts)
+        self._length = sum(len(part) for part in self._parts)
+        self._items: list[T] | None = None
+
+    def _opened(self) -> list[T]:
+        if self._items is None:
+            self._items = [item for part in self._parts for item in part]
+        return self._items
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        return self._opened()[index]
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._opened())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Packed | Joined | list):
+            return NotImplemented
+        return self._length == len(other) and self._opened() == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Joined({self._length} items in {len(self._parts)} parts)"
 
 
 def _unopened(
