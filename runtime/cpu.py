@@ -206,6 +206,11 @@ class Packed(Sequence[T]):
     def __len__(self) -> int:
         return self._length
 
+    @property
+    def opened(self) -> bool:
+        """Its items were made (unpickled, or made from the recipe) in this process."""
+        return self._items is not None
+
     @overload
     def __getitem__(self, index: int) -> T: ...
     @overload

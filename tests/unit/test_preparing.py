@@ -23,6 +23,7 @@ from ingest.problems import Problem
 from ingest.publisher import Publication
 from ledger.acceptance import RecordToAccept
 from ledger.crypto import LaneSealer, PayloadCipher, open_lane_value
+from runtime.cpu import Packed
 from schemas import samples
 from schemas.envelope import Envelope, header_map, verify_message
 
@@ -225,6 +226,30 @@ def test_a_batch_prepared_in_parts_is_the_batch_prepared_whole(
     assert settled._replace(kafka=None, columns=None) == whole._replace(kafka=None, columns=None)
     assert _on_lanes(settled) == _on_lanes(whole)
     assert _ledger_view(settled) == _ledger_view(whole)
+
+
+def test_parts_are_joined_without_opening_their_records() -> None:
+    """Joining runs on the event loop: it reads none of the parts' records (unpickling and
+    rebuilding them held the loop ~50 ms per 5,000-record batch), and the joined request
+    counts them without opening them either, as a batch of new records only counts them."""
+    run = "RUN2026120300001"
+    raw = orjson.dumps({"records": samples.mixed_batch(run, 400, prefix="PART")})
+    pieces = [_prepared(raw, run, (i, 3)) for i in range(3)]
+    # as they cross from the worker processes
+    parts = [pickle.loads(pickle.dumps(p, pickle.HIGHEST_PROTOCOL)) for p in pieces]  # noqa: S301
+    joined = join_parts(parts, run)
+    assert joined is not None
+    assert joined.columns is not None
+    assert len(joined.envelopes) == len(joined.records) == len(joined.columns.unique) == 400
+    packed = [
+        seq for part in parts for seq in (part.envelopes, part.records) if isinstance(seq, Packed)
+    ]
+    assert len(packed) == 6
+    assert not any(seq.opened for seq in packed)
+    whole = _prepared(raw, run, (0, 1))
+    assert isinstance(whole, Prepared)
+    assert joined.request_hash == whole.request_hash
+    assert [e.message_id for e in joined.envelopes] == [e.message_id for e in whole.envelopes]
 
 
 def test_parts_that_share_a_record_are_not_joined() -> None:
