@@ -108,7 +108,7 @@ async def _unexpected(exc: Exception, trace_id: str, scope: Scope, send: Send, s
         # read changes nothing; a request carrying records keeps the intake's own words.
         problem = (
             ledger_unavailable()
-            if scope.get("path", "").startswith("/v1/settlements")
+            if scope.get("method") == "POST" and scope.get("path", "").startswith("/v1/settlements")
             else ledger_unavailable(
                 "the settlement ledger is unavailable; nothing was changed, try again shortly"
             )
