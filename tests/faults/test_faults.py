@@ -20,6 +20,7 @@ import httpx
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatch
 
+from ledger.console import ConsoleReads
 from ledger.db import make_engine
 from operations.service import UpstreamOperations, operator_actor
 from ops.dev.simulator import Script
@@ -414,7 +415,8 @@ async def test_an_operators_change_is_cut_off_by_a_stalled_database_only_before_
     frozen while its statement runs, it gives up within its bound and nothing of it is ever
     taken in; frozen while its COMMIT runs, it waits for the answer instead of reporting a
     failure for a change that took effect; on a database that is slow but answering (a lock
-    held for longer than the bound) it is not cut off at all."""
+    held for longer than the bound) it is not cut off at all. The console's reads, frozen,
+    give up within the bound too."""
     database = infra.database
     if database is None:
         pytest.skip("the database server is not ours to freeze (ETRM_TEST_DATABASE_URL)")
@@ -474,6 +476,11 @@ async def test_an_operators_change_is_cut_off_by_a_stalled_database_only_before_
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(mid_statement, 10)
             assert time.monotonic() - started < 6
+            # The console's reads give up within the same bound.
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ConsoleReads(engine, timeout_s=2.0).overview(), 10)
+            assert time.monotonic() - started < 4
         finally:
             database.resume()
 
