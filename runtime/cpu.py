@@ -162,7 +162,50 @@ async def in_process(work: Callable[..., T], *args: Any) -> T:
     return await off_loop(True, functools.partial(work, *args))
 
 
-class Packed(Sequence[T]):
+class _Lazy(Sequence[T]):
+    """A list whose items are made only where one is read (`_make`); its length is known
+    without them."""
+
+    __slots__ = ("_items", "_length")
+
+    _items: list[T] | None
+    _length: int
+
+    def _make(self) -> list[T]:
+        raise NotImplementedError
+
+    def _opened(self) -> list[T]:
+        if self._items is None:
+            self._items = self._make()
+        return self._items
+
+    @property
+    def opened(self) -> bool:
+        """Its items were made in this process."""
+        return self._items is not None
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        return self._opened()[index]
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._opened())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Lazy | list):
+            return NotImplemented
+        return self._length == len(other) and self._opened() == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Packed(_Lazy[T]):
     """A list that comes back from a worker process as one pickled blob, opened only where an
     item is read. The pool's thread unpickles each result in the serving process, holding its
     GIL: for a 5,000-record batch, 10 ms of it went to building its records and envelopes
@@ -170,10 +213,10 @@ class Packed(Sequence[T]):
     their number is read — a batch whose records are all new — they are never opened. A list
     made from another (`derived`) crosses as the recipe, not again."""
 
-    __slots__ = ("_blob", "_items", "_length", "_recipe")
+    __slots__ = ("_blob", "_recipe")
 
     def __init__(self, items: Sequence[T]) -> None:
-        self._items: list[T] | None = list(items)
+        self._items = list(items)
         self._blob = b""
         self._length = len(items)
         self._recipe: tuple[Callable[..., list[T]], tuple[Any, ...]] | None = None
@@ -192,83 +235,34 @@ class Packed(Sequence[T]):
         blob = self._blob or pickle.dumps(self._items, pickle.HIGHEST_PROTOCOL)
         return (_unopened, (blob, None, self._length))
 
-    def _opened(self) -> list[T]:
-        if self._items is None:
-            if self._recipe is not None:
-                make, args = self._recipe
-                self._items = make(*args)
-            else:
-                # pickled by our own worker process, read from the pool's pipe as its result was
-                self._items = pickle.loads(self._blob)  # noqa: S301
-                self._blob = b""
-        return self._items
-
-    def __len__(self) -> int:
-        return self._length
-
-    @property
-    def opened(self) -> bool:
-        """Its items were made (unpickled, or made from the recipe) in this process."""
-        return self._items is not None
-
-    @overload
-    def __getitem__(self, index: int) -> T: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[T]: ...
-    def __getitem__(self, index: int | slice) -> T | list[T]:
-        return self._opened()[index]
-
-    def __iter__(self) -> Iterator[T]:
-        return iter(self._opened())
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Packed | Joined | list):
-            return NotImplemented
-        return self._length == len(other) and self._opened() == list(other)
-
-    __hash__ = None  # type: ignore[assignment]
+    def _make(self) -> list[T]:
+        if self._recipe is not None:
+            make, args = self._recipe
+            return make(*args)
+        # pickled by our own worker process, read from the pool's pipe as its result was
+        items: list[T] = pickle.loads(self._blob)  # noqa: S301
+        self._blob = b""
+        return items
 
     def __repr__(self) -> str:
         return f"Packed({self._length} items)"
 
 
-class Joined(Sequence[T]):
+class Joined(_Lazy[T]):
     """Sequences one after the other, as one, without opening them: the records of a batch
     prepared in parts (each part's a Packed). Its length is their lengths' sum; an item read
     opens them. Concatenating them into a list opened every part on the event loop — ~50 ms
     of one uninterrupted callback for a 5,000-record batch, while other requests waited."""
 
-    __slots__ = ("_items", "_length", "_parts")
+    __slots__ = ("_parts",)
 
     def __init__(self, parts: Sequence[Sequence[T]]) -> None:
         self._parts = list(parts)
         self._length = sum(len(part) for part in self._parts)
-        self._items: list[T] | None = None
+        self._items = None
 
-    def _opened(self) -> list[T]:
-        if self._items is None:
-            self._items = [item for part in self._parts for item in part]
-        return self._items
-
-    def __len__(self) -> int:
-        return self._length
-
-    @overload
-    def __getitem__(self, index: int) -> T: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[T]: ...
-    def __getitem__(self, index: int | slice) -> T | list[T]:
-        return self._opened()[index]
-
-    def __iter__(self) -> Iterator[T]:
-        return iter(self._opened())
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Packed | Joined | list):
-            return NotImplemented
-        return self._length == len(other) and self._opened() == list(other)
-
-    __hash__ = None  # type: ignore[assignment]
+    def _make(self) -> list[T]:
+        return [item for part in self._parts for item in part]
 
     def __repr__(self) -> str:
         return f"Joined({self._length} items in {len(self._parts)} parts)"
