@@ -311,13 +311,12 @@ def join_parts(parts: Sequence[Prepared], run_id: str) -> Prepared | None:
     on the event loop, so no part's records are opened (runtime.cpu.Joined): the check and the
     request hash use what each part made of them (`PartKeys`)."""
     parts = [part for part in parts if len(part.envelopes)]  # more parts than records
-    keys = [part.part_keys for part in parts]
-    if any(k is None for k in keys):
+    keys = [part.part_keys for part in parts if part.part_keys is not None]
+    if len(keys) != len(parts):
         raise ValueError("parts are prepared with part keys (prepare_batch_body with part)")
     seen: set[int] = set()
     digest = hashlib.sha256(f"batch\0{run_id}\0".encode())
     for key in keys:
-        assert key is not None
         slots = set(memoryview(key.slots).cast("Q"))
         if not seen.isdisjoint(slots):
             return None
