@@ -6,10 +6,11 @@ Rules kept here (CONTRACT §3, issue #6 I2):
   refused by the database, also between two requests racing each other) and its
   Idempotency-Key; so a worker that reads a copy always finds its record, and waits while it
   is pending;
-- after the broker acknowledged every record, `complete` turns the request `accepted` and its
-  records `queued` — only then is 202 answered; a request whose publish failed is `aborted`
-  (503): its records are never delivered, whatever copies reached the broker, until a retry
-  accepts them again;
+- after the broker acknowledged every record, `complete` turns the request `accepted`, which
+  makes its records `queued` (they were written so, under the pending batch: one row's write
+  completes a request of any size, tables.accepting_sql) — only then is 202 answered; a
+  request whose publish failed is `aborted` (503): its records are never delivered, whatever
+  copies reached the broker, until a retry accepts them again;
 - a pending request is aborted by whoever finds it past its lease (the intake that died, or the
   broker that stalled, never answered 202 for it); `complete` and `abort` meet on the batch
   row, so exactly one of them wins;
@@ -307,8 +308,9 @@ async def _take_key(conn: AsyncConnection, req: Request) -> KeyHeld | None:
 
 def _pending_ctes(when: str, *, retake: bool = True) -> str:
     """The request's batch row, its message ids and its records (new ones, and with `retake`
-    those of an aborted acceptance, become pending under this request; without it, any record
-    already there fails the statement), each insert only `when`."""
+    those of an aborted acceptance, are taken by this request; without it, any record already
+    there fails the statement), each insert only `when`. The records go in `queued` under the
+    batch, which is `pending`: until it is accepted, so are they (tables.accepting_sql)."""
     return f"""
         batch AS (
             INSERT INTO batches (batch_id, desk, trader, settlement_run_id,
@@ -325,12 +327,11 @@ def _pending_ctes(when: str, *, retake: bool = True) -> str:
         ), taken AS (
             INSERT INTO messages (message_id, desk, trader, batch_id, settlement_run_id,
                 contract_id, market, identity_hash, revision, topic, state, publication,
-                publication_kind, accept_seq, pending_until, submitted_position_mwh,
+                publication_kind, accept_seq, queued_at, submitted_position_mwh,
                 payload, payload_kid, trace_id)
             SELECT t.message_id, :desk, :trader, :batch, :run, t.contract_id, t.market,
-                   t.identity_hash, t.revision, t.topic, 'pending', :batch, 'intake',
-                   nextval('message_accept_seq'),
-                   now() + make_interval(secs => :lease), t.position,
+                   t.identity_hash, t.revision, t.topic, 'queued', :batch, 'intake',
+                   nextval('message_accept_seq'), now(), t.position,
                    substring(CAST(:payloads AS bytea) FROM t.payload_start
                              FOR t.payload_length), :kid,
                    :trace
@@ -358,9 +359,10 @@ def _pending_ctes(when: str, *, retake: bool = True) -> str:
 
 _RETAKE = """
             ON CONFLICT (message_id) DO UPDATE
-               SET state = 'pending', publication = EXCLUDED.publication,
+               SET state = 'queued', publication = EXCLUDED.publication,
                    publication_kind = 'intake', accept_seq = EXCLUDED.accept_seq,
-                   pending_until = EXCLUDED.pending_until, batch_id = EXCLUDED.batch_id,
+                   queued_at = EXCLUDED.queued_at, pending_until = NULL,
+                   batch_id = EXCLUDED.batch_id,
                    trader = EXCLUDED.trader, trace_id = EXCLUDED.trace_id,
                    topic = EXCLUDED.topic, payload = EXCLUDED.payload,
                    payload_kid = EXCLUDED.payload_kid, updated_at = now()
@@ -421,10 +423,12 @@ async def _refuse_if_pending_elsewhere(conn: AsyncConnection, message_ids: list[
         await conn.execute(
             sql(
                 """
-                SELECT publication, extract(epoch FROM pending_until - now()) AS left_s
-                  FROM messages
-                 WHERE message_id = ANY(CAST(CAST(:ids AS text) AS text[]))
-                   AND state = 'pending'
+                SELECT b.batch_id AS publication,
+                       extract(epoch FROM b.pending_until - now()) AS left_s
+                  FROM messages m JOIN batches b ON b.batch_id = m.publication
+                 WHERE m.message_id = ANY(CAST(CAST(:ids AS text) AS text[]))
+                   AND m.state IN ('pending', 'queued') AND m.publication_kind = 'intake'
+                   AND b.state = 'pending'
                 """
             ),
             {"ids": array_literal(message_ids)},
@@ -474,8 +478,9 @@ async def complete(engine: AsyncEngine, req: Request, actor: Actor, new: int) ->
     """The broker acknowledged every record: accepted. False when the request was aborted
     meanwhile (it overstayed its lease), in which case it must be answered 503."""
     # One statement, one round trip: the batch is won (still pending, not aborted by a
-    # sweeper meanwhile) and only then are its records queued, its key completed and the
-    # acceptance audited — all in one snapshot.
+    # sweeper meanwhile) and only then is its key completed and the acceptance audited — all
+    # in one snapshot. Its records are not written: they went in `queued` under the batch, and
+    # the batch's state alone made them pending until now (tables.accepting_sql).
     audit_sql, audit_params = audit.insert_statement(
         [
             AuditEvent(
@@ -496,11 +501,6 @@ async def complete(engine: AsyncEngine, req: Request, actor: Actor, new: int) ->
             UPDATE batches SET state = 'accepted', accepted_at = now(), pending_until = NULL
              WHERE batch_id = :batch AND state = 'pending'
             RETURNING 1
-        ), queued AS (
-            UPDATE messages SET state = 'queued', queued_at = now(),
-                                pending_until = NULL, updated_at = now()
-             WHERE publication = :batch AND state = 'pending'
-               AND EXISTS (SELECT 1 FROM won)
         ), keyed AS (
             UPDATE idempotency_keys
                SET state = 'completed', resource_kind = :kind, resource_id = :rid,
@@ -569,9 +569,11 @@ async def _abort_batches(
                    {"AND pending_until < now()" if expired_only else ""}
                 RETURNING batch_id
             ),
-            records AS (
+            records AS (  -- found through the request's list (batch_messages), by id
                 UPDATE messages m SET state = 'aborted', pending_until = NULL, updated_at = now()
-                  FROM gone WHERE m.publication = gone.batch_id AND m.state = 'pending'
+                  FROM gone JOIN batch_messages l ON l.batch_id = gone.batch_id
+                 WHERE m.message_id = l.message_id AND m.publication = gone.batch_id
+                   AND m.publication_kind = 'intake' AND m.state IN ('pending', 'queued')
             ),
             keys AS (
                 DELETE FROM idempotency_keys k USING gone

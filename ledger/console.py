@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ledger import reconciliation as recon
 from ledger.db import sql
 from ledger.reads import OLDEST_UNDELIVERED_S
+from ledger.tables import accepting_sql
 from schemas.states import MessageState, sql_values
 
 _HIDDEN = sql_values(frozenset({MessageState.PENDING, MessageState.ABORTED}))
@@ -137,7 +138,7 @@ class ConsoleReads:
                     SELECT message_id, batch_id, desk, contract_id, settlement_run_id, state,
                            trace_id, created_at
                       FROM messages
-                     WHERE state NOT IN {_HIDDEN}
+                     WHERE state NOT IN {_HIDDEN} AND NOT {accepting_sql("messages")}
                        AND (message_id = :t OR batch_id = :t OR contract_id = :t
                             OR settlement_run_id = :t OR trace_id = :t
                             OR (CAST(:p AS text) IS NOT NULL

@@ -89,8 +89,11 @@ async def claim(
         seen AS (
             SELECT r.ord, r.message_id AS requested, r.publication AS requested_pub,
                    r.source_partition, r.source_offset,
-                   m.message_id, m.state, m.publication, m.attempts, m.budget_used_s,
-                   m.lease_until, m.pending_until, m.revision, m.first_attempt_at,
+                   m.message_id, m.publication, m.attempts, m.budget_used_s,
+                   m.lease_until, m.revision, m.first_attempt_at,
+                   -- written `queued` under its request, pending until the batch is accepted
+                   CASE WHEN ab.batch_id IS NOT NULL THEN 'pending' ELSE m.state END AS state,
+                   ab.pending_until,
                    (SELECT max(t.revision) FROM messages t
                      WHERE t.identity_hash = m.identity_hash
                        AND t.state IN {_TAKEN}) AS max_taken_revision,
@@ -100,6 +103,9 @@ async def claim(
                    p.blocker, p.ahead
               FROM req r
               LEFT JOIN messages m ON m.message_id = r.message_id
+              LEFT JOIN batches ab ON ab.batch_id = m.publication AND ab.state = 'pending'
+                                  AND m.publication_kind = 'intake'
+                                  AND m.state IN ('pending', 'queued')
               LEFT JOIN LATERAL (
                   SELECT count(*) FILTER (
                              WHERE q.state IN ('pending', 'queued', 'delivering')
@@ -142,7 +148,8 @@ async def claim(
                    source_offset = s.source_offset, updated_at = now()
               FROM seen s
              WHERE m.message_id = s.requested AND m.publication = s.requested_pub
-               AND (m.state = 'queued'
+               -- queued, and its request seen accepted (which it stays) by this statement
+               AND ((m.state = 'queued' AND s.state = 'queued')
                     OR (m.state = 'delivering' AND m.lease_until < now()))
                AND NOT (
                    (s.max_taken_revision IS NULL OR s.revision >= s.max_taken_revision)

@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.db import fetch_direct, sql
+from ledger.tables import accepting_sql
 from schemas.states import MessageState, sql_values
 
 _HIDDEN = sql_values(frozenset({MessageState.PENDING, MessageState.ABORTED}))
@@ -112,6 +113,7 @@ async def get_message(engine: AsyncEngine, message_id: str, desk: str | None) ->
                            CASE WHEN m.state = 'parked' THEN h.dead_letter_id END AS behind
                       FROM messages m LEFT JOIN messages h ON h.message_id = m.parked_behind
                      WHERE m.message_id = :id AND m.state NOT IN {_HIDDEN}
+                       AND NOT {accepting_sql("m")}
                        AND (CAST(:desk AS text) IS NULL OR m.desk = :desk)
                     """
                 ),

@@ -30,6 +30,7 @@ from ledger.crypto import PayloadCipher
 from ledger.db import change, sql
 from ledger.delivery import insert_dead_letters
 from ledger.rows import Actor, AuditEvent, DeadLetterRow
+from ledger.tables import accepting_sql
 from schemas.states import (
     REPLAYABLE_REASONS,
     DeadLetterReason,
@@ -558,6 +559,7 @@ async def queued_before(
                                payload, payload_kid, accept_seq
                           FROM messages
                          WHERE state = 'queued' AND queued_at < :cutoff{of_contracts}
+                           AND NOT {accepting_sql("messages")}
                          ORDER BY accept_seq LIMIT :limit
                     ), replayed AS (  -- replay_count, for copies of operators' replays only
                         SELECT message_id, count(*) AS n FROM replay_items

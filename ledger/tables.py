@@ -134,13 +134,34 @@ Index(
     messages.c.accept_seq,
     postgresql_where=text(f"state IN {sql_values(frozenset(OPEN_FOR_ORDER))}"),
 )
-# Records being accepted, by request (migration 0007): a few entries, the plan for completing
-# or aborting an acceptance whether or not the planner has statistics yet.
+# Records being accepted, by request (migration 0007), as releases before accepting_sql wrote
+# them (physically `pending`, turned `queued` by a second write of each record): the plan for
+# completing or aborting their acceptance. Records accepted since never enter it.
 Index(
     "messages_pending_publication",
     messages.c.publication,
     postgresql_where=text("state = 'pending'"),
 )
+
+
+def accepting_sql(m: str) -> str:
+    """SQL true while record `m` (an alias of `messages`) is being accepted: the request that
+    took it has not been answered 202 yet, so it is reported `pending` and never delivered.
+
+    A record is written once, `queued`, under the intake request that takes it (its
+    publication); the request's batch row alone says whether that request was accepted
+    (`batches.state`): completing a request of 5,000 records is one row's write, not 5,000
+    (every change of a record's state rewrites its row and its index entries). An accepted
+    batch never goes back to pending, so a statement that sees it accepted may deliver its
+    records; an aborted one takes its records to `aborted` in the same statement. Rows of
+    releases before this one are `pending` themselves."""
+    return (
+        f"({m}.state = 'pending' OR ({m}.state = 'queued' AND {m}.publication_kind = 'intake'"
+        f" AND EXISTS (SELECT 1 FROM batches accepting WHERE accepting.batch_id = {m}.publication"
+        " AND accepting.state = 'pending')))"
+    )
+
+
 # Parked records, by the dead letter they wait behind (migration 0008): few at any time, read
 # by the continuation job and the dead-letter list's counts without a scan of every record.
 Index(

@@ -74,7 +74,8 @@ MESSAGE_INDEXES = {
     "messages_identity_revision": "identity and revision uniqueness (#6), highest revision taken",
     "messages_contract_open": "earlier open records of a contract (claims, parked records); "
     "the oldest undelivered record (open work, console; migration 0011)",
-    "messages_pending_publication": "completing or aborting an acceptance",
+    "messages_pending_publication": "completing or aborting an acceptance of a release that "
+    "wrote its records pending (tables.accepting_sql)",
     "messages_parked": "parked records behind a dead letter (continuations, dead-letter list)",
 }
 
