@@ -44,7 +44,13 @@ DIRECT_ACQUIRE_TIMEOUT_S = 30.0
 _ADAPTER_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func")
 
 
-def make_engine(url: str, pool_size: int = 10, *, custom_plans: bool = False) -> AsyncEngine:
+def make_engine(
+    url: str,
+    pool_size: int = 10,
+    *,
+    custom_plans: bool = False,
+    idle_in_transaction_s: float | None = None,
+) -> AsyncEngine:
     """The process's engine. `custom_plans`: every statement is planned for its own parameters
     (`plan_cache_mode = force_custom_plan`) instead of the session's cached generic plan, for the
     desks' reads: a generic plan is made once per connection from the statistics of that moment
@@ -52,10 +58,17 @@ def make_engine(url: str, pool_size: int = 10, *, custom_plans: bool = False) ->
     (measured on a fresh database while one desk sent 5,000-record batches: another desk's
     `GET /v1/batches/{id}` statement took ~10 ms at p50 on the cached plan against ~0.7 ms
     planned per call). The write path keeps cached plans: planning its larger statements on
-    every call cost single-record throughput."""
-    connect_args: dict[str, Any] = (
-        {"server_settings": {"plan_cache_mode": "force_custom_plan"}} if custom_plans else {}
-    )
+    every call cost single-record throughput. `idle_in_transaction_s`: the server ends a
+    session of this engine idle inside a transaction that long, releasing its locks
+    (settings.DatabaseSettings.database_idle_in_transaction_s)."""
+    server_settings: dict[str, str] = {}
+    if custom_plans:
+        server_settings["plan_cache_mode"] = "force_custom_plan"
+    if idle_in_transaction_s is not None:
+        server_settings["idle_in_transaction_session_timeout"] = (
+            f"{max(1, round(idle_in_transaction_s * 1000))}ms"
+        )
+    connect_args: dict[str, Any] = {"server_settings": server_settings} if server_settings else {}
     # Bound parameters never reach an error message or a log: they carry record contents.
     engine = create_async_engine(
         url,

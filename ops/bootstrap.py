@@ -122,10 +122,16 @@ def lane_sealer(
 
 async def intake_services(settings: IntakeSettings) -> IntakeServices:
     use_processes(settings.intake_cpu_processes)
-    engine = make_engine(settings.database_url, settings.database_pool_size)
+    idle_s = settings.database_idle_in_transaction_s
+    engine = make_engine(
+        settings.database_url, settings.database_pool_size, idle_in_transaction_s=idle_s
+    )
     await _schema_current(engine)
     reads = make_engine(
-        settings.database_url, max(2, settings.database_pool_size // 4), custom_plans=True
+        settings.database_url,
+        max(2, settings.database_pool_size // 4),
+        custom_plans=True,
+        idle_in_transaction_s=idle_s,
     )
     # The broker may come later; /readyz reports it meanwhile and the worker creates topics too.
     with contextlib.suppress(Exception):
@@ -240,7 +246,11 @@ def breaker_config(settings: WorkerSettings) -> BreakerConfig:
 
 
 async def worker_parts(settings: WorkerSettings) -> WorkerParts:
-    engine = make_engine(settings.database_url, settings.database_pool_size)
+    engine = make_engine(
+        settings.database_url,
+        settings.database_pool_size,
+        idle_in_transaction_s=settings.database_idle_in_transaction_s,
+    )
     log.info("worker_starting", step="database schema")
     await _schema_current(engine)
     log.info("worker_starting", step="topics")
@@ -328,7 +338,9 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event | None = None
 
 
 async def operator_services(settings: OperatorSettings) -> Operations:
-    engine = make_engine(settings.database_url, 4)
+    engine = make_engine(
+        settings.database_url, 4, idle_in_transaction_s=settings.database_idle_in_transaction_s
+    )
     await ensure_schema_current(engine)
     kafka = KafkaPublisher(settings)
     cipher = PayloadCipher(settings.encryption_keyring())

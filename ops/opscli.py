@@ -500,7 +500,10 @@ async def _engine() -> Any:
     from ledger.db import ensure_schema_current, make_engine
     from runtime.settings import DatabaseSettings
 
-    engine = make_engine(load(DatabaseSettings).database_url, 2)
+    settings = load(DatabaseSettings)
+    engine = make_engine(
+        settings.database_url, 2, idle_in_transaction_s=settings.database_idle_in_transaction_s
+    )
     await ensure_schema_current(engine)
     return engine
 

@@ -151,6 +151,23 @@ class KafkaSettings(_Settings):
 class DatabaseSettings(_Settings):
     database_url: str
     database_pool_size: int = Field(20, ge=1)
+    # The server ends a session of ours that stays idle inside a transaction this long
+    # (idle_in_transaction_session_timeout): its process froze or hung holding locks — the
+    # audit sequencer's turn, a request's key and batch rows, dead letters being published —
+    # which would otherwise keep every other process behind them until it thawed. Longer than
+    # anything we wait for inside a transaction (the dead-letter outbox's publish, bounded by
+    # ETRM_KAFKA_PUBLISH_TIMEOUT_S; checked below where both are set).
+    database_idle_in_transaction_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _idle_outlasts_a_publish(self) -> DatabaseSettings:
+        publish_s = getattr(self, "kafka_publish_timeout_s", None)
+        if publish_s is not None and self.database_idle_in_transaction_s <= 2 * publish_s:
+            raise ValueError(
+                "ETRM_DATABASE_IDLE_IN_TRANSACTION_S must be more than twice "
+                "ETRM_KAFKA_PUBLISH_TIMEOUT_S (the outbox publishes inside a transaction)"
+            )
+        return self
 
     @field_validator("database_url")
     @classmethod

@@ -5,6 +5,9 @@ ledger.delivery.DeliveryStore): the fake may only stand in for what the real led
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -692,6 +695,53 @@ async def test_a_sequencer_turn_that_stalls_or_is_cancelled_sequences_nothing(
         assert (verified.rows, verified.head_seq) == (3, 3)
     finally:
         await holder.close()
+        await engine.dispose()
+
+
+_FROZEN_HOLDER = """
+import asyncio, sys
+from ledger import audit
+from ledger.db import make_engine, sql
+
+async def hold() -> None:
+    engine = make_engine(sys.argv[1], 1, idle_in_transaction_s=float(sys.argv[2]))
+    async with engine.begin() as conn:
+        await conn.execute(sql("SELECT pg_advisory_xact_lock(:k)"), {"k": audit._SEQUENCER_LOCK})
+        print("holding", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(hold())
+"""
+
+
+async def test_a_process_frozen_holding_the_sequencers_turn_loses_it_to_the_server(
+    infra: Infra,
+) -> None:
+    """A process of ours frozen (SIGSTOP) inside a transaction that holds locks — here the
+    audit sequencer's turn — would keep every other process's sequencer waiting until it
+    thawed. Its engine has the server end a session idle in a transaction
+    (ETRM_DATABASE_IDLE_IN_TRANSACTION_S, 1.5 s here): the others sequence within seconds,
+    while the process is still frozen."""
+    url = await fresh_database(infra)
+    engine = make_engine(url, 1)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FROZEN_HOLDER, url, "1.5", stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None
+        line = await asyncio.wait_for(holder.stdout.readline(), 30)
+        assert line.strip() == b"holding"
+        holder.send_signal(signal.SIGSTOP)
+        events = [AuditEvent(Actor("system", "test"), f"t.{i}") for i in range(3)]
+        await audit.record(engine, events)
+        started = time.monotonic()
+        assert await asyncio.wait_for(audit.sequence_all(engine), 10) == 3
+        assert time.monotonic() - started < 8
+        assert (await audit.verify(engine)).ok
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        await holder.wait()
         await engine.dispose()
 
 

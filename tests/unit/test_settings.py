@@ -55,6 +55,18 @@ def test_heartbeat_follows_the_session_timeout() -> None:
     assert explicit.heartbeat_ms == 500
 
 
+def test_a_session_idle_in_a_transaction_outlasts_the_outbox_publish() -> None:
+    """The dead-letter outbox publishes inside a transaction, so the server must not end a
+    session for idling in one before that publish has had its time (twice its bound)."""
+    operator = load(OperatorSettings, **BASE)
+    assert operator.database_idle_in_transaction_s == 60.0
+    assert operator.kafka_publish_timeout_s == 10.0
+    with pytest.raises(SettingsError) as short:
+        load(OperatorSettings, **BASE, database_idle_in_transaction_s=20.0)
+    assert "ETRM_DATABASE_IDLE_IN_TRANSACTION_S" in str(short.value)
+    load(OperatorSettings, **BASE, database_idle_in_transaction_s=5.0, kafka_publish_timeout_s=2.0)
+
+
 def test_keyrings() -> None:
     settings = load(OperatorSettings, **{**BASE, "message_signing_keys": "new=s2,old=s1"})
     assert settings.signing_keys() == [("new", b"s2"), ("old", b"s1")]
