@@ -32,6 +32,7 @@ from ledger import audit, reads, upstream
 from ledger.crypto import PayloadCipher
 from ledger.db import array_literal, deadlocked, fetch_direct, join_array_literals, sql
 from ledger.rows import Actor, AuditEvent, UpstreamView
+from ledger.tables import accepting_batch_sql
 from schemas.states import BatchState, MessageState
 
 
@@ -422,13 +423,11 @@ async def _refuse_if_pending_elsewhere(conn: AsyncConnection, message_ids: list[
     rows = (
         await conn.execute(
             sql(
-                """
+                f"""
                 SELECT b.batch_id AS publication,
                        extract(epoch FROM b.pending_until - now()) AS left_s
-                  FROM messages m JOIN batches b ON b.batch_id = m.publication
+                  FROM messages m JOIN batches b ON {accepting_batch_sql("m", "b")}
                  WHERE m.message_id = ANY(CAST(CAST(:ids AS text) AS text[]))
-                   AND m.state IN ('pending', 'queued') AND m.publication_kind = 'intake'
-                   AND b.state = 'pending'
                 """
             ),
             {"ids": array_literal(message_ids)},

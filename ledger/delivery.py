@@ -41,6 +41,7 @@ from ledger.rows import (
     Outcome,
     Predecessors,
 )
+from ledger.tables import accepting_batch_sql
 from schemas.states import (
     TAKEN_UPSTREAM,
     UNCERTAIN_REASONS,
@@ -103,9 +104,7 @@ async def claim(
                    p.blocker, p.ahead
               FROM req r
               LEFT JOIN messages m ON m.message_id = r.message_id
-              LEFT JOIN batches ab ON ab.batch_id = m.publication AND ab.state = 'pending'
-                                  AND m.publication_kind = 'intake'
-                                  AND m.state IN ('pending', 'queued')
+              LEFT JOIN batches ab ON {accepting_batch_sql("m", "ab")}
               LEFT JOIN LATERAL (
                   SELECT count(*) FILTER (
                              WHERE q.state IN ('pending', 'queued', 'delivering')

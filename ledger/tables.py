@@ -156,9 +156,17 @@ def accepting_sql(m: str) -> str:
     records; an aborted one takes its records to `aborted` in the same statement. Rows of
     releases before this one are `pending` themselves."""
     return (
-        f"({m}.state = 'pending' OR ({m}.state = 'queued' AND {m}.publication_kind = 'intake'"
-        f" AND EXISTS (SELECT 1 FROM batches accepting WHERE accepting.batch_id = {m}.publication"
-        " AND accepting.state = 'pending')))"
+        f"({m}.state = 'pending' OR EXISTS (SELECT 1 FROM batches accepting"
+        f" WHERE {accepting_batch_sql(m, 'accepting')}))"
+    )
+
+
+def accepting_batch_sql(m: str, b: str) -> str:
+    """SQL joining record `m` to `b` (an alias of `batches`), the request still accepting it
+    (accepting_sql): for statements that also read that batch (its lease, its id)."""
+    return (
+        f"{b}.batch_id = {m}.publication AND {b}.state = 'pending'"
+        f" AND {m}.publication_kind = 'intake' AND {m}.state IN ('pending', 'queued')"
     )
 
 
