@@ -69,6 +69,30 @@ def test_workloads_have_probes_resources_and_run_unprivileged() -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
+# Peak proportional set size (PSS, what the memory cgroup charges) of an intake in the bench's
+# fairness row (one desk sending 5,000-record batches back to back, 2026-12-05): the serving
+# process 143 MiB, each worker process that prepares big batches 150 MiB.
+INTAKE_SERVING_MIB, INTAKE_PROCESS_MIB, HEADROOM = 143, 150, 1.5
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_the_intake_s_memory_limit_holds_its_worker_processes_at_their_peak() -> None:
+    """Its worker processes default to the node's cores (at most 4), which a pod cannot see as
+    its own: the manifest sets how many, and its limit holds them all preparing big batches at
+    once (4 would need ~750 MiB; the limit was 512 MiB)."""
+    [(_intake, container)] = [c for c in containers("Deployment") if c[1]["name"] == "intake"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    processes = int(env["ETRM_INTAKE_CPU_PROCESSES"])
+    needed = HEADROOM * (INTAKE_SERVING_MIB + processes * INTAKE_PROCESS_MIB)
+    assert mebibytes(container["resources"]["limits"]["memory"]) >= needed, needed
+    cpu = str(container["resources"]["requests"]["cpu"])
+    assert (float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)) >= processes / 2
+
+
 def test_settings_are_real_and_secrets_come_from_the_secret() -> None:
     config = documents("configmap.yaml")[0]["data"]
     assert set(config) <= SETTINGS, set(config) - SETTINGS
