@@ -22,6 +22,7 @@ from ingest.app import create_app
 from ingest.auth import JwksKeys, TokenVerifier
 from ingest.deps import IntakeServices
 from ingest.limits import DeskRateLimiter, FailureAlarm
+from ingest.preparing import prepare_batch_body
 from ingest.publisher import SettlementPublisher
 from ingest.waiting import WaitingWatch
 from ledger.acceptance import IntakeStore
@@ -119,9 +120,12 @@ def lane_sealer(
 
 # -- intake ---------------------------------------------------------------------------------
 
+# What the intake's worker processes run (a big batch's preparation), imported as each starts.
+BATCH_CODE = (prepare_batch_body.__module__,)
+
 
 async def intake_services(settings: IntakeSettings) -> IntakeServices:
-    use_processes(settings.intake_cpu_processes)
+    use_processes(settings.intake_cpu_processes, preload=BATCH_CODE)
     idle_s = settings.database_idle_in_transaction_s
     engine = make_engine(
         settings.database_url, settings.database_pool_size, idle_in_transaction_s=idle_s
@@ -182,7 +186,7 @@ def intake_app(settings: IntakeSettings, *, warm: bool = False) -> FastAPI:
     """The intake's app; `warm` (a served intake) starts the worker processes for big batches
     now rather than on the first big batch."""
     if warm:
-        use_processes(settings.intake_cpu_processes)
+        use_processes(settings.intake_cpu_processes, preload=BATCH_CODE)
         warm_processes()
 
     async def build() -> IntakeServices:
