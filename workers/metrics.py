@@ -46,6 +46,12 @@ LANE_PAUSED = Gauge(
     "1 while a lane's partitions are paused (too much unsettled)",
     ["lane"],
 )
+LANE_WIDENED = Counter(
+    "etrm_worker_lane_widened_total",
+    "Times a paused lane that settled nothing read past its limit (copies waiting for earlier "
+    "records of their contracts not read yet)",
+    ["lane"],
+)
 CONSUMER_RESTARTS = Counter(
     "etrm_worker_consumer_restarts_total",
     "Lane consumers replaced after staying out of their group too long",

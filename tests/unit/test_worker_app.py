@@ -144,3 +144,95 @@ async def test_a_worker_run_as_a_process_freezes_its_start_up_heap(monkeypatch: 
     order.clear()
     await bootstrap.run_worker(object(), asyncio.Event())  # type: ignore[arg-type]
     assert order == ["parts", "serve"]
+
+
+class _Offsets:
+    def __init__(self) -> None:
+        self.unsettled = 0
+        self.held = 0
+
+    def in_flight(self, _topic: str | None = None) -> int:
+        return self.unsettled
+
+    def held_back(self, _topic: str | None = None) -> int:
+        return self.held
+
+
+class _StalledPipeline:
+    """What widen_if_stalled reads of the pipeline: unsettled counts, and the copies waiting
+    for earlier records of their contracts that the worker has not read."""
+
+    def __init__(self) -> None:
+        self.offsets = _Offsets()
+        self.absent: dict[tuple[str, str, str], set[str]] = {}
+
+    def waiting_on_absent(self, _longer_than_s: float) -> dict[tuple[str, str, str], set[str]]:
+        return self.absent
+
+
+class _Consumer:
+    def __init__(self) -> None:
+        self.paused = False
+
+    def assignment(self) -> set[str]:
+        return {"tp"}
+
+    def pause(self, *_tps: object) -> None:
+        self.paused = True
+
+    def resume(self, *_tps: object) -> None:
+        self.paused = False
+
+
+def test_a_paused_lane_whose_copies_wait_for_records_not_read_reads_on_then_narrows() -> None:
+    """Both lanes of both workers paused for good in a 100,000-record settlement run: every
+    unsettled copy waited for an earlier record of its contract further along the log."""
+    from workers.app import HELD_BACK_FACTOR, STALL_S, apply_backpressure, widen_if_stalled
+
+    pipeline: Any = _StalledPipeline()
+    lane = Lane("standard", "t.standard", 8)
+    consumer = _Consumer()
+    lane.subscriber = type("Sub", (), {"consumer": consumer})()
+    pipeline.offsets.unsettled = pipeline.offsets.held = 8
+    apply_backpressure(pipeline, lane)
+    assert lane.paused
+    assert consumer.paused
+    now = 1000.0
+    assert not widen_if_stalled(pipeline, lane, now)  # the stall starts being timed
+    # Waiting only for the upstream (nothing waits for an unread record): it stays paused.
+    assert not widen_if_stalled(pipeline, lane, now + STALL_S * 5)
+    assert lane.cap == 8
+    assert consumer.paused
+    # Copies wait for records not read: after STALL_S without a settle it reads on.
+    pipeline.absent = {("desk", "C-1", "t.standard"): {"m2"}}
+    lane.stalled = (now, 8)
+    assert not widen_if_stalled(pipeline, lane, now + STALL_S - 0.1)
+    assert widen_if_stalled(pipeline, lane, now + STALL_S)
+    assert lane.cap == 16
+    assert not consumer.paused
+    assert not lane.paused
+    # Full again at the wider limit, still stalled: it doubles again, never past the held-back
+    # limit that bounds memory.
+    later = now + STALL_S
+    for _ in range(10):
+        pipeline.offsets.unsettled = pipeline.offsets.held = lane.cap
+        apply_backpressure(pipeline, lane)
+        later += STALL_S
+        widen_if_stalled(pipeline, lane, later)
+        later += STALL_S
+        widen_if_stalled(pipeline, lane, later)
+    assert lane.cap == 8 * HELD_BACK_FACTOR
+    # A settle resets the stall clock: no widening while records settle.
+    lane.cap = 16
+    pipeline.offsets.unsettled = pipeline.offsets.held = 16
+    apply_backpressure(pipeline, lane)
+    widen_if_stalled(pipeline, lane, later)
+    for step in range(1, 6):
+        pipeline.offsets.unsettled -= 1
+        assert not widen_if_stalled(pipeline, lane, later + step * STALL_S)
+    # Drained below half its own limit: back to its own limit, and reading.
+    pipeline.offsets.unsettled = pipeline.offsets.held = 3
+    apply_backpressure(pipeline, lane)
+    assert lane.cap == 8
+    assert not lane.paused
+    assert not consumer.paused
