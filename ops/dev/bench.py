@@ -73,6 +73,47 @@ class Row:
         return self.value / self.baseline
 
 
+def direct_request(
+    envelopes: list[Envelope],
+    publisher: SettlementPublisher,
+    *,
+    desk: str,
+    trader: str,
+    run_id: str = "BENCH",
+) -> acceptance.Request:
+    """A batch of `envelopes` as the intake would record it, to accept without HTTP (the bench's
+    backlogs; tests that must control the order in which requests reach the broker)."""
+    batch_id = f"batch_{uuid.uuid4().hex}"
+    return acceptance.Request(
+        batch_id=batch_id,
+        desk=desk,
+        trader=trader,
+        settlement_run_id=run_id,
+        idempotency_key=batch_id,
+        request_hash=batch_id,
+        trace_id=uuid.uuid4().hex,
+        resource_kind="batch",
+        resource_id=batch_id,
+        status_url=f"/v1/batches/{batch_id}",
+        records=[
+            acceptance.RecordToAccept(
+                i,
+                e.message_id,
+                e.identity,
+                e.contract_id,
+                e.market,
+                e.revision,
+                publisher.topic_for(e),
+                e.position_mwh,
+                e.value,
+            )
+            for i, e in enumerate(envelopes)
+        ],
+        pending_lease_s=300.0,
+        key_lease_s=300.0,
+    )
+
+
 class Bench:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -225,35 +266,8 @@ class Bench:
         try:
             for start in range(0, len(envelopes), 5000):
                 chunk = envelopes[start : start + 5000]
-                batch_id = f"batch_{uuid.uuid4().hex}"
-                request = acceptance.Request(
-                    batch_id=batch_id,
-                    desk="bench-desk",
-                    trader="bench",
-                    settlement_run_id="BENCH",
-                    idempotency_key=batch_id,
-                    request_hash=batch_id,
-                    trace_id=uuid.uuid4().hex,
-                    resource_kind="batch",
-                    resource_id=batch_id,
-                    status_url=f"/v1/batches/{batch_id}",
-                    records=[
-                        acceptance.RecordToAccept(
-                            i,
-                            e.message_id,
-                            e.identity,
-                            e.contract_id,
-                            e.market,
-                            e.revision,
-                            publisher.topic_for(e),
-                            e.position_mwh,
-                            e.value,
-                        )
-                        for i, e in enumerate(chunk)
-                    ],
-                    pending_lease_s=300.0,
-                    key_lease_s=300.0,
-                )
+                request = direct_request(chunk, publisher, desk="bench-desk", trader="bench")
+                batch_id = request.batch_id
                 begun = await acceptance.begin(engine, request, cipher)
                 assert isinstance(begun, acceptance.Pending), begun
                 await publisher.publish(
@@ -624,6 +638,23 @@ async def intake_cost(url: str, token: str) -> dict[int, float]:
     return per_record
 
 
+def cost_rows(micros: dict[int, float], baselines: dict[int, float], label: str) -> list[Row]:
+    """The intake's cost by batch size (`intake_cost`), each against its baseline: the batch of
+    1 of the same intake, or the same size on 1 intake process (`label` says which)."""
+    target = "report (one client: one request at a time)" if label else ""
+    return [
+        Row(
+            f"intake cost, batch of {size}{label}",
+            f"us per record ({1e6 / value:,.0f} rec/s)",
+            value,
+            baselines[size],
+            "us",
+            target or "flat or falling with batch size",
+        )
+        for size, value in micros.items()
+    ]
+
+
 async def scenario_intake(bench: Bench, scale: int) -> list[Row]:
     sim_url, sim = await bench.simulator(0)
     settings = bench.settings(sim_url)
@@ -684,34 +715,14 @@ async def scenario_intake(bench: Bench, scale: int) -> list[Row]:
             )
         )
         per_record = await intake_cost(url, token)
-        for size, micros in per_record.items():
-            rows.append(
-                Row(
-                    f"intake cost, batch of {size}",
-                    f"us per record ({1e6 / micros:,.0f} rec/s)",
-                    micros,
-                    per_record[1],
-                    "us",
-                    "flat or falling with batch size",
-                )
-            )
+        rows += cost_rows(per_record, dict.fromkeys(per_record, per_record[1]), "")
     finally:
         await bench.stop(intake)
     url, token, intake = await bench.intake(settings, 2)
     try:
         await post_batches(url, token, bodies[:1], 1)
         two = await intake_cost(url, token)
-        for size, micros in two.items():
-            rows.append(
-                Row(
-                    f"intake cost, batch of {size}, 2 intake processes vs 1",
-                    f"us per record ({1e6 / micros:,.0f} rec/s)",
-                    micros,
-                    per_record[size],
-                    "us",
-                    "report (one client: one request at a time)",
-                )
-            )
+        rows += cost_rows(two, per_record, ", 2 intake processes vs 1")
     finally:
         await bench.stop(intake)
         await bench.stop(sim)

@@ -10,7 +10,6 @@ request's records are published after 40 of the later one's."""
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
 
 import pytest
@@ -21,6 +20,7 @@ from ledger.crypto import PayloadCipher
 from ledger.db import make_engine
 from ledger.rows import Actor
 from ops.bootstrap import lane_sealer
+from ops.dev.bench import direct_request
 from runtime.kafka import KafkaPublisher
 from schemas import samples
 from schemas.envelope import Envelope, envelope_for, validate_record
@@ -44,39 +44,6 @@ def _envelopes(run: str, hours: range) -> list[Envelope]:
     return made
 
 
-def _request(
-    batch_id: str, envelopes: list[Envelope], publisher: SettlementPublisher
-) -> acceptance.Request:
-    return acceptance.Request(
-        batch_id=batch_id,
-        desk="power-east",
-        trader="t1",
-        settlement_run_id="ORDERRUN00000001",
-        idempotency_key=batch_id,
-        request_hash=batch_id,
-        trace_id=uuid.uuid4().hex,
-        resource_kind="batch",
-        resource_id=batch_id,
-        status_url=f"/v1/batches/{batch_id}",
-        records=[
-            acceptance.RecordToAccept(
-                i,
-                e.message_id,
-                e.identity,
-                e.contract_id,
-                e.market,
-                e.revision,
-                publisher.topic_for(e),
-                e.position_mwh,
-                e.value,
-            )
-            for i, e in enumerate(envelopes)
-        ],
-        pending_lease_s=300.0,
-        key_lease_s=300.0,
-    )
-
-
 async def test_copies_waiting_for_unread_earlier_records_do_not_stall_their_lane(
     pipeline_factory: PipelineFactory,
 ) -> None:
@@ -92,8 +59,9 @@ async def test_copies_waiting_for_unread_earlier_records_do_not_stall_their_lane
     try:
         requests = []
         for envelopes in (earlier, later):  # accepted in this order …
-            batch_id = f"batch_{uuid.uuid4().hex}"
-            request = _request(batch_id, envelopes, publisher)
+            request = direct_request(
+                envelopes, publisher, desk="power-east", trader="t1", run_id=run
+            )
             assert isinstance(await acceptance.begin(engine, request, cipher), acceptance.Pending)
             requests.append((request, envelopes))
         for request, envelopes in reversed(requests):  # … published in the other
