@@ -610,6 +610,9 @@ async def lock_wait_seconds(database_url: str, stop: asyncio.Event) -> float:
     waited = 0.0
     try:
         async with engine.connect() as conn:
+            # A statement of its own each: within one transaction Postgres answers every read
+            # of pg_stat_activity from the snapshot the first one took.
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
             last = time.perf_counter()
             while not stop.is_set():
                 waiting = await conn.scalar(
