@@ -331,10 +331,16 @@ def apply_backpressure(pipeline: Pipeline, lane: Lane) -> None:
         lane.paused = True
         metrics.LANE_PAUSED.labels(lane.name).set(1)
     elif lane.paused and unsettled < lane.cap // 2 and held < held_limit // 2:
+        _resume(lane)
+
+
+def _resume(lane: Lane) -> None:
+    consumer = lane.consumer
+    if consumer is not None:
         consumer.resume(*consumer.assignment())
-        lane.paused = False
-        lane.stalled = None
-        metrics.LANE_PAUSED.labels(lane.name).set(0)
+    lane.paused = False
+    lane.stalled = None
+    metrics.LANE_PAUSED.labels(lane.name).set(0)
 
 
 def widen_if_stalled(pipeline: Pipeline, lane: Lane, now: float) -> bool:
@@ -362,14 +368,9 @@ def widen_if_stalled(pipeline: Pipeline, lane: Lane, now: float) -> bool:
     if pipeline.offsets.held_back(lane.topic) >= ceiling:
         return False  # memory's bound, not the lane's limit, holds it
     lane.cap = min(ceiling, lane.cap * 2)
-    lane.stalled = None
     log.warning("lane_reads_past_a_stall", lane=lane.name, unsettled=unsettled, limit=lane.cap)
     metrics.LANE_WIDENED.labels(lane.name).inc()
-    consumer = lane.consumer
-    if consumer is not None:
-        consumer.resume(*consumer.assignment())
-    lane.paused = False
-    metrics.LANE_PAUSED.labels(lane.name).set(0)
+    _resume(lane)
     return True
 
 

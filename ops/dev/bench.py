@@ -601,9 +601,8 @@ LOCK_SAMPLE_S = 0.01
 async def lock_wait_seconds(database_url: str, stop: asyncio.Event) -> float:
     """Until `stop`: how long the sessions of the database at `database_url` spent waiting on
     a lock (a heavyweight lock: advisory, row, transaction id, relation), from
-    `pg_stat_activity` sampled about
-    every LOCK_SAMPLE_S — each sample's count of sessions waiting, times the time since the
-    one before."""
+    `pg_stat_activity` sampled about every LOCK_SAMPLE_S — each sample's count of sessions
+    waiting, times the time since the one before."""
     from sqlalchemy import text
 
     engine = make_engine(database_url, 1)
@@ -644,7 +643,11 @@ async def intake_cost(url: str, token: str) -> dict[int, float]:
 def cost_rows(micros: dict[int, float], baselines: dict[int, float], label: str) -> list[Row]:
     """The intake's cost by batch size (`intake_cost`), each against its baseline: the batch of
     1 of the same intake, or the same size on 1 intake process (`label` says which)."""
-    target = "report (one client: one request at a time)" if label else ""
+    target = (
+        "report (one client: one request at a time)"
+        if label
+        else ("flat or falling with batch size")
+    )
     return [
         Row(
             f"intake cost, batch of {size}{label}",
@@ -652,7 +655,7 @@ def cost_rows(micros: dict[int, float], baselines: dict[int, float], label: str)
             value,
             baselines[size],
             "us",
-            target or "flat or falling with batch size",
+            target,
         )
         for size, value in micros.items()
     ]
