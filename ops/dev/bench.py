@@ -1162,7 +1162,11 @@ async def read_latencies(url: str, token: str, path: str, count: int, rate: floa
     return latencies
 
 
-FAIRNESS_ROUNDS = 4
+FAIRNESS_ROUNDS = 10
+FAIRNESS_READS_PER_S = 50
+# The control's duty: busy this long in every half second (60 % of one core), about what the
+# busy desk's batches cost the machine altogether (its worker process, Postgres, the broker).
+BURN_S = 0.3
 
 
 def _busy_desk(
@@ -1177,27 +1181,103 @@ def _busy_desk(
     ready.set()
 
     async def send() -> None:
-        while not stop.is_set():
-            if not go.is_set():
-                await asyncio.sleep(0.01)
-                continue
-            started = time.monotonic()
-            with turn:  # the reader holds it only for an instant
-                if not go.is_set():
-                    continue
-                await post_batches(url, token, [made[sent.value % len(made)]], 1)
-                sent.value += 1
-            await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - started)))
+        await _paced(
+            go, turn, stop, sent, lambda i: post_batches(url, token, [made[i]], 1), len(made)
+        )
 
     asyncio.run(send())
 
 
+def _burner(ready: Any, go: Any, turn: Any, stop: Any, sent: Any) -> None:
+    """The fairness row's control (a process of its own): no request at all, only CPU — busy
+    BURN_S in every half second while `go` is set — at the lowest priority Linux has: a
+    session of its own (so a scheduling group of its own under autogroup), that group and the
+    process niced 19, and SCHED_IDLE (any task that wakes preempts it). Whatever it does to the
+    other desk's reads is the machine's doing, not the intake's."""
+    os.setsid()
+    os.nice(19)
+    with contextlib.suppress(OSError):  # no autogroup here
+        Path("/proc/self/autogroup").write_text("19")
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    ready.set()
+
+    async def burn(_: int) -> None:
+        until = time.perf_counter() + BURN_S
+        while time.perf_counter() < until:
+            pass
+
+    asyncio.run(_paced(go, turn, stop, sent, burn, 1))
+
+
+async def _paced(
+    go: Any, turn: Any, stop: Any, sent: Any, one: Callable[[int], Awaitable[Any]], kinds: int
+) -> None:
+    """`one(i)` back to back, at most 2 a second, while `go` is set, until `stop`."""
+    while not stop.is_set():
+        if not go.is_set():
+            await asyncio.sleep(0.01)
+            continue
+        started = time.monotonic()
+        with turn:  # the reader holds it only for an instant
+            if not go.is_set():
+                continue
+            await one(sent.value % kinds)
+            sent.value += 1
+        await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - started)))
+
+
+class _Load:
+    """A process the fairness row turns on and off (`_busy_desk`, `_burner`)."""
+
+    def __init__(self, target: Callable[..., None], *args: Any) -> None:
+        spawn = multiprocessing.get_context("spawn")
+        self.ready, self.go, self.stop = spawn.Event(), spawn.Event(), spawn.Event()
+        self.turn, self.sent = spawn.Lock(), spawn.Value("i", 0)
+        self.process = spawn.Process(
+            target=target,
+            args=(*args, self.ready, self.go, self.turn, self.stop, self.sent),
+            daemon=True,
+        )
+        self.process.start()
+
+    async def wait_ready(self, what: str) -> None:
+        if not await asyncio.to_thread(self.ready.wait, 300):
+            raise RuntimeError(f"{what} was not ready in 300 s")
+
+    async def on(self, what: str) -> None:
+        """Set it going; back once it has done one thing (the load is on)."""
+        before = self.sent.value
+        self.go.set()
+        deadline = time.monotonic() + 60
+        while self.sent.value <= before:
+            if time.monotonic() > deadline or not self.process.is_alive():
+                raise RuntimeError(f"{what} did nothing in 60 s")
+            await asyncio.sleep(0.05)
+
+    async def off(self) -> None:
+        self.go.clear()
+        await asyncio.to_thread(self.turn.acquire)  # what it was doing, if anything, is done
+        self.turn.release()
+
+    async def close(self) -> None:
+        self.stop.set()
+        self.go.set()
+        await asyncio.to_thread(self.process.join, 30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
 async def scenario_fairness(bench: Bench, scale: int) -> list[Row]:
     """One desk sends 5,000-record batches back to back (at most 2 a second); another desk
-    reads its batch status at 20 requests a second. Its p50/p99 against the same reads with the
-    intake otherwise idle (issue #13: within 1.2x). The two conditions take turns, in
+    reads its batch status at FAIRNESS_READS_PER_S. Its p50/p99 against the same reads with
+    the intake otherwise idle (issue #13: within 1.2x). The conditions take turns, in
     FAIRNESS_ROUNDS rounds, as in the latency scenario: one block each compared two stretches
-    of a few seconds, and the machine's own noise between them."""
+    of a few seconds, and the machine's own noise between them.
+
+    A third condition is the control: no second desk, only a process that burns CPU at the
+    lowest priority there is (`_burner`). Measured on the 2-core machine of this repository,
+    it raised the reads' p99 as much as the busy desk did, or more: there, the row's miss is
+    the machine's, and the busy desk against the control says what the intake adds."""
     settings = bench.settings("http://127.0.0.1:9")
     await ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, 4)
     url, token, intake = await bench.intake(settings)
@@ -1209,23 +1289,15 @@ async def scenario_fairness(bench: Bench, scale: int) -> list[Row]:
         desk="other-desk",
         scopes=["settlements:write", "settlements:read"],
     )
-    count = max(400, scale // 50)  # reads per condition
+    count = max(1000, scale)  # reads per condition
     per_turn = count // FAIRNESS_ROUNDS
     # About 2 batches a second while the loaded reads run (and the first one's acceptance).
-    bodies = FAIRNESS_ROUNDS * (per_turn // 10 + 4)
+    bodies = FAIRNESS_ROUNDS * (per_turn // (FAIRNESS_READS_PER_S // 2) + 4)
     # The busy desk is a client of its own, in its own process: in the reader's process its
     # 2.5 MB requests and their answers would hold the loop that times the other desk's reads.
-    spawn = multiprocessing.get_context("spawn")
-    ready, go, stop = spawn.Event(), spawn.Event(), spawn.Event()
-    turn, sent = spawn.Lock(), spawn.Value("i", 0)
-    busy = spawn.Process(
-        target=_busy_desk,
-        args=(url, token, bodies, ready, go, turn, stop, sent),
-        daemon=True,
-    )
-    busy.start()
-    idle: list[float] = []
-    loaded: list[float] = []
+    busy = _Load(_busy_desk, url, token, bodies)
+    burner = _Load(_burner)
+    reads: dict[str, list[float]] = {"idle": [], "loaded": [], "control": []}
     try:
         [(run, body)] = batch_bodies(1, 1)
         async with load_client(url, 30.0) as http:
@@ -1241,30 +1313,23 @@ async def scenario_fairness(bench: Bench, scale: int) -> list[Row]:
             )
         path = f"/v1/batches/{answer.json()['batch_id']}"
         # its bodies built before the idle reads, so that building them is not in either
-        if not await asyncio.to_thread(ready.wait, 300):
-            raise RuntimeError("the busy desk's batches were not ready in 300 s")
-        await read_latencies(url, other, path, 40, 20)  # warm-up
+        await busy.wait_ready("the busy desk's batches")
+        await burner.wait_ready("the control")
+        await read_latencies(url, other, path, 40, FAIRNESS_READS_PER_S)  # warm-up
         for _ in range(FAIRNESS_ROUNDS):
-            idle += await read_latencies(url, other, path, per_turn, 20)
-            before = sent.value
-            go.set()
-            deadline = time.monotonic() + 60
-            while sent.value <= before:  # a batch of this turn accepted: the load is on
-                if time.monotonic() > deadline or not busy.is_alive():
-                    raise RuntimeError("the busy desk's batch was not accepted in 60 s")
-                await asyncio.sleep(0.05)
-            loaded += await read_latencies(url, other, path, per_turn, 20)
-            go.clear()
-            await asyncio.to_thread(turn.acquire)  # its batch in flight, if any, is done
-            turn.release()
+            reads["idle"] += await read_latencies(url, other, path, per_turn, FAIRNESS_READS_PER_S)
+            for name, load in (("loaded", busy), ("control", burner)):
+                await load.on(name)
+                reads[name] += await read_latencies(
+                    url, other, path, per_turn, FAIRNESS_READS_PER_S
+                )
+                await load.off()
     finally:
-        stop.set()
-        go.set()
-        await asyncio.to_thread(busy.join, 30)
-        if busy.is_alive():
-            busy.kill()
+        await busy.close()
+        await burner.close()
         await bench.stop(intake)
-    batches_sent = sent.value
+    idle, loaded, control = reads["idle"], reads["loaded"], reads["control"]
+    batches_sent = busy.sent.value
     reused = f", bodies reused after {bodies}" if batches_sent > bodies else ""
     return [
         Row(
@@ -1281,6 +1346,22 @@ async def scenario_fairness(bench: Bench, scale: int) -> list[Row]:
             percentile(idle, 0.99) * 1000,
             "ms",
             "<= 1.2 x idle",
+        ),
+        Row(
+            "other desk's read p99, a lowest-priority CPU burner instead (control)",
+            f"latency (burning {BURN_S:g} s of every 0.5 s)",
+            percentile(control, 0.99) * 1000,
+            percentile(idle, 0.99) * 1000,
+            "ms",
+            "report: the machine's own share",
+        ),
+        Row(
+            "other desk's read p99, the busy desk against the control",
+            "latency",
+            percentile(loaded, 0.99) * 1000,
+            percentile(control, 0.99) * 1000,
+            "ms",
+            "report: what the intake adds",
         ),
     ]
 
