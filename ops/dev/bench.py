@@ -644,9 +644,7 @@ def cost_rows(micros: dict[int, float], baselines: dict[int, float], label: str)
     """The intake's cost by batch size (`intake_cost`), each against its baseline: the batch of
     1 of the same intake, or the same size on 1 intake process (`label` says which)."""
     target = (
-        "report (one client: one request at a time)"
-        if label
-        else ("flat or falling with batch size")
+        "report (one client: one request at a time)" if label else "flat or falling with batch size"
     )
     return [
         Row(
@@ -1164,8 +1162,10 @@ async def read_latencies(url: str, token: str, path: str, count: int, rate: floa
 
 FAIRNESS_ROUNDS = 10
 FAIRNESS_READS_PER_S = 50
-# The control's duty: busy this long in every half second (60 % of one core), about what the
-# busy desk's batches cost the machine altogether (its worker process, Postgres, the broker).
+# A load (`_paced`) starts one thing at most every PACE_S: the busy desk a batch, the control
+# a burn of BURN_S (60 % of one core), about what the busy desk's batches cost the machine
+# altogether (its worker process, Postgres, the broker).
+PACE_S = 0.5
 BURN_S = 0.3
 
 
@@ -1180,17 +1180,14 @@ def _busy_desk(
     made = batch_bodies(bodies, 5000)
     ready.set()
 
-    async def send() -> None:
-        await _paced(
-            go, turn, stop, sent, lambda i: post_batches(url, token, [made[i]], 1), len(made)
-        )
-
-    asyncio.run(send())
+    asyncio.run(
+        _paced(go, turn, stop, sent, lambda i: post_batches(url, token, [made[i]], 1), len(made))
+    )
 
 
 def _burner(ready: Any, go: Any, turn: Any, stop: Any, sent: Any) -> None:
     """The fairness row's control (a process of its own): no request at all, only CPU — busy
-    BURN_S in every half second while `go` is set — at the lowest priority Linux has: a
+    BURN_S in every PACE_S while `go` is set — at the lowest priority Linux has: a
     session of its own (so a scheduling group of its own under autogroup), that group and the
     process niced 19, and SCHED_IDLE (any task that wakes preempts it). Whatever it does to the
     other desk's reads is the machine's doing, not the intake's."""
@@ -1201,7 +1198,7 @@ def _burner(ready: Any, go: Any, turn: Any, stop: Any, sent: Any) -> None:
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     ready.set()
 
-    async def burn(_: int) -> None:
+    async def burn(_: int) -> None:  # holds its own loop: burning is all it is for
         until = time.perf_counter() + BURN_S
         while time.perf_counter() < until:
             pass
@@ -1212,7 +1209,7 @@ def _burner(ready: Any, go: Any, turn: Any, stop: Any, sent: Any) -> None:
 async def _paced(
     go: Any, turn: Any, stop: Any, sent: Any, one: Callable[[int], Awaitable[Any]], kinds: int
 ) -> None:
-    """`one(i)` back to back, at most 2 a second, while `go` is set, until `stop`."""
+    """`one(i)` back to back, at most one every PACE_S, while `go` is set, until `stop`."""
     while not stop.is_set():
         if not go.is_set():
             await asyncio.sleep(0.01)
@@ -1223,7 +1220,7 @@ async def _paced(
                 continue
             await one(sent.value % kinds)
             sent.value += 1
-        await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - started)))
+        await asyncio.sleep(max(0.0, PACE_S - (time.monotonic() - started)))
 
 
 class _Load:
@@ -1344,7 +1341,7 @@ async def scenario_fairness(bench: Bench, scale: int) -> list[Row]:
             for what, measured, of, against, target in (
                 (
                     "one desk sending 5,000-record batches",
-                    f"latency ({per_turn * FAIRNESS_ROUNDS} reads each, "
+                    f"latency ({len(reads['loaded'])} reads each, "
                     f"{batches_sent} batches sent{reused})",
                     "loaded",
                     "idle",
@@ -1352,7 +1349,7 @@ async def scenario_fairness(bench: Bench, scale: int) -> list[Row]:
                 ),
                 (
                     "a lowest-priority CPU burner instead (control)",
-                    f"latency (burning {BURN_S:g} s of every 0.5 s)",
+                    f"latency (burning {BURN_S:g} s of every {PACE_S:g} s)",
                     "control",
                     "idle",
                     "report: the machine's own share",
