@@ -1,7 +1,7 @@
 """The fairness row's control (ops.dev.bench._burner): a process that burns CPU at the lowest
 priority Linux has, so that what it does to another desk's reads is the machine's share of the
 row. If it ran at the priority of anything else, the control would measure contention the
-intake could avoid, and flatter the intake."""
+intake could avoid, and flatter the intake. And the order the row's conditions take turns in."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import psutil
+from hypothesis import given
+from hypothesis import strategies as st
 
-from ops.dev.bench import _burner, _Load
+from ops.dev.bench import _burner, _Load, rotations
 
 
 def _group_niceness(pid: int) -> int | None:
@@ -52,3 +54,17 @@ def test_the_control_burns_cpu_only_when_on_and_at_the_lowest_priority() -> None
         assert not load.process.is_alive()
 
     asyncio.run(check())
+
+
+@given(st.integers(1, 6), st.integers(1, 5))
+def test_over_whole_turns_every_condition_takes_every_place_equally_often(
+    conditions: int, turns: int
+) -> None:
+    """The fairness row's conditions take turns in `rotations`: no condition is always first
+    (after the round before's last load): over whole turns each comes in each place as often."""
+    items = list(range(conditions))
+    orders = rotations(items, conditions * turns)
+    assert all(sorted(order) == items for order in orders)  # each round: each condition once
+    for place in range(conditions):
+        seen = [order[place] for order in orders]
+        assert all(seen.count(item) == turns for item in items)
