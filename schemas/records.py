@@ -115,6 +115,19 @@ def _utc_instant(value: str) -> str:
     return value
 
 
+def _within(limit: int, shape: str) -> Any:
+    """Before the length bound of its field: a string over `limit` is refused in the words of
+    the shape it should have (`2026-12-07T00:00:00+00:00` is told to be UTC ...Z, not that it is
+    too long)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and len(value) > limit:
+            raise ValueError(f"must be {shape}")
+        return value
+
+    return check
+
+
 def _calendar_date(value: str) -> str:
     if not _DATE_RE.match(value):
         raise ValueError("must be YYYY-MM-DD")
@@ -138,8 +151,18 @@ Position = Annotated[
 Quantity = Annotated[DecimalIn, Field(gt=0, le=10_000_000), AfterValidator(_places(6))]
 Price = Annotated[DecimalIn, Field(ge=ISO_PRICE_FLOOR, le=1_000_000), AfterValidator(_places(4))]
 PositivePrice = Annotated[DecimalIn, Field(gt=0, le=1_000_000), AfterValidator(_places(4))]
-UtcInstant = Annotated[str, Field(max_length=20), AfterValidator(_utc_instant)]
-CalendarDate = Annotated[str, Field(max_length=10), AfterValidator(_calendar_date)]
+UtcInstant = Annotated[
+    str,
+    Field(max_length=20),
+    BeforeValidator(_within(20, "UTC YYYY-MM-DDTHH:MM:SSZ")),
+    AfterValidator(_utc_instant),
+]
+CalendarDate = Annotated[
+    str,
+    Field(max_length=10),
+    BeforeValidator(_within(10, "YYYY-MM-DD")),
+    AfterValidator(_calendar_date),
+]
 RunId = Annotated[str, Field(pattern=r"^[A-Z0-9]{16}$")]
 ContractId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{8,32}$")]
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT), AfterValidator(_printable)]

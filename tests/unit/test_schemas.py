@@ -608,3 +608,24 @@ def test_digits_are_ascii_digits(raw: dict[str, Any], field: str, message: str) 
     [(pointer, text)] = errors(raw)
     assert pointer == field
     assert message in text
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "shape"),
+    [
+        # an offset instead of Z, and fractions of a second: told the shape, not "too long"
+        (CANONICAL | {"delivery_start": "2026-11-27T14:00:00+00:00"}, "delivery_start", "UTC"),
+        (CANONICAL | {"timestamp_utc": "2026-11-27T15:00:00.000Z"}, "timestamp_utc", "UTC"),
+        (
+            samples.iso_award(RUN, "PJM-DA-SHAPE") | {"operating_day": "2026-11-27T00:00:00Z"},
+            "operating_day",
+            "YYYY-MM-DD",
+        ),
+    ],
+)
+def test_an_instant_or_a_date_too_long_is_told_its_shape(
+    raw: dict[str, Any], field: str, shape: str
+) -> None:
+    [(pointer, text)] = errors(raw)
+    assert pointer == field
+    assert shape in text
