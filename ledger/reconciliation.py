@@ -61,7 +61,8 @@ class DeadLetterFilter:
     settlement_run_id: str | None = None
     contract_id: str | None = None
     reason: str | None = None
-    status: str | None = None
+    # the entry's status (`open`, …), or as a number the upstream's HTTP status in it
+    status: str | int | None = None
     since: datetime | None = None
     until: datetime | None = None
 
@@ -70,7 +71,8 @@ class DeadLetterFilter:
         for name in ("desk", "settlement_run_id", "contract_id", "reason", "status"):
             value = getattr(self, name)
             if value is not None:
-                clauses.append(f"d.{name} = :{name}")
+                column = "error_status" if isinstance(value, int) else name
+                clauses.append(f"d.{column} = :{name}")
                 params[name] = value
         if self.since is not None:
             clauses.append("d.created_at >= :since")

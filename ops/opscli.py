@@ -38,6 +38,7 @@ from ledger import reconciliation as recon
 from operations.service import OperationRefused, Operations, UpstreamOperations, operator_actor
 from runtime.logging import configure_logging
 from runtime.settings import OperatorApiSettings, OperatorSettings, SettingsError, load
+from schemas.states import DeadLetterReason, status_filter
 
 dlq = typer.Typer(no_args_is_help=True, help="The reconciliation queue (dead letters).")
 holds = typer.Typer(no_args_is_help=True, help="Drift holds awaiting review.")
@@ -215,7 +216,7 @@ def _filter(
     run: str | None,
     contract: str | None,
     reason: str | None,
-    status: str | None,
+    status: str | int | None,
     since: datetime | None,
     until: datetime | None,
 ) -> recon.DeadLetterFilter:
@@ -229,8 +230,25 @@ RunOpt = Annotated[
 ContractOpt = Annotated[
     str | None, typer.Option("--contract-id", "--contract", help="Only this contract")
 ]
-ReasonOpt = Annotated[str | None, typer.Option(help="Only this dead-letter reason")]
-StatusOpt = Annotated[str | None, typer.Option(help="open, replayed, …")]
+
+
+def _status(value: str | None) -> str | int | None:
+    """A dead letter's status, or the upstream's HTTP status in it (as GET /v1/reconciliation)."""
+    try:
+        return None if value is None else status_filter(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+ReasonOpt = Annotated[DeadLetterReason | None, typer.Option(help="Only this dead-letter reason")]
+StatusOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Only this status (open, replaying, replayed, discarded, resolved), or the "
+        "upstream's HTTP status (e.g. 422)",
+        callback=_status,
+    ),
+]
 SinceOpt = Annotated[datetime | None, typer.Option(help="Dead-lettered at or after (UTC)")]
 UntilOpt = Annotated[datetime | None, typer.Option(help="Dead-lettered before (UTC)")]
 
@@ -289,7 +307,8 @@ def dlq_replay(
     run: RunOpt = None,
     contract: ContractOpt = None,
     reason_filter: Annotated[
-        str | None, typer.Option("--dead-letter-reason", help="Only this dead-letter reason")
+        DeadLetterReason | None,
+        typer.Option("--dead-letter-reason", help="Only this dead-letter reason"),
     ] = None,
     since: SinceOpt = None,
     until: UntilOpt = None,

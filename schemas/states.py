@@ -73,6 +73,26 @@ class DeadLetterStatus(StrEnum):
     RESOLVED = "resolved"  # closed because a late upstream answer showed the record taken
 
 
+def status_filter(value: str | int) -> DeadLetterStatus | int:
+    """A dead-letter filter's `status`: the entry's status (`open`, …), or — a number, as text
+    or not — the HTTP status the upstream answered it with (`422`). Anything else is refused
+    (ValueError), so a misspelt status is not an empty queue."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number: int | None = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 3:
+        number = int(value)
+    else:
+        number = None
+    if number is not None and 100 <= number <= 599:
+        return number
+    if isinstance(value, str) and value in DeadLetterStatus.__members__.values():
+        return DeadLetterStatus(value)
+    raise ValueError(
+        f"must be one of {', '.join(DeadLetterStatus)}, or an HTTP status (100-599) the "
+        "upstream answered"
+    )
+
+
 # A dead letter that still holds its contract back in contract sequencing mode.
 BLOCKING_DEAD_LETTER = frozenset({DeadLetterStatus.OPEN, DeadLetterStatus.REPLAYING})
 

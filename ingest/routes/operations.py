@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
 from ingest.deps import PrincipalDep, ServicesDep, actor_of, require
 from ingest.problems import Problem, problem_responses
@@ -33,6 +33,7 @@ from schemas.api import (
     ReplayStatus,
 )
 from schemas.records import iso_z
+from schemas.states import DeadLetterReason, DeadLetterStatus, status_filter
 
 router = APIRouter(tags=["operations"])
 Text = Annotated[str, Field(min_length=1, max_length=1000)]
@@ -55,12 +56,28 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# The entry's status (`open`, `replayed`, …), or the upstream's HTTP status in it (`422`)
+StatusFilter = Annotated[
+    DeadLetterStatus | int,
+    PlainValidator(status_filter),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "enum": list(DeadLetterStatus)},
+                {"type": "integer", "minimum": 100, "maximum": 599},
+            ],
+            "description": "the entry's status, or the HTTP status the upstream answered",
+        }
+    ),
+]
+
+
 class DeadLetterQuery(_Body):
     desk: str | None = Field(None, max_length=64)
     settlement_run_id: str | None = Field(None, max_length=16)
     contract_id: str | None = Field(None, max_length=32)
-    reason: str | None = Field(None, max_length=32)
-    status: str | None = Field(None, max_length=16)
+    reason: DeadLetterReason | None = None
+    status: StatusFilter | None = None
     since: datetime | None = None
     until: datetime | None = None
 

@@ -161,6 +161,23 @@ async def test_dead_letters_of_every_reason_listed_and_filtered(ops_pipeline: Pi
     assert await dead_letters(ops, desk="gas-west", settlement_run_id=run) == []
     assert await dead_letters(ops, since="2099-01-01T00:00:00Z") == []
     assert len(await dead_letters(ops, until="2099-01-01T00:00:00Z", limit=1000)) >= 6
+    # status: the entry's, or as a number the upstream's HTTP status in it
+    assert len(await dead_letters(ops, status="open", settlement_run_id=run)) == 4
+    assert await dead_letters(ops, status="replayed", settlement_run_id=run) == []
+    assert rejected_item["error_status"] in (400, 404, 422)
+    by_http = await dead_letters(ops, status=rejected_item["error_status"], settlement_run_id=run)
+    assert [i["contract_id"] for i in by_http] == ["REJECT-0001"]
+    # A misspelt reason or status is refused by name, not answered with an empty queue that
+    # reads as "nothing dead-lettered".
+    for field, value in (("reason", "upstream_rejectd"), ("status", "opened"), ("status", 99)):
+        refused = await ops.get("/v1/reconciliation", params={field: value})
+        assert refused.status_code == 422, refused.text
+        assert field in {e["field"] for e in refused.json()["errors"]}
+        preview = await ops.post(
+            "/v1/reconciliation/replay",
+            json={"filter": {field: value}, "reason": "typo", "dry_run": True},
+        )
+        assert preview.status_code == 422, preview.text
 
     page = (
         await ops.get("/v1/reconciliation", params={"limit": 3, "settlement_run_id": run})
@@ -183,6 +200,22 @@ async def test_dead_letters_of_every_reason_listed_and_filtered(ops_pipeline: Pi
     )
     assert cli.code == 0, cli.stderr[-2000:]
     assert [i["contract_id"] for i in json.loads(cli.stdout)] == ["REJECT-0001"]
+    cli = await run_cli(
+        pipe.env,
+        "dlq",
+        "list",
+        "--json",
+        "--run",
+        run,
+        "--status",
+        str(rejected_item["error_status"]),
+    )
+    assert cli.code == 0, cli.stderr[-2000:]
+    assert [i["contract_id"] for i in json.loads(cli.stdout)] == ["REJECT-0001"]
+    for option, value in (("--reason", "upstream_rejectd"), ("--status", "opened")):
+        cli = await run_cli(pipe.env, "dlq", "list", "--json", option, value)
+        assert cli.code == 2, cli.stderr[-2000:]  # a usage error, named
+        assert option in cli.stderr
 
 
 async def test_replay_after_recovery_is_exactly_once(ops_pipeline: Pipeline) -> None:

@@ -3,10 +3,12 @@ the ledger's replay statements all use."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from operations.rules import needs_approval, replay_id_valid, same_operator
+from schemas.states import DeadLetterStatus, status_filter
 
 subjects = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20)
 
@@ -44,3 +46,35 @@ def test_replay_ids() -> None:
     assert not replay_id_valid("replay_é")
     assert not replay_id_valid("job_1")
     assert not replay_id_valid("replay_" + "a" * 64)
+
+
+@given(st.one_of(st.text(max_size=8), st.integers(-1000, 1000), st.booleans()))
+def test_a_dead_letter_status_filter_is_a_status_or_an_http_status_and_nothing_else(
+    value: str | int,
+) -> None:
+    statuses = {s.value for s in DeadLetterStatus}
+    try:
+        got = status_filter(value)
+    except ValueError:
+        number = (
+            int(value)
+            if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 3
+            else value
+        )
+        assert value not in statuses
+        assert isinstance(number, bool) or not isinstance(number, int) or not 100 <= number <= 599
+        return
+    if isinstance(got, DeadLetterStatus):
+        assert value == got.value
+    else:
+        assert 100 <= got <= 599
+        assert not isinstance(value, bool)
+        assert int(value) == got
+
+
+def test_dead_letter_status_filter_examples() -> None:
+    assert status_filter("open") is DeadLetterStatus.OPEN
+    assert status_filter("422") == 422 == status_filter(422)
+    for refused in ("opened", "Open", "", "4220", "099", "600", "٤٢٢", True):
+        with pytest.raises(ValueError, match="open, replaying"):
+            status_filter(refused)
