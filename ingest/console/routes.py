@@ -37,6 +37,7 @@ from ingest.routes.operations import REFUSALS, DeadLetterQuery, start_run
 from operations.rules import replay_id_valid
 from operations.service import OperationRefused
 from schemas.records import iso_z
+from schemas.states import DeadLetterReason, DeadLetterStatus
 
 log = structlog.get_logger("etrm.console")
 router = APIRouter(prefix="/console", include_in_schema=False)
@@ -386,6 +387,8 @@ async def reconciliation(request: Request) -> Response:
         items=items,
         chosen=chosen,
         fields=FILTER_FIELDS,
+        reasons=list(DeadLetterReason),
+        statuses=list(DeadLetterStatus),
         next_url=next_url,
     )
 

@@ -241,6 +241,25 @@ async def test_forms_need_the_session_token_the_same_origin_and_the_scope(
     assert anonymous.status_code == 401
 
 
+async def test_the_queue_filter_offers_the_reasons_and_names_a_misspelt_one(
+    console: ConsoleStack,
+) -> None:
+    client, session = await _sign_in(console, "ops-viewer")
+    cookie = {"Cookie": f"etrm_console={session}"}
+    page = await client.get(
+        "/console/reconciliation", params={"reason": "retries_exhausted"}, headers=cookie
+    )
+    assert page.status_code == 200
+    assert '<select name="reason">' in page.text
+    assert "<option selected>retries_exhausted</option>" in page.text
+    for field, value in (("reason", "retries_exhaustd"), ("status", "opened")):
+        wrong = await client.get("/console/reconciliation", params={field: value}, headers=cookie)
+        assert wrong.status_code == 422
+        assert f"{field}:" in wrong.text  # "Bad filter", naming the field
+    by_http = await client.get("/console/reconciliation", params={"status": "422"}, headers=cookie)
+    assert by_http.status_code == 200
+
+
 async def test_a_requester_cannot_approve_their_own_replay(console: ConsoleStack) -> None:
     pipe = console.pipe
     desk = pipe.client(desk="power-east")
