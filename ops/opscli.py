@@ -38,7 +38,7 @@ from ledger import reconciliation as recon
 from operations.service import OperationRefused, Operations, UpstreamOperations, operator_actor
 from runtime.logging import configure_logging
 from runtime.settings import OperatorApiSettings, OperatorSettings, SettingsError, load
-from schemas.states import DeadLetterReason, status_filter
+from schemas.states import DeadLetterReason, HoldState, status_filter
 
 dlq = typer.Typer(no_args_is_help=True, help="The reconciliation queue (dead letters).")
 holds = typer.Typer(no_args_is_help=True, help="Drift holds awaiting review.")
@@ -456,7 +456,9 @@ def dlq_discard(
 
 @holds.command("list")
 def holds_list(
-    state: Annotated[str | None, typer.Option(help="open, released, rejected")] = "open",
+    state: Annotated[
+        HoldState | None, typer.Option(help="Only holds in this state")
+    ] = HoldState.OPEN,
     desk: DeskOpt = None,
     limit: int = 100,
     as_json: JsonOpt = False,

@@ -33,7 +33,7 @@ from schemas.api import (
     ReplayStatus,
 )
 from schemas.records import iso_z
-from schemas.states import DeadLetterReason, DeadLetterStatus, status_filter
+from schemas.states import DeadLetterReason, DeadLetterStatus, HoldState, status_filter
 
 router = APIRouter(tags=["operations"])
 Text = Annotated[str, Field(min_length=1, max_length=1000)]
@@ -283,7 +283,7 @@ async def discard(
 async def holds(
     svc: ServicesDep,
     who: PrincipalDep,
-    state: Annotated[str | None, Query(max_length=16)] = None,
+    state: HoldState | None = None,
     desk: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> HoldsPage:

@@ -461,6 +461,18 @@ async def test_holds_release_reject_and_scopes(pipeline_factory: PipelineFactory
         for m in (await desk.get(f"/v1/batches/{batch.json()['batch_id']}")).json()["messages"]
     }
     assert states == {first["message_id"]: "released", second["message_id"]: "rejected"}
+    released_ids = {
+        h["hold_id"] for h in (await ops.get("/v1/holds?state=released")).json()["items"]
+    }
+    assert first["hold_id"] in released_ids
+    assert second["hold_id"] not in released_ids
+    # a misspelt state is refused by name, not answered "no holds"
+    misspelt = await ops.get("/v1/holds", params={"state": "opened"})
+    assert misspelt.status_code == 422
+    assert [e["field"] for e in misspelt.json()["errors"]] == ["state"]
+    cli = await run_cli(pipe.env, "holds", "list", "--json", "--state", "opened")
+    assert cli.code == 2
+    assert "--state" in cli.stderr
     [dead] = await dead_letters(ops, reason="drift_rejected", settlement_run_id=run)
     assert dead["message_id"] == second["message_id"]
 
