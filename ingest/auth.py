@@ -68,12 +68,14 @@ def _pattern(glob: str) -> re.Pattern[str]:
     return compiled
 
 
-def unauthorized(reason: str) -> Problem:
+def unauthorized(reason: str, *, presented: bool = True) -> Problem:
+    """401. A request that presented no bearer token at all gets the bare challenge: RFC 6750
+    (3.1) gives an error code only to a token that was presented and failed."""
     return Problem(
         401,
         "unauthorized",
         "a valid bearer token is required",
-        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        headers={"WWW-Authenticate": 'Bearer error="invalid_token"' if presented else "Bearer"},
         reason=reason,
     )
 
@@ -199,11 +201,11 @@ class TokenVerifier:
 
     async def _verify(self, authorization: str | None) -> Principal:
         if not authorization:
-            raise unauthorized("no bearer token")
+            raise unauthorized("no bearer token", presented=False)
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise unauthorized("not a bearer token")
+            raise unauthorized("not a bearer token", presented=False)
         if len(token) > MAX_TOKEN_BYTES:
             raise unauthorized("token too large")
         try:

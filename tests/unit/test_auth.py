@@ -49,11 +49,25 @@ async def test_every_attack_is_refused_with_401(keys: Keys) -> None:
     assert {name: o for name, o in outcomes.items() if o != (401, "Bearer")} == {}
 
 
-@pytest.mark.parametrize("header", [None, "", "Basic dXNlcjpwYXNz", "Bearer", "Bearer a.b"])
-async def test_missing_or_malformed_authorization_is_401(keys: Keys, header: str | None) -> None:
+@pytest.mark.parametrize(
+    ("header", "challenge"),
+    [
+        # no bearer token presented: the bare challenge (RFC 6750, 3.1)
+        (None, "Bearer"),
+        ("", "Bearer"),
+        ("Basic dXNlcjpwYXNz", "Bearer"),
+        ("Bearer", "Bearer"),
+        # one presented that fails: with its error code
+        ("Bearer a.b", 'Bearer error="invalid_token"'),
+    ],
+)
+async def test_missing_or_malformed_authorization_is_401(
+    keys: Keys, header: str | None, challenge: str
+) -> None:
     with pytest.raises(Problem) as refused:
         await verifier(keys).verify(header)
     assert refused.value.status == 401
+    assert refused.value.headers["WWW-Authenticate"] == challenge
 
 
 def test_operators_see_every_desk_and_desks_only_their_own() -> None:
