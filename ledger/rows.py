@@ -93,7 +93,7 @@ class HoldRow:
     submitted: Decimal
     reconciled: Decimal | None
     variance: Decimal | None
-    reason: str  # 'drift' | 'reconciled position unknown'
+    reason: str  # 'drift' | 'reconciled position unreadable' | 'no transaction id'
 
 
 @dataclass(frozen=True, slots=True)

@@ -200,18 +200,18 @@ def settle(answer: Answer, submitted: Decimal, threshold: Decimal) -> Settle:
                 f"reconciled {answer.position} vs submitted {submitted} (variance {variance})",
             )
         return Settle(MessageState.HELD, txn, answer.position, None, "no transaction id", what)
-    if answer.created and txn is not None and answer.position_known == "absent":
-        # This POST made the effect and the upstream chose not to report a position.
-        return Settle(MessageState.DELIVERED, txn, None, None, None, what)
-    why = (
-        "reconciled position unreadable"
-        if answer.position_known == "unreadable"
-        else "reconciled position unknown"
-        if txn is not None
-        else "no transaction id"
-    )
-    # The upstream had it already (an earlier answer was lost, perhaps drifted), or said too
-    # little: the drift check cannot run, so an analyst must look.
+    if txn is not None and answer.position_known == "absent":
+        # Taken, with no position to check (CONTRACT §4: a 201, or a 200/409 with a transaction
+        # id for a key the upstream already has, is delivered; a hold is for a position that
+        # differs). On a 200/409 an earlier answer was lost — which may have carried a drift
+        # — so the record's history says the check did not run, for an analyst to see.
+        if answer.created:
+            return Settle(MessageState.DELIVERED, txn, None, None, None, what)
+        unchecked = f"answered {answer.status} with no reconciled position: drift not checked"
+        return Settle(MessageState.DELIVERED, txn, None, None, None, f"{what}; {unchecked}")
+    why = "reconciled position unreadable" if txn is not None else "no transaction id"
+    # The upstream took it but said too little, or something unreadable: the drift check cannot
+    # run on what it said, so an analyst must look.
     return Settle(MessageState.HELD, txn, None, None, why, f"{what}; {why}")
 
 

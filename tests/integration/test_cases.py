@@ -96,9 +96,13 @@ async def test_case1_concurrent_small_batches_are_delivered_never_dead_lettered(
 # -- case 3: a drifted answer lost with the worker ---------------------------------------------
 
 
-async def test_case3_redelivery_without_position_is_held_not_delivered(
+async def test_case3_redelivery_without_position_is_delivered_and_says_drift_was_not_checked(
     pipeline_factory: PipelineFactory,
 ) -> None:
+    """Issue #6 case 3 first held such a record for an analyst; CONTRACT §4 says a 200 or 409
+    with a transaction id for a key the upstream already has is delivered, and a hold is for a
+    position that differs — so it is delivered, and its history says the check did not run.
+    With the position repeated on the 200, a drift found there is still held."""
     pipe: Pipeline = await pipeline_factory(sim={"drift_contracts": ["DRIFT-*"]})
     client = pipe.client()
     run = samples.run_id()
@@ -109,15 +113,29 @@ async def test_case3_redelivery_without_position_is_held_not_delivered(
     pipe.sim.book(key, {"contract_id": "DRIFT-LOST-01"}, "150.000", "153.000")
     response = await submit_batch(client, run, [raw])
     final = await pipe.wait_final(client, response.json()["batch_id"])
+    assert final["counts"] == {"delivered": 1}
+    assert len(pipe.sim.effects) == 1  # still the one effect
+    assert pipe.sim.posts_by_key[key] == 1
+    detail = (await client.get(f"/v1/settlements/{key}")).json()
+    assert detail["upstream_transaction_id"] == pipe.sim.by_key[key].transaction_id
+    assert (
+        "answered 200 with no reconciled position: drift not checked"
+        in (detail["history"][-1]["detail"])
+    )
+    holds = (await pipe.operator().get("/v1/holds")).json()["items"]
+    assert [h for h in holds if h["message_id"] == key] == []
+
+    # The same, with the upstream repeating the position it booked: the drift is found, held.
+    pipe.sim.config.position_on_duplicates = True
+    raw = samples.iso_award(run, "DRIFT-LOST-02")
+    key = message_id("power-east", raw)
+    pipe.sim.book(key, {"contract_id": "DRIFT-LOST-02"}, "150.000", "153.000")
+    response = await submit_batch(client, run, [raw])
+    final = await pipe.wait_final(client, response.json()["batch_id"])
     assert final["counts"] == {"held": 1}
     holds = (await pipe.operator().get("/v1/holds")).json()["items"]
     [hold] = [h for h in holds if h["message_id"] == key]
-    assert hold["reconciled_position_mwh"] is None
-    assert hold["variance"] is None
-    assert hold["reason"] == "reconciled position unknown"
-    assert len(pipe.sim.effects) == 1  # still the one effect
-    detail = (await client.get(f"/v1/settlements/{key}")).json()
-    assert detail["upstream_transaction_id"] == pipe.sim.by_key[key].transaction_id
+    assert (hold["reconciled_position_mwh"], hold["variance"]) == ("153.000", "3.000000")
 
 
 # -- case 5: hostile headers ---------------------------------------------------------------

@@ -258,8 +258,10 @@ def test_retries_stay_within_attempts_and_budget(
             "held",
             "drift",
         ),
-        # Case 3: the redelivery's 200 carries no position; the first answer may have drifted.
-        (Answer(AnswerKind.TAKEN, 200, transaction_id="T"), "held", "reconciled position unknown"),
+        # A 200 or 409 with a transaction id for a key the upstream already has, and no
+        # position: delivered (CONTRACT §4), its history saying the drift check did not run.
+        (Answer(AnswerKind.TAKEN, 200, transaction_id="T"), "delivered", None),
+        (Answer(AnswerKind.TAKEN, 409, transaction_id="T"), "delivered", None),
         (
             Answer(
                 AnswerKind.TAKEN, 201, transaction_id="T", created=True, position_known="unreadable"
