@@ -106,13 +106,18 @@ async def test_case3_redelivery_without_position_is_delivered_and_says_drift_was
     pipe: Pipeline = await pipeline_factory(sim={"drift_contracts": ["DRIFT-*"]})
     client = pipe.client()
     run = samples.run_id()
-    raw = samples.iso_award(run, "DRIFT-LOST-01")
-    key = message_id("power-east", raw)
-    # An earlier POST took effect with a drifted position, and its worker died before it wrote
-    # the answer: the upstream has the record; asked again it answers 200 without a position.
-    pipe.sim.book(key, {"contract_id": "DRIFT-LOST-01"}, "150.000", "153.000")
-    response = await submit_batch(client, run, [raw])
-    final = await pipe.wait_final(client, response.json()["batch_id"])
+
+    async def booked_before(contract: str) -> tuple[str, dict[str, Any]]:
+        """An earlier POST took effect with a drifted position and its worker died before it
+        wrote the answer: the upstream has the record when it is submitted."""
+        raw = samples.iso_award(run, contract)
+        key = message_id("power-east", raw)
+        pipe.sim.book(key, {"contract_id": contract}, "150.000", "153.000")
+        response = await submit_batch(client, run, [raw])
+        return key, await pipe.wait_final(client, response.json()["batch_id"])
+
+    # asked again, the upstream answers 200 without a position
+    key, final = await booked_before("DRIFT-LOST-01")
     assert final["counts"] == {"delivered": 1}
     assert len(pipe.sim.effects) == 1  # still the one effect
     assert pipe.sim.posts_by_key[key] == 1
@@ -127,11 +132,7 @@ async def test_case3_redelivery_without_position_is_delivered_and_says_drift_was
 
     # The same, with the upstream repeating the position it booked: the drift is found, held.
     pipe.sim.config.position_on_duplicates = True
-    raw = samples.iso_award(run, "DRIFT-LOST-02")
-    key = message_id("power-east", raw)
-    pipe.sim.book(key, {"contract_id": "DRIFT-LOST-02"}, "150.000", "153.000")
-    response = await submit_batch(client, run, [raw])
-    final = await pipe.wait_final(client, response.json()["batch_id"])
+    key, final = await booked_before("DRIFT-LOST-02")
     assert final["counts"] == {"held": 1}
     holds = (await pipe.operator().get("/v1/holds")).json()["items"]
     [hold] = [h for h in holds if h["message_id"] == key]
