@@ -77,16 +77,12 @@ def status_filter(value: str | int) -> DeadLetterStatus | int:
     """A dead-letter filter's `status`: the entry's status (`open`, …), or — a number, as text
     or not — the HTTP status the upstream answered it with (`422`). Anything else is refused
     (ValueError), so a misspelt status is not an empty queue."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        number: int | None = value
-    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 3:
-        number = int(value)
-    else:
-        number = None
-    if number is not None and 100 <= number <= 599:
-        return number
-    if isinstance(value, str) and value in DeadLetterStatus.__members__.values():
+    if isinstance(value, str) and value in DeadLetterStatus._value2member_map_:
         return DeadLetterStatus(value)
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 3:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+        return value
     raise ValueError(
         f"must be one of {', '.join(DeadLetterStatus)}, or an HTTP status (100-599) the "
         "upstream answered"

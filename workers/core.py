@@ -205,10 +205,9 @@ def settle(answer: Answer, submitted: Decimal, threshold: Decimal) -> Settle:
         # id for a key the upstream already has, is delivered; a hold is for a position that
         # differs). On a 200/409 an earlier answer was lost — which may have carried a drift
         # — so the record's history says the check did not run, for an analyst to see.
-        if answer.created:
-            return Settle(MessageState.DELIVERED, txn, None, None, None, what)
-        unchecked = f"answered {answer.status} with no reconciled position: drift not checked"
-        return Settle(MessageState.DELIVERED, txn, None, None, None, f"{what}; {unchecked}")
+        if not answer.created:
+            what += f"; answered {answer.status} with no reconciled position: drift not checked"
+        return Settle(MessageState.DELIVERED, txn, None, None, None, what)
     why = "reconciled position unreadable" if txn is not None else "no transaction id"
     # The upstream took it but said too little, or something unreadable: the drift check cannot
     # run on what it said, so an analyst must look.
